@@ -1,0 +1,159 @@
+"""Backends: where the arrays live and which kernels run the hot loops.
+
+The model, the caches and the generation loop are written once, against this protocol; a backend
+supplies
+
+* ``xp``: the array module (``numpy`` or ``cupy``) every other array operation goes through,
+* ``to_device`` / ``to_host``: moving arrays in and out (a no-op on the CPU),
+* the kernels that differ between backends, each returning the log-sum-exp beside the output so
+  partial results over disjoint keys compose (see ``minikv.attention.merge_partials``):
+
+  - ``attention(q, k, v, causal, q_offset, lengths, window, algorithm)``: prefill attention;
+  - ``decode_attention(q, k_cache, v_cache, lengths, window)``: one query per sequence against a
+    contiguous cache (split-K / flash-decoding);
+  - ``paged_decode_attention(q, k_pool, v_pool, block_table, lengths, window)``: the same, reading
+    the cache through a paged block table;
+  - ``apply_rope(x, cos, sin, convention)``;
+  - ``write_kv(cache, new, starts, counts)``: the cache write.
+
+Registry: ``get_backend(name)`` imports lazily (asking for "numba" imports numba only then),
+``available_backends()`` lists those that work on this machine, and the environment variable
+``MINIKV_BACKEND`` picks the default.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import attention as reference_attention
+from . import rope as reference_rope
+from .errors import BackendUnavailableError, ConfigError
+
+DEFAULT_ENV = "MINIKV_BACKEND"
+
+
+class Backend:
+    """The protocol, implemented with the NumPy reference kernels (backend ``"numpy"``).
+
+    Other backends subclass it and override what they accelerate."""
+
+    name = "numpy"
+    xp = np
+    attention_algorithms: tuple[str, ...] = ("naive", "online", "tiled")
+    default_attention = "naive"   # the fastest in NumPy for the short prompts of generation
+    # float16 caches are read as the query's dtype by the reference kernels.
+    cache_dtypes: tuple[str, ...] = ("float32", "float64", "float16")
+
+    def to_device(self, array):
+        return np.asarray(array)
+
+    def to_host(self, array) -> np.ndarray:
+        return np.asarray(array)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (timing needs it on a GPU; nothing to wait for on the CPU)."""
+
+    # ---- kernels ----
+    def attention(self, q, k, v, *, causal=True, q_offset=0, lengths=None, window=None, algorithm=None):
+        algorithm = algorithm or self.default_attention
+        kernel = getattr(reference_attention, algorithm)
+        k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)
+        return kernel(q, k, v, causal=causal, q_offset=q_offset, lengths=lengths, window=window, return_lse=True)
+
+    def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None):
+        k_cache, v_cache = k_cache.astype(q.dtype, copy=False), v_cache.astype(q.dtype, copy=False)
+        return reference_attention.decode(q, k_cache, v_cache, lengths, window=window, return_lse=True)
+
+    def paged_decode_attention(self, q, k_pool, v_pool, block_table, lengths, *, window=None):
+        # Reference: gather each sequence's blocks into a contiguous view, then run plain decode.
+        k_cache, v_cache = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)
+        return self.decode_attention(q, k_cache, v_cache, lengths, window=window)
+
+    def apply_rope(self, x, cos, sin, convention="half"):
+        return reference_rope.apply_rope(x, cos, sin, convention)
+
+    def write_kv(self, cache, new, starts, counts) -> None:
+        """cache[b, :, starts[b] : starts[b] + counts[b]] = new[b, :, :counts[b]] for every sequence b."""
+        write_rows(cache, new, starts, counts)
+
+    def __repr__(self) -> str:
+        return f"<minikv backend {self.name!r}>"
+
+
+def write_rows(cache, new, starts, counts) -> None:
+    """Per-sequence cache write shared by every backend whose arrays support slicing."""
+    starts = [int(s) for s in starts]
+    counts = [int(c) for c in counts]
+    seq = new.shape[2]
+    if len(set(starts)) == 1 and all(c == seq for c in counts):
+        # The common case (a uniform batch): one strided copy for the whole batch.
+        cache[:, :, starts[0]:starts[0] + seq] = new
+        return
+    for b, (start, count) in enumerate(zip(starts, counts)):
+        cache[b, :, start:start + count] = new[b, :, :count]
+
+
+def gather_pages(pool, block_table):
+    """(num_blocks, kv_heads, block_size, head_dim) pool + (batch, blocks_per_seq) table
+    -> (batch, kv_heads, blocks_per_seq * block_size, head_dim). Unused table entries (-1) read
+    block 0; the lengths mask them out."""
+    table = block_table.clip(min=0)
+    pages = pool[table]                              # (batch, blocks, kv_heads, block_size, head_dim)
+    batch, n_blocks, kv_heads, block_size, head_dim = pages.shape
+    return pages.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, n_blocks * block_size, head_dim)
+
+
+# ------------------------------------------------------------------ registry
+
+# name -> (module path, factory attribute). Modules are imported only when asked for.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "numpy": ("minikv.backend", "Backend"),
+    "numba": ("minikv.backends.numba_cpu", "NumbaBackend"),
+    "cuda": ("minikv.backends.cuda", "CudaBackend"),
+    "cuda-sim": ("minikv.backends.cuda", "CudaSimBackend"),
+}
+_INSTANCES: dict[str, Backend] = {}
+
+
+def register_backend(name: str, module: str, attribute: str) -> None:
+    """Add a backend to the registry (for out-of-tree experiments)."""
+    _REGISTRY[name] = (module, attribute)
+
+
+def get_backend(name: Optional[str | Backend] = None) -> Backend:
+    """The backend called ``name`` (default: $MINIKV_BACKEND, else "numpy").
+
+    Raises ``BackendUnavailableError`` saying what is missing and how to install it."""
+    if isinstance(name, Backend):
+        return name
+    if name is None:
+        name = os.environ.get(DEFAULT_ENV) or "numpy"
+    if name not in _REGISTRY:
+        raise ConfigError(f"backend={name!r} is unknown; choose one of {sorted(_REGISTRY)}")
+    if name not in _INSTANCES:
+        module_name, attribute = _REGISTRY[name]
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"backend {name!r} could not be imported ({exc}); install its extra: pip install 'minikv[{name.split('-')[0]}]'"
+            ) from None
+        factory: Callable[[], Backend] = getattr(module, attribute)
+        _INSTANCES[name] = factory()   # factories raise BackendUnavailableError with the fix
+    return _INSTANCES[name]
+
+
+def available_backends() -> list[str]:
+    """Backends that work on this machine, in registry order."""
+    names = []
+    for name in _REGISTRY:
+        try:
+            get_backend(name)
+        except BackendUnavailableError:
+            continue
+        names.append(name)
+    return names

@@ -1,0 +1,270 @@
+"""Load and save Hugging Face checkpoint folders (``config.json`` + safetensors), never pickle.
+
+A folder holds ``config.json`` and either ``model.safetensors`` or a sharded
+``model.safetensors.index.json`` whose ``weight_map`` names the shard of every tensor.
+
+Hugging Face and minikv name tensors differently. The translation lives in exactly one place,
+``tensor_table(config)``: one row per Hugging Face tensor, saying which minikv tensor(s) it becomes
+and how its layout changes. minikv's canonical names use PyTorch's (out_features, in_features)
+layout for projections; GPT-2's ``Conv1D`` stores (in, out), so its rows say ``transpose``, and
+its fused ``c_attn`` splits into q, k and v.
+
+Every problem is a ``CheckpointError`` naming the file or tensor and what was expected: a missing
+tensor, an unexpected one, a shape that disagrees with the config, a truncated or corrupt file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Buffers some exporters write that carry no weights (masks, cached RoPE frequencies): skipped on load.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+@dataclass(frozen=True)
+class TensorMapping:
+    """One Hugging Face tensor and the minikv tensor(s) it becomes.
+
+    ``ours`` has one name, or several when the HF tensor is a fused projection split along its
+    output axis (GPT-2's c_attn -> q, k, v). ``transpose`` marks Conv1D's (in, out) layout.
+    """
+
+    hf: str
+    ours: tuple[str, ...]
+    transpose: bool = False
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical minikv tensor name and its shape, projections as (out, in)."""
+    d, hd, inter = config.hidden_size, config.head_dim, config.intermediate_size
+    q_out, kv_out = config.n_heads * hd, config.n_kv_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (config.vocab_size, d), "final_norm.weight": (d,)}
+    if config.family == "gpt2":
+        shapes["pos_embed.weight"] = (config.max_position_embeddings, d)
+        shapes["final_norm.bias"] = (d,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, d)
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm.weight"] = (d,)
+        shapes[p + "mlp_norm.weight"] = (d,)
+        if config.family == "gpt2":
+            shapes[p + "attn_norm.bias"] = (d,)
+            shapes[p + "mlp_norm.bias"] = (d,)
+        for proj, out in (("q", q_out), ("k", kv_out), ("v", kv_out)):
+            shapes[p + f"attn.{proj}.weight"] = (out, d)
+            if config.qkv_bias:
+                shapes[p + f"attn.{proj}.bias"] = (out,)
+        shapes[p + "attn.o.weight"] = (d, q_out)
+        if config.o_bias:
+            shapes[p + "attn.o.bias"] = (d,)
+        mlp_in = ("up",) if config.family == "gpt2" else ("gate", "up")
+        for proj in mlp_in:
+            shapes[p + f"mlp.{proj}.weight"] = (inter, d)
+            if config.mlp_bias:
+                shapes[p + f"mlp.{proj}.bias"] = (inter,)
+        shapes[p + "mlp.down.weight"] = (d, inter)
+        if config.mlp_bias:
+            shapes[p + "mlp.down.bias"] = (d,)
+    return shapes
+
+
+def tensor_table(config: ModelConfig) -> list[TensorMapping]:
+    """The one name/layout table between Hugging Face checkpoints and minikv."""
+    rows: list[TensorMapping] = []
+    if config.family == "gpt2":
+        rows += [TensorMapping("transformer.wte.weight", ("embed.weight",)),
+                 TensorMapping("transformer.wpe.weight", ("pos_embed.weight",)),
+                 TensorMapping("transformer.ln_f.weight", ("final_norm.weight",)),
+                 TensorMapping("transformer.ln_f.bias", ("final_norm.bias",))]
+        for i in range(config.n_layers):
+            hf, p = f"transformer.h.{i}.", f"layers.{i}."
+            rows += [
+                TensorMapping(hf + "ln_1.weight", (p + "attn_norm.weight",)),
+                TensorMapping(hf + "ln_1.bias", (p + "attn_norm.bias",)),
+                TensorMapping(hf + "attn.c_attn.weight", tuple(p + f"attn.{x}.weight" for x in "qkv"), transpose=True),
+                TensorMapping(hf + "attn.c_attn.bias", tuple(p + f"attn.{x}.bias" for x in "qkv")),
+                TensorMapping(hf + "attn.c_proj.weight", (p + "attn.o.weight",), transpose=True),
+                TensorMapping(hf + "attn.c_proj.bias", (p + "attn.o.bias",)),
+                TensorMapping(hf + "ln_2.weight", (p + "mlp_norm.weight",)),
+                TensorMapping(hf + "ln_2.bias", (p + "mlp_norm.bias",)),
+                TensorMapping(hf + "mlp.c_fc.weight", (p + "mlp.up.weight",), transpose=True),
+                TensorMapping(hf + "mlp.c_fc.bias", (p + "mlp.up.bias",)),
+                TensorMapping(hf + "mlp.c_proj.weight", (p + "mlp.down.weight",), transpose=True),
+                TensorMapping(hf + "mlp.c_proj.bias", (p + "mlp.down.bias",)),
+            ]
+        return rows
+    rows += [TensorMapping("model.embed_tokens.weight", ("embed.weight",)),
+             TensorMapping("model.norm.weight", ("final_norm.weight",))]
+    if not config.tie_word_embeddings:
+        rows.append(TensorMapping("lm_head.weight", ("lm_head.weight",)))
+    hf_proj = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+               "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    for i in range(config.n_layers):
+        hf, p = f"model.layers.{i}.", f"layers.{i}."
+        rows += [TensorMapping(hf + "input_layernorm.weight", (p + "attn_norm.weight",)),
+                 TensorMapping(hf + "post_attention_layernorm.weight", (p + "mlp_norm.weight",))]
+        for ours, theirs in hf_proj.items():
+            block = "self_attn" if ours in "qkvo" else "mlp"
+            mine = f"attn.{ours}" if block == "self_attn" else f"mlp.{ours}"
+            rows.append(TensorMapping(f"{hf}{block}.{theirs}.weight", (p + mine + ".weight",)))
+            has_bias = (config.qkv_bias and ours in "qkv") or (config.o_bias and ours == "o") or (
+                config.mlp_bias and block == "mlp")
+            if has_bias:
+                rows.append(TensorMapping(f"{hf}{block}.{theirs}.bias", (p + mine + ".bias",)))
+    return rows
+
+
+def _normalise_hf_name(name: str, config: ModelConfig) -> str:
+    # Some GPT-2 exports (OpenAI's originals) omit the "transformer." prefix.
+    if config.family == "gpt2" and not name.startswith(("transformer.", "lm_head.")):
+        return "transformer." + name
+    return name
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    single, index = folder / WEIGHTS_FILE, folder / INDEX_FILE
+    if single.exists():
+        return [single]
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {exc}") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) {missing} that are not in {folder}")
+        return [folder / s for s in shards]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise CheckpointError(
+            f"{folder} holds only pickle weights (.bin/.pt); minikv never unpickles. Convert them to safetensors "
+            "(transformers: model.save_pretrained(path, safe_serialization=True))"
+        )
+    raise CheckpointError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {folder}")
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as NumPy arrays, or a CheckpointError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    except (TypeError, ValueError) as exc:
+        # NumPy has no bfloat16: safetensors' numpy loader refuses such files.
+        raise CheckpointError(
+            f"{path} could not be read as NumPy arrays ({exc}); if it is bfloat16, re-save it as float16 or float32"
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"{path} could not be read: {exc}") from None
+
+
+def load_checkpoint(path: str | Path, dtype="float32") -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Read a Hugging Face checkpoint folder into (config, weights with minikv's canonical names).
+
+    Weights are converted to ``dtype`` here, once."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint path {folder} is not a folder (it needs config.json and model.safetensors)")
+    try:
+        config = ModelConfig.from_json(folder / CONFIG_FILE)
+    except ConfigError:
+        raise
+    dtype = np.dtype(dtype)
+    raw: dict[str, np.ndarray] = {}
+    for file in _weight_files(folder):
+        for name, tensor in read_safetensors(file).items():
+            raw[_normalise_hf_name(name, config)] = tensor
+    return config, weights_from_hf(raw, config, dtype, source=str(folder))
+
+
+def weights_from_hf(raw: dict[str, np.ndarray], config: ModelConfig, dtype=np.float32,
+                    source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """Translate HF-named tensors to minikv's names and layouts, checking every name and shape."""
+    dtype = np.dtype(dtype)
+    table = tensor_table(config)
+    known = {row.hf for row in table}
+    unexpected = [n for n in raw if n not in known and not n.endswith(IGNORED_SUFFIXES)
+                  and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    if unexpected:
+        raise CheckpointError(
+            f"{source} has unexpected tensor(s) {sorted(unexpected)[:5]} for model_type={config.model_type!r}; "
+            "is config.json from another model?"
+        )
+    shapes = expected_shapes(config)
+    weights: dict[str, np.ndarray] = {}
+    for row in table:
+        if row.hf not in raw:
+            raise CheckpointError(f"{source} is missing tensor {row.hf!r} (minikv {row.ours[0]!r}, "
+                                  f"expected shape {_hf_shape(row, shapes)})")
+        tensor = raw[row.hf]
+        if not np.issubdtype(tensor.dtype, np.floating):
+            raise CheckpointError(f"tensor {row.hf!r} in {source} has dtype {tensor.dtype}; expected floating point")
+        want = _hf_shape(row, shapes)
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(f"tensor {row.hf!r} in {source} has shape {tuple(tensor.shape)}; "
+                                  f"the config implies {want}")
+        if row.transpose:
+            tensor = tensor.T
+        # Split a fused projection along its output axis (axis 0 in the (out, in) layout).
+        sizes = [shapes[name][0] for name in row.ours]
+        parts = np.split(tensor, np.cumsum(sizes)[:-1], axis=0) if len(row.ours) > 1 else [tensor]
+        for name, part in zip(row.ours, parts):
+            weights[name] = np.ascontiguousarray(part, dtype=dtype)
+    if not all(np.isfinite(w).all() for w in weights.values()):
+        bad = next(n for n, w in weights.items() if not np.isfinite(w).all())
+        raise CheckpointError(f"tensor {bad!r} in {source} holds NaN or infinite values")
+    return weights
+
+
+def _hf_shape(row: TensorMapping, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    parts = [shapes[name] for name in row.ours]
+    fused = (sum(s[0] for s in parts),) + parts[0][1:]
+    return tuple(reversed(fused)) if row.transpose else fused
+
+
+# ---------------------------------------------------------------- writing
+
+
+def weights_to_hf(weights: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+    """The inverse of ``weights_from_hf``: minikv names back to Hugging Face names and layouts."""
+    out = {}
+    for row in tensor_table(config):
+        tensor = np.concatenate([weights[n] for n in row.ours], axis=0) if len(row.ours) > 1 else weights[row.ours[0]]
+        out[row.hf] = np.ascontiguousarray(tensor.T if row.transpose else tensor)
+    return out
+
+
+def save_checkpoint(path: str | Path, config: ModelConfig, weights: dict[str, np.ndarray],
+                    dtype: Optional[str] = None) -> Path:
+    """Write a Hugging Face checkpoint folder (config.json + model.safetensors) that transformers loads."""
+    from safetensors.numpy import save_file
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = weights_to_hf(weights, config)
+    if dtype is not None:
+        hf = {k: v.astype(dtype) for k, v in hf.items()}
+    config_dict = config.to_hf()
+    config_dict["torch_dtype"] = str(next(iter(hf.values())).dtype)
+    (folder / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
+    save_file(hf, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    return folder

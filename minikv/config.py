@@ -1,0 +1,283 @@
+"""``ModelConfig``: everything minikv needs to know about an architecture, in one frozen dataclass.
+
+Two families cover the checkpoints minikv runs:
+
+* ``llama`` (LLaMA, Mistral, Qwen2): RMSNorm, rotary position embeddings (RoPE), SwiGLU MLP,
+  grouped-query attention (``n_kv_heads`` <= ``n_heads``), optional q/k/v biases (Qwen2),
+  optional sliding-window attention (Mistral), tied or untied embeddings.
+* ``gpt2``: LayerNorm, learned absolute positions, GELU (tanh approximation) MLP, biases everywhere,
+  one fused ``c_attn`` projection, always tied embeddings.
+
+``ModelConfig.from_hf(config_dict)`` reads a Hugging Face ``config.json``. Anything minikv does not
+implement (another ``model_type``, RoPE scaling, an odd ``head_dim`` with RoPE, ...) is a
+``ConfigError`` naming the field: a model we cannot run exactly must never run approximately.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + ("gpt2",)
+# GPT-2's "gelu_new" is the tanh approximation; so are the other two spellings.
+GELU_TANH_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str                 # "llama" | "mistral" | "qwen2" | "gpt2"
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float
+    rope_theta: float = 10000.0
+    # "half": HF's rotate_half, pairs (i, i + head_dim/2). "interleaved": Meta's original, pairs (2i, 2i+1).
+    # The convention describes how the q/k projection *weights* are laid out; see rope.py.
+    rope_convention: str = "half"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    # ---- derived facts, so no caller re-derives them differently ----
+    @property
+    def family(self) -> str:
+        return "gpt2" if self.model_type == "gpt2" else "llama"
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.family == "llama"
+
+    @property
+    def n_groups(self) -> int:
+        """Query heads per key/value head (1 = multi-head, n_heads = multi-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the KV cache holds per position at float32: 2 (K and V) * layers * kv_heads * head_dim * 4."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * 4
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"config field {name}={value!r} must be a positive integer")
+
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type={self.model_type!r} is not supported; minikv runs {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "intermediate_size", "max_position_embeddings"):
+            positive(name)
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ConfigError(
+                f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}; "
+                "grouped-query attention needs every kv head to serve the same number of query heads"
+            )
+        if self.uses_rope and self.head_dim % 2 != 0:
+            raise ConfigError(f"head_dim={self.head_dim} is odd; RoPE rotates pairs of dimensions and needs it even")
+        if self.rope_convention not in ("half", "interleaved"):
+            raise ConfigError(f"rope_convention={self.rope_convention!r} must be 'half' or 'interleaved'")
+        if not (self.norm_eps > 0):
+            raise ConfigError(f"norm eps={self.norm_eps!r} must be > 0")
+        if self.uses_rope and not (self.rope_theta > 0):
+            raise ConfigError(f"rope_theta={self.rope_theta!r} must be > 0")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ConfigError(f"sliding_window={self.sliding_window!r} must be a positive integer or null")
+        if self.family == "gpt2" and self.n_kv_heads != self.n_heads:
+            raise ConfigError("gpt2 has no grouped-query attention: n_kv_heads must equal n_heads")
+        if self.family == "gpt2" and self.hidden_size != self.n_heads * self.head_dim:
+            raise ConfigError(f"gpt2 n_embd={self.hidden_size} must equal n_head * head_dim")
+
+    # ---- Hugging Face config.json ----
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face ``config.json`` dict (transformers 4.x and 5.x spellings)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"config.json model_type={model_type!r} is not supported; minikv runs "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if model_type == "gpt2":
+            return cls._from_hf_gpt2(hf)
+        return cls._from_hf_llama(hf, model_type)
+
+    @classmethod
+    def _from_hf_llama(cls, hf: dict[str, Any], model_type: str) -> "ModelConfig":
+        def need(key: str) -> Any:
+            if key not in hf:
+                raise ConfigError(f"config.json for model_type={model_type!r} is missing the field {key!r}")
+            return hf[key]
+
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act={act!r} is not supported for {model_type}; minikv implements SwiGLU with 'silu'")
+        if hf.get("pretraining_tp", 1) not in (1, None):
+            raise ConfigError(f"pretraining_tp={hf['pretraining_tp']!r} is not supported; only 1")
+        theta = _rope_theta(hf)
+        hidden = need("hidden_size")
+        n_heads = need("num_attention_heads")
+        head_dim = hf.get("head_dim") or hidden // n_heads
+        if hf.get("head_dim") is None and hidden % n_heads != 0:
+            raise ConfigError(f"hidden_size={hidden} is not divisible by num_attention_heads={n_heads} and no head_dim is given")
+        window = None
+        if model_type == "mistral":
+            window = hf.get("sliding_window")
+        elif model_type == "qwen2" and hf.get("use_sliding_window"):
+            raise ConfigError(
+                "use_sliding_window=true is not supported for qwen2 (its window applies to only some layers); "
+                "set it to false"
+            )
+        for key in ("layer_types",):
+            types = hf.get(key)
+            if types and any(t != "full_attention" for t in types) and model_type != "mistral":
+                raise ConfigError(f"{key}={sorted(set(types))} is not supported; every layer must be 'full_attention'")
+        qkv_bias = bool(hf.get("attention_bias", False)) or model_type == "qwen2"
+        return cls(
+            model_type=model_type,
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            n_layers=need("num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=head_dim,
+            intermediate_size=need("intermediate_size"),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            qkv_bias=qkv_bias,
+            # LLaMA's attention_bias also biases o_proj; Qwen2 biases only q, k and v.
+            o_bias=bool(hf.get("attention_bias", False)) and model_type != "qwen2",
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            sliding_window=window,
+            bos_token_id=_single_id(hf.get("bos_token_id")),
+            eos_token_id=_single_id(hf.get("eos_token_id")),
+        )
+
+    @classmethod
+    def _from_hf_gpt2(cls, hf: dict[str, Any]) -> "ModelConfig":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in GELU_TANH_NAMES:
+            raise ConfigError(f"activation_function={act!r} is not supported for gpt2; minikv implements {GELU_TANH_NAMES}")
+        if hf.get("scale_attn_by_inverse_layer_idx"):
+            raise ConfigError("scale_attn_by_inverse_layer_idx=true is not supported for gpt2")
+        if hf.get("scale_attn_weights") is False:
+            raise ConfigError("scale_attn_weights=false is not supported for gpt2")
+        if hf.get("add_cross_attention"):
+            raise ConfigError("add_cross_attention=true is not supported: minikv runs decoder-only models")
+        if hf.get("tie_word_embeddings") is False:
+            raise ConfigError("tie_word_embeddings=false is not supported for gpt2 (its lm_head is the token embedding)")
+        n_embd, n_head = hf.get("n_embd", 768), hf.get("n_head", 12)
+        if n_embd % n_head != 0:
+            raise ConfigError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+        return cls(
+            model_type="gpt2",
+            vocab_size=hf.get("vocab_size", 50257),
+            hidden_size=n_embd,
+            n_layers=hf.get("n_layer", 12),
+            n_heads=n_head,
+            n_kv_heads=n_head,
+            head_dim=n_embd // n_head,
+            intermediate_size=hf.get("n_inner") or 4 * n_embd,
+            max_position_embeddings=hf.get("n_positions", 1024),
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            bos_token_id=_single_id(hf.get("bos_token_id")),
+            eos_token_id=_single_id(hf.get("eos_token_id")),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face ``config.json`` dict for this config (round-trips through ``from_hf``)."""
+        if self.rope_convention != "half":
+            raise ConfigError(
+                "a checkpoint saved for Hugging Face must use rope_convention='half'; "
+                "convert the weights first with minikv.rope.convert_rope_convention(..., to='half')"
+            )
+        if self.family == "gpt2":
+            return {
+                "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                "vocab_size": self.vocab_size, "n_embd": self.hidden_size, "n_layer": self.n_layers,
+                "n_head": self.n_heads, "n_inner": self.intermediate_size,
+                "n_positions": self.max_position_embeddings, "layer_norm_epsilon": self.norm_eps,
+                "activation_function": "gelu_new", "tie_word_embeddings": True,
+                "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            }
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+        out: dict[str, Any] = {
+            "architectures": [arch[self.model_type]], "model_type": self.model_type,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_word_embeddings, "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+        }
+        if self.model_type == "llama":
+            out["attention_bias"] = self.qkv_bias
+        if self.model_type == "mistral":
+            out["sliding_window"] = self.sliding_window
+        return out
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no config file at {path}; a checkpoint folder needs config.json") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); re-save it with save_pretrained") from None
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{path} must hold a JSON object, not {type(hf).__name__}")
+        return cls.from_hf(hf)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    """RoPE base from either spelling; refuse any scaling we do not implement (it would change every angle)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling")
+    for source, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if spec:
+            rope_type = spec.get("rope_type", spec.get("type", "default"))
+            if rope_type != "default":
+                raise ConfigError(
+                    f"{source}.rope_type={rope_type!r} is not supported; minikv implements only the default RoPE "
+                    "(remove the scaling or use a checkpoint without it)"
+                )
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def _single_id(value: Any) -> Optional[int]:
+    if isinstance(value, list):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)

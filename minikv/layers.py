@@ -1,0 +1,60 @@
+"""The building blocks of a transformer block: pure functions of arrays.
+
+Each works for any array module with NumPy's API (NumPy on the CPU, CuPy on the GPU), and keeps
+the input's dtype: a float32 activation stays float32 (constants are cast to the input's dtype,
+because a NumPy float64 scalar would silently promote the whole array to float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def embedding(table, token_ids):
+    """Row lookup: (vocab, d)[ids] -> ids.shape + (d,)."""
+    return table[token_ids]
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm (LLaMA): x / sqrt(mean(x^2) + eps) * weight. No mean subtraction, no bias."""
+    variance = (x * x).mean(axis=-1, keepdims=True)
+    return x * (1.0 / np.sqrt(variance + x.dtype.type(eps))) * weight
+
+
+def layer_norm(x, weight, bias, eps: float):
+    """LayerNorm (GPT-2): (x - mean) / sqrt(var + eps) * weight + bias, var the biased variance."""
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    variance = (centered * centered).mean(axis=-1, keepdims=True)
+    return centered * (1.0 / np.sqrt(variance + x.dtype.type(eps))) * weight + bias
+
+
+def linear(x, weight_in_out, bias=None):
+    """y = x @ W (+ b). minikv stores weights as (in_features, out_features) so this is one matmul
+    on contiguous memory (PyTorch's nn.Linear stores (out, in) and computes x @ W.T)."""
+    y = x @ weight_in_out
+    if bias is not None:
+        y += bias
+    return y
+
+
+def silu(x):
+    """SiLU (swish): x * sigmoid(x) = x / (1 + exp(-x))."""
+    return x / (1.0 + np.exp(-x))
+
+
+def swiglu(gate, up):
+    """SwiGLU's elementwise part: silu(x W_gate) * (x W_up); the down projection follows."""
+    return silu(gate) * up
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (GPT-2's "gelu_new"):
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    c = x.dtype.type(_SQRT_2_OVER_PI)
+    return 0.5 * x * (1.0 + np.tanh(c * (x + x.dtype.type(0.044715) * (x * x * x))))

@@ -1,0 +1,306 @@
+"""``Transformer``: the whole forward pass, one named step at a time.
+
+For the llama family (pre-norm residual blocks)::
+
+    x = embed[ids]
+    for each layer:
+        h = rms_norm(x)
+        q, k, v = split(h @ W_qkv)              # fused: one matmul instead of three
+        q, k = rope(q, positions), rope(k, positions)
+        x = x + attention(q, k, v) @ W_o          # with a cache: K/V of past positions come from it
+        h = rms_norm(x)
+        gate, up = split(h @ W_gate_up)          # fused: one matmul instead of two
+        x = x + (silu(gate) * up) @ W_down
+    logits = rms_norm(x) @ W_lm_head
+
+GPT-2 differs only in its pieces: LayerNorm with bias, learned position embeddings added to x
+instead of RoPE, biases on every projection, and a GELU (tanh) MLP.
+
+``forward(ids)`` with no cache recomputes everything: the baseline every cache is measured against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from . import layers
+from .backend import Backend, get_backend
+from .cache import KVCache, make_cache
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ModelConfig
+from .errors import ConfigError, InvalidInputError, SequenceTooLongError
+from .rope import cos_sin_table
+
+SUPPORTED_DTYPES = ("float32", "float64")
+
+
+@dataclass
+class LayerWeights:
+    """One block's weights as the forward pass uses them: (in, out) layout, fused where it saves a matmul."""
+
+    attn_norm: Any
+    attn_norm_bias: Any
+    qkv: Any            # (d, (n_heads + 2 n_kv_heads) head_dim): q, k and v side by side
+    qkv_bias: Any
+    o: Any              # (n_heads head_dim, d)
+    o_bias: Any
+    mlp_norm: Any
+    mlp_norm_bias: Any
+    mlp_in: Any         # llama: (d, 2 intermediate) = gate | up;  gpt2: (d, intermediate)
+    mlp_in_bias: Any
+    mlp_down: Any       # (intermediate, d)
+    mlp_down_bias: Any
+
+
+class Transformer:
+    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype="float32",
+                 backend: Optional[str | Backend] = None, attention: Optional[str] = None,
+                 tokenizer=None, source: Optional[Path] = None):
+        dtype = np.dtype(dtype)
+        if dtype.name not in SUPPORTED_DTYPES:
+            raise ConfigError(f"dtype={dtype.name!r} is not supported; choose one of {SUPPORTED_DTYPES}")
+        self.config = config
+        self.dtype = dtype
+        self.backend = get_backend(backend)
+        algorithm = attention or self.backend.default_attention
+        if algorithm not in self.backend.attention_algorithms:
+            raise ConfigError(f"attention={algorithm!r} is not available on backend {self.backend.name!r}; "
+                              f"choose one of {self.backend.attention_algorithms}")
+        self.attention = algorithm
+        self.tokenizer = tokenizer
+        self.source = source
+        # Canonical weights on the host, in the model dtype (what save() and conversions use).
+        self.weights = {name: np.ascontiguousarray(w, dtype=dtype) for name, w in weights.items()}
+        self._prepare()
+
+    # ------------------------------------------------------------ set-up
+    def _prepare(self) -> None:
+        """Lay the weights out for the forward pass, once, on the backend's device."""
+        cfg, w, dev = self.config, self.weights, self.backend.to_device
+
+        def get(name):
+            return dev(w[name]) if name in w else None
+
+        def fused(names):
+            # (out, in) projections side by side as one (in, sum of outs) matrix.
+            return dev(np.ascontiguousarray(np.concatenate([w[n] for n in names], axis=0).T))
+
+        def fused_bias(names):
+            return dev(np.concatenate([w[n] for n in names])) if names[0] in w else None
+
+        self.layers: list[LayerWeights] = []
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            qkv = [p + f"attn.{x}.weight" for x in "qkv"]
+            mlp_in = [p + "mlp.up.weight"] if cfg.family == "gpt2" else [p + "mlp.gate.weight", p + "mlp.up.weight"]
+            self.layers.append(LayerWeights(
+                attn_norm=get(p + "attn_norm.weight"), attn_norm_bias=get(p + "attn_norm.bias"),
+                qkv=fused(qkv), qkv_bias=fused_bias([n.replace("weight", "bias") for n in qkv]),
+                o=fused([p + "attn.o.weight"]), o_bias=get(p + "attn.o.bias"),
+                mlp_norm=get(p + "mlp_norm.weight"), mlp_norm_bias=get(p + "mlp_norm.bias"),
+                mlp_in=fused(mlp_in), mlp_in_bias=fused_bias([n.replace("weight", "bias") for n in mlp_in]),
+                mlp_down=fused([p + "mlp.down.weight"]), mlp_down_bias=get(p + "mlp.down.bias"),
+            ))
+        self.embed = get("embed.weight")
+        self.pos_embed = get("pos_embed.weight")
+        self.final_norm, self.final_norm_bias = get("final_norm.weight"), get("final_norm.bias")
+        head = "embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        self.lm_head = fused([head])
+        if cfg.uses_rope:
+            # Every position's cos/sin, computed once: a step only gathers rows.
+            cos, sin = cos_sin_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, self.dtype)
+            self.rope_cos, self.rope_sin = dev(cos), dev(sin)
+
+    @property
+    def n_parameters(self) -> int:
+        return int(sum(w.size for w in self.weights.values()))
+
+    # ------------------------------------------------------------ forward
+    def forward(self, token_ids, cache: Optional[KVCache] = None, positions=None, *, n_tokens=None,
+                window: Optional[int] = None, last_only: bool = False) -> np.ndarray:
+        """Logits for ``token_ids`` (batch, seq): (batch, seq, vocab), NumPy on the host.
+
+        cache:     a KVCache: K/V of earlier positions come from it, and this call's are appended.
+                   None recomputes everything (the baseline).
+        positions: (batch, seq) positions; default: each sequence's cache length + 0, 1, 2, ...
+        n_tokens:  (batch,) how many leading tokens of each row are real (a right-padded ragged
+                   batch); default: all of them.
+        window:    restrict attention to the last ``window`` positions (default: the config's
+                   sliding_window, if any).
+        last_only: return only each row's last real position: (batch, vocab).
+        """
+        cfg, xp = self.config, self.backend.xp
+        ids = self._check_ids(token_ids)
+        batch, seq = ids.shape
+        n_new = np.full(batch, seq, dtype=np.int64) if n_tokens is None else self._check_counts(n_tokens, batch, seq)
+        starts = np.zeros(batch, dtype=np.int64) if cache is None else cache.lengths
+        if cache is not None:
+            cache.check_compatible(cfg, batch)
+        if positions is None:
+            positions = starts[:, None] + np.arange(seq)[None, :]
+        positions = np.asarray(positions, dtype=np.int64)
+        last_real = starts + n_new - 1
+        if positions.shape != (batch, seq):
+            raise InvalidInputError(f"positions has shape {positions.shape}; expected {(batch, seq)} like token_ids")
+        if int(last_real.max()) >= cfg.max_position_embeddings or positions.min() < 0:
+            raise SequenceTooLongError(
+                f"position {int(last_real.max())} is beyond the model's maximum of {cfg.max_position_embeddings} "
+                f"positions (max_position_embeddings); shorten the input to at most {cfg.max_position_embeddings} tokens"
+            )
+        if cache is not None:
+            cache.check_capacity(n_new)        # raises before anything is written
+        # Padding columns may run past the table: clamp them (their outputs are never used).
+        positions_dev = self.backend.to_device(np.minimum(positions, cfg.max_position_embeddings - 1))
+        window = cfg.sliding_window if window is None else window
+
+        x = layers.embedding(self.embed, self.backend.to_device(ids))
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[positions_dev]
+        if cfg.uses_rope:
+            # (batch, 1, seq, head_dim/2): broadcast over heads
+            cos, sin = self.rope_cos[positions_dev][:, None], self.rope_sin[positions_dev][:, None]
+        for index, layer in enumerate(self.layers):
+            h = self._norm(x, layer.attn_norm, layer.attn_norm_bias)
+            qkv = layers.linear(h, layer.qkv, layer.qkv_bias)
+            q, k, v = self._split_heads(qkv, batch, seq)
+            if cfg.uses_rope:
+                q = self.backend.apply_rope(q, cos, sin, cfg.rope_convention)
+                k = self.backend.apply_rope(k, cos, sin, cfg.rope_convention)
+            if cache is None:
+                out, _ = self.backend.attention(q, k, v, causal=True, q_offset=0, lengths=n_new, window=window,
+                                                algorithm=self.attention)
+            else:
+                out = cache.attend(index, q, k, v, n_new, window=window, algorithm=self.attention)
+            out = out.transpose(0, 2, 1, 3).reshape(batch, seq, cfg.n_heads * cfg.head_dim)
+            x = x + layers.linear(out, layer.o, layer.o_bias)
+            h = self._norm(x, layer.mlp_norm, layer.mlp_norm_bias)
+            x = x + self._mlp(h, layer)
+        if cache is not None:
+            cache.advance(n_new)
+        if last_only:
+            x = x[xp.arange(batch), self.backend.to_device(n_new - 1)]
+        x = self._norm(x, self.final_norm, self.final_norm_bias)
+        return self.backend.to_host(x @ self.lm_head)
+
+    __call__ = forward
+
+    def _norm(self, x, weight, bias):
+        if self.config.family == "gpt2":
+            return layers.layer_norm(x, weight, bias, self.config.norm_eps)
+        return layers.rms_norm(x, weight, self.config.norm_eps)
+
+    def _mlp(self, h, layer: LayerWeights):
+        hidden = layers.linear(h, layer.mlp_in, layer.mlp_in_bias)
+        if self.config.family == "gpt2":
+            act = layers.gelu_tanh(hidden)
+        else:
+            gate, up = hidden[..., :self.config.intermediate_size], hidden[..., self.config.intermediate_size:]
+            act = layers.swiglu(gate, up)
+        return layers.linear(act, layer.mlp_down, layer.mlp_down_bias)
+
+    def _split_heads(self, qkv, batch: int, seq: int):
+        """(batch, seq, (H + 2 KV) hd) -> q (batch, H, seq, hd), k and v (batch, KV, seq, hd)."""
+        cfg = self.config
+        hd, n_q, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        q = qkv[..., : n_q * hd].reshape(batch, seq, n_q, hd).transpose(0, 2, 1, 3)
+        k = qkv[..., n_q * hd: (n_q + n_kv) * hd].reshape(batch, seq, n_kv, hd).transpose(0, 2, 1, 3)
+        v = qkv[..., (n_q + n_kv) * hd:].reshape(batch, seq, n_kv, hd).transpose(0, 2, 1, 3)
+        return q, k, v
+
+    # ------------------------------------------------------------ input checks
+    def _check_ids(self, token_ids) -> np.ndarray:
+        if hasattr(token_ids, "__cuda_array_interface__"):
+            token_ids = self.backend.to_host(token_ids)
+        ids = np.asarray(token_ids)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2:
+            raise InvalidInputError(f"token_ids has shape {ids.shape}; expected (batch, seq)")
+        if ids.size == 0 or ids.shape[1] == 0:
+            raise InvalidInputError(f"token_ids is empty (shape {ids.shape}); give at least one token per sequence")
+        if not np.issubdtype(ids.dtype, np.integer):
+            if np.issubdtype(ids.dtype, np.floating) and np.all(ids == np.round(ids)):
+                ids = ids.astype(np.int64)
+            else:
+                raise InvalidInputError(f"token_ids has dtype {ids.dtype}; expected integers")
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bad.any():
+            value = int(ids[bad][0])
+            raise InvalidInputError(
+                f"token id {value} is out of range for a vocabulary of {self.config.vocab_size} "
+                f"(valid ids are 0..{self.config.vocab_size - 1})"
+            )
+        return ids.astype(np.int64, copy=False)
+
+    @staticmethod
+    def _check_counts(n_tokens, batch: int, seq: int) -> np.ndarray:
+        counts = np.asarray(n_tokens, dtype=np.int64).reshape(-1)
+        if counts.shape != (batch,) or counts.min() < 0 or counts.max() > seq:
+            raise InvalidInputError(f"n_tokens={counts.tolist()} must hold {batch} counts between 0 and {seq}")
+        return counts
+
+    # ------------------------------------------------------------ caches and generation
+    def new_cache(self, kind: str = "static", batch_size: int = 1, max_seq_len: Optional[int] = None,
+                  dtype: Optional[str] = None, **options) -> Optional[KVCache]:
+        """A KV cache shaped for this model. kind: "none", "concat", "static", "paged", "sliding".
+
+        max_seq_len defaults to the model's maximum position; dtype to the model's (or "float16" to
+        halve the memory); options: block_size/num_blocks (paged), window (sliding)."""
+        cfg = self.config
+        max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
+        if kind == "sliding" and options.get("window") is None and cfg.sliding_window is not None:
+            options["window"] = cfg.sliding_window
+        return make_cache(kind, n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                          batch_size=batch_size, max_seq_len=max_seq_len, dtype=dtype or self.dtype.name,
+                          backend=self.backend, **options)
+
+    def generate(self, prompt, max_new_tokens: int = 50, **kwargs):
+        """Prefill then decode; see ``minikv.generate.generate`` for every option."""
+        from .generate import generate
+
+        return generate(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+    def stream(self, prompt, max_new_tokens: int = 50, **kwargs):
+        """Like generate, but an iterator of tokens as they are made; see ``minikv.generate.stream``."""
+        from .generate import stream
+
+        return stream(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------------ conversions
+    def with_rope_convention(self, convention: str) -> "Transformer":
+        """The same model with its q/k weights permuted for another RoPE pair convention (same logits)."""
+        from .rope import convert_rope_convention
+
+        weights, config = convert_rope_convention(self.weights, self.config, convention)
+        return Transformer(config, weights, dtype=self.dtype, backend=self.backend, attention=self.attention,
+                           tokenizer=self.tokenizer)
+
+    def save(self, path, dtype: Optional[str] = None) -> Path:
+        """Write a Hugging Face checkpoint folder (config.json + model.safetensors)."""
+        return save_checkpoint(path, self.config, self.weights, dtype=dtype)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"<minikv Transformer {c.model_type}: {c.n_layers} layers, d={c.hidden_size}, heads {c.n_heads}/"
+                f"{c.n_kv_heads} kv, vocab {c.vocab_size}, {self.n_parameters / 1e6:.2f}M params, "
+                f"{self.dtype.name}, backend {self.backend.name!r}>")
+
+
+BUNDLED_MODEL = Path(__file__).parent / "data" / "tiny-fortunes"
+
+
+def load(path=None, *, dtype: str = "float32", backend: Optional[str] = None,
+         attention: Optional[str] = None) -> Transformer:
+    """Load a Hugging Face checkpoint folder (default: the bundled tiny model)."""
+    from .tokenizer import tokenizer_for
+
+    folder = BUNDLED_MODEL if path is None else Path(path)
+    if np.dtype(dtype).name not in SUPPORTED_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {SUPPORTED_DTYPES}")
+    config, weights = load_checkpoint(folder, dtype=dtype)
+    return Transformer(config, weights, dtype=dtype, backend=backend, attention=attention,
+                       tokenizer=tokenizer_for(folder, config.vocab_size), source=folder)
