@@ -1,0 +1,249 @@
+"""Generation: prefill the prompt, then decode one token at a time.
+
+    prefill:  logits = forward(prompt, cache)       # every prompt token in one pass (or in chunks)
+    decode:   repeat: token = sample(last logits); logits = forward([token], cache)
+
+Prefill is compute-bound (a matrix of tokens per matmul); decode is memory-bound (each step reads
+every weight to produce one token per sequence), which is why the two are timed apart in
+``GenerationStats``.
+
+A batch of prompts of different lengths is right-padded into one array; ``n_tokens`` tells the
+model how many tokens of each row are real, each sequence keeps its own positions and cache
+length, and so each gets exactly the tokens it would get alone. A sequence that produces a stop
+token stops (its later tokens are discarded); the others go on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from .cache import CACHE_KINDS, KVCache
+from .errors import ConfigError, InvalidInputError
+from .sampling import SamplingParams, sample
+from .tokenizer import require_tokenizer
+
+
+@dataclass
+class GenerationStats:
+    """What a generation cost. ``decode_tokens_per_s`` counts tokens made by decode steps only."""
+
+    prefill_ms: float = 0.0
+    prefill_tokens: int = 0
+    decode_ms: float = 0.0
+    decode_tokens: int = 0
+    tokens_generated: int = 0
+    batch_size: int = 1
+    cache_kind: str = "none"
+    cache_bytes: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / (self.decode_ms / 1e3) if self.decode_ms > 0 else float("nan")
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else float("nan")
+
+    def __str__(self) -> str:
+        return (f"prefill {self.prefill_ms:.1f} ms ({self.prefill_tokens} tokens) | decode "
+                f"{self.decode_tokens_per_s:.1f} tokens/s ({self.tokens_generated} generated) | cache "
+                f"{self.cache_kind} {self.cache_bytes / 1024:.1f} KiB")
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]                 # per prompt, the generated ids only (prompt excluded)
+    text: Union[str, list[str], None]       # decoded generated text (a str when the prompt was one str)
+    stats: GenerationStats
+    finish_reasons: list[str] = field(default_factory=list)   # "stop" or "length", per prompt
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, as ``stream`` yields it."""
+
+    sequence: int      # which prompt of the batch
+    token: int
+    text: str          # the text this token completes ("" while a multi-byte character is incomplete)
+
+
+def _prompts_to_ids(model, prompt) -> tuple[list[list[int]], bool]:
+    """Normalise a str / list of str / list of ids / list of lists of ids; return (ids, was_single_str)."""
+    if isinstance(prompt, str):
+        return [require_tokenizer(model.tokenizer, "a text prompt").encode(prompt)], True
+    if isinstance(prompt, np.ndarray):
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
+        raise InvalidInputError(f"prompt must be a str, a list of str, or token ids; got {prompt!r:.80}")
+    if all(isinstance(p, str) for p in prompt):
+        tok = require_tokenizer(model.tokenizer, "a text prompt")
+        return [tok.encode(p) for p in prompt], False
+    if all(isinstance(p, (int, np.integer)) for p in prompt):
+        return [[int(t) for t in prompt]], False
+    if all(isinstance(p, (list, tuple, np.ndarray)) for p in prompt):
+        return [[int(t) for t in p] for p in prompt], False
+    raise InvalidInputError("prompt must be a str, a list of str, a list of token ids, or a list of such lists")
+
+
+def _check_prompts(model, prompts: list[list[int]]) -> None:
+    for i, ids in enumerate(prompts):
+        if len(ids) == 0:
+            raise InvalidInputError(f"prompt {i} is empty; give at least one token (or a non-empty string)")
+        for t in ids:
+            if not 0 <= t < model.config.vocab_size:
+                raise InvalidInputError(f"token id {t} in prompt {i} is out of range for a vocabulary of "
+                                        f"{model.config.vocab_size} (valid ids are 0..{model.config.vocab_size - 1})")
+
+
+def _padded(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    ids = np.zeros((len(rows), int(lengths.max())), dtype=np.int64)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)] = row
+    return ids, lengths
+
+
+def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, prefill_chunk, stats) -> Iterator[np.ndarray]:
+    """The generation loop; yields one (batch,) array of new tokens per step."""
+    batch = len(prompts)
+    history = [list(p) for p in prompts]          # prompt + generated, for recompute and the penalty
+    ids, lengths = _padded(prompts)
+    sync = model.backend.synchronize
+
+    # ---- prefill: the whole prompt (or chunk by chunk) -> logits of each row's last prompt token
+    t0 = time.perf_counter()
+    if cache is None:
+        logits = model.forward(ids, n_tokens=lengths, last_only=True)
+    else:
+        chunk = ids.shape[1] if not prefill_chunk else int(prefill_chunk)
+        logits = np.zeros((batch, model.config.vocab_size), dtype=model.dtype)
+        for start in range(0, ids.shape[1], chunk):
+            counts = np.clip(lengths - start, 0, chunk)
+            if not counts.any():
+                break
+            part = model.forward(ids[:, start:start + chunk], cache, n_tokens=counts, last_only=True)
+            # A row's last prompt token lies in this chunk iff its remaining count is within the chunk.
+            ends_here = (lengths - start >= 1) & (lengths - start <= chunk)
+            logits[ends_here] = part[ends_here]
+    sync()
+    stats.prefill_ms = (time.perf_counter() - t0) * 1e3
+    stats.prefill_tokens = int(lengths.sum())
+
+    finished = np.zeros(batch, dtype=bool)
+    decode_start = time.perf_counter()
+    for step in range(max_new_tokens):
+        previous = [np.asarray(h, dtype=np.int64) for h in history] if params.repetition_penalty != 1.0 else None
+        tokens = sample(logits, params, rng, previous)
+        for b in range(batch):
+            history[b].append(int(tokens[b]))
+        yield tokens
+        finished |= np.isin(tokens, stop_tokens)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        if cache is None:
+            # Recompute: the whole sequence again, every step (the baseline a cache removes).
+            full, full_lengths = _padded(history)
+            logits = model.forward(full, n_tokens=full_lengths, last_only=True)
+        else:
+            logits = model.forward(tokens[:, None], cache, last_only=True)
+        stats.decode_tokens += int((~finished).sum())
+    sync()
+    stats.decode_ms = (time.perf_counter() - decode_start) * 1e3
+
+
+class Stream:
+    """An iterator of ``TokenEvent``s; after it is exhausted, ``.output`` holds the GenerationOutput."""
+
+    def __init__(self, model, prompt, max_new_tokens: int = 50, *, cache: Union[str, KVCache, None] = "static",
+                 temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 min_p: Optional[float] = None, repetition_penalty: float = 1.0, seed: Optional[int] = 0,
+                 rng: Optional[np.random.Generator] = None, stop_tokens: Optional[Sequence[int]] = None,
+                 prefill_chunk: Optional[int] = None, max_seq_len: Optional[int] = None,
+                 cache_dtype: Optional[str] = None, **cache_options):
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1):
+            raise InvalidInputError(f"prefill_chunk={prefill_chunk!r} must be a positive integer or None")
+        self.model = model
+        self.prompts, self._single = _prompts_to_ids(model, prompt)
+        _check_prompts(model, self.prompts)
+        self.params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                     repetition_penalty=repetition_penalty)
+        self.rng = rng if rng is not None else np.random.default_rng(seed)
+        if stop_tokens is None:
+            stop_tokens = [] if model.config.eos_token_id is None else [model.config.eos_token_id]
+        self.stop_tokens = np.asarray(list(stop_tokens), dtype=np.int64)
+        self.max_new_tokens = int(max_new_tokens)
+        self.prefill_chunk = prefill_chunk
+        self.cache = self._make_cache(cache, max_seq_len, cache_dtype, cache_options)
+        self.stats = GenerationStats(batch_size=len(self.prompts),
+                                     cache_kind="none" if self.cache is None else self.cache.kind)
+        self.output: Optional[GenerationOutput] = None
+
+    def _make_cache(self, cache, max_seq_len, cache_dtype, options) -> Optional[KVCache]:
+        if isinstance(cache, KVCache):
+            return cache          # e.g. a loaded prefilled cache: continue after what it holds
+        if cache is None:
+            cache = "none"
+        if cache not in CACHE_KINDS:
+            raise ConfigError(f"cache={cache!r} is unknown; choose one of {CACHE_KINDS}")
+        needed = max(len(p) for p in self.prompts) + self.max_new_tokens
+        limit = self.model.config.max_position_embeddings
+        if max_seq_len is None:
+            max_seq_len = min(needed, limit)
+        return self.model.new_cache(cache, batch_size=len(self.prompts), max_seq_len=max_seq_len,
+                                    dtype=cache_dtype, **options)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        model, batch = self.model, len(self.prompts)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        reasons = ["length"] * batch
+        decoders = [model.tokenizer.stream_decoder() if model.tokenizer else None for _ in range(batch)]
+        done = np.zeros(batch, dtype=bool)
+        for tokens in _steps(model, self.prompts, self.max_new_tokens, self.cache, self.params, self.rng,
+                             self.stop_tokens, self.prefill_chunk, self.stats):
+            for b in range(batch):
+                if done[b]:
+                    continue
+                token = int(tokens[b])
+                if token in self.stop_tokens:
+                    done[b], reasons[b] = True, "stop"
+                    continue
+                generated[b].append(token)
+                yield TokenEvent(b, token, decoders[b].feed(token) if decoders[b] else "")
+        self.stats.tokens_generated = sum(len(g) for g in generated)
+        self.stats.cache_bytes = 0 if self.cache is None else self.cache.nbytes
+        text = None
+        if model.tokenizer is not None:
+            texts = [model.tokenizer.decode(g) for g in generated]
+            text = texts[0] if self._single else texts
+        self.output = GenerationOutput(tokens=generated, text=text, stats=self.stats, finish_reasons=reasons)
+
+
+def stream(model, prompt, max_new_tokens: int = 50, **kwargs) -> Stream:
+    """Generate lazily: iterate to get ``TokenEvent``s as they are made; ``.output`` at the end."""
+    return Stream(model, prompt, max_new_tokens, **kwargs)
+
+
+def generate(model, prompt, max_new_tokens: int = 50, *, stream: bool = False, **kwargs):
+    """Prefill then decode. Returns a GenerationOutput (or a Stream when ``stream=True``).
+
+    prompt:          a str, a list of str, token ids, or a list of token-id lists (a ragged batch)
+    cache:           "none" (recompute), "concat", "static" (default), "paged", "sliding", or a KVCache
+                     (e.g. one loaded with minikv.load_cache: generation continues after what it holds)
+    temperature:     0.0 (default) = greedy; top_k, top_p, min_p, repetition_penalty: see minikv.sampling
+    seed / rng:      all randomness comes from one numpy Generator (same seed, same text)
+    stop_tokens:     ids that end a sequence (default: the config's eos_token_id, if any)
+    prefill_chunk:   prefill the prompt N tokens at a time (same logits, less peak memory)
+    max_seq_len, cache_dtype ("float16" halves the cache), block_size / num_blocks (paged), window (sliding)
+    """
+    s = Stream(model, prompt, max_new_tokens, **kwargs)
+    if stream:
+        return s
+    for _ in s:
+        pass
+    return s.output
