@@ -1,0 +1,176 @@
+"""The ``minikv`` command: generate, bench, info (also ``python -m minikv``).
+
+    minikv generate "Once upon a time" --max-new-tokens 80 --cache static
+    minikv bench                      # every cache kind vs recompute, on the bundled model
+    minikv info                       # the config, parameter count, KV bytes per token, backends
+
+Bad arguments and bad paths print one line on stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional, Sequence
+
+from .cache import CACHE_KINDS
+from .errors import MinikvError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(EXIT_USAGE, f"minikv: error: {message} (see 'minikv {self._sub_name()}--help')\n")
+
+    def _sub_name(self) -> str:
+        parts = self.prog.split()
+        return " ".join(parts[1:]) + " " if len(parts) > 1 else ""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="minikv", description="Transformer inference from scratch in NumPy.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
+
+    def model_args(p):
+        p.add_argument("--model", default=None, help="Hugging Face checkpoint folder (default: the bundled tiny model)")
+        p.add_argument("--backend", default=None, help="numpy (default), numba, cuda, cuda-sim")
+        p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+
+    gen = sub.add_parser("generate", help="stream a continuation of a prompt, then a stats line")
+    gen.add_argument("prompt")
+    model_args(gen)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=120)
+    gen.add_argument("--cache", default="static", choices=CACHE_KINDS)
+    gen.add_argument("--temperature", type=_float, default=0.8, help="0 = greedy (default 0.8)")
+    gen.add_argument("--top-k", type=_positive_int, default=None)
+    gen.add_argument("--top-p", type=_float, default=0.95)
+    gen.add_argument("--min-p", type=_float, default=None)
+    gen.add_argument("--repetition-penalty", type=_float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+
+    bench = sub.add_parser("bench", help="decode tokens/s of every cache kind vs recompute")
+    model_args(bench)
+    bench.add_argument("--prompt", default="The meaning of life is")
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=100)
+    bench.add_argument("--repeats", type=_positive_int, default=3)
+
+    info = sub.add_parser("info", help="the model's config, size, KV bytes per token, and the backends here")
+    model_args(info)
+    return parser
+
+
+def _load(args):
+    from .model import load
+
+    return load(args.model, dtype=args.dtype, backend=args.backend)
+
+
+def cmd_generate(args) -> int:
+    model = _load(args)
+    stream = model.stream(args.prompt, max_new_tokens=args.max_new_tokens, cache=args.cache,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    for event in stream:
+        out.write(event.text)
+        out.flush()
+    out.write("\n")
+    print(f"[{stream.stats}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from tqdm import tqdm
+
+    model = _load(args)
+    kinds = list(CACHE_KINDS)
+    rows = {}
+    with tqdm(total=len(kinds) * args.repeats, desc="minikv bench", unit="run", file=sys.stderr) as bar:
+        for _ in range(args.repeats):
+            for kind in kinds:     # alternate kinds so drift in machine speed hits all alike
+                bar.set_postfix_str(kind)
+                out = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, cache=kind, temperature=0.0,
+                                     stop_tokens=[])
+                rows.setdefault(kind, []).append(out)
+                bar.update()
+    tokens = {kind: runs[0].tokens for kind, runs in rows.items()}
+    same = all(t == tokens["none"] for t in tokens.values())
+
+    def median(values):
+        values = sorted(values)
+        return values[len(values) // 2]
+
+    speed = {kind: median([r.stats.decode_tokens_per_s for r in runs]) for kind, runs in rows.items()}
+    print(f"prompt {len(args.prompt.encode())} bytes, {args.max_new_tokens} new tokens, median of {args.repeats}, "
+          f"backend {model.backend.name}, {model.dtype.name}")
+    print(f"{'cache':<9} {'decode tok/s':>13} {'speedup vs none':>16} {'cache KiB':>10}")
+    for kind in kinds:
+        print(f"{kind:<9} {speed[kind]:>13.1f} {speed[kind] / speed['none']:>15.2f}x "
+              f"{rows[kind][0].stats.cache_bytes / 1024:>10.1f}")
+    print("same tokens with every cache kind: " + ("yes" if same else "NO"))
+    return 0 if same else 1
+
+
+def cmd_info(args) -> int:
+    from .backend import available_backends
+
+    model = _load(args)
+    cfg = model.config
+    print(f"model         {model.source}")
+    print(f"architecture  {cfg.model_type} ({cfg.family} family)")
+    print(f"layers        {cfg.n_layers}, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}")
+    print(f"heads         {cfg.n_heads} query, {cfg.n_kv_heads} key/value (head_dim {cfg.head_dim})")
+    print(f"vocabulary    {cfg.vocab_size}, max positions {cfg.max_position_embeddings}")
+    if cfg.uses_rope:
+        print(f"rope          theta {cfg.rope_theta:g}, convention {cfg.rope_convention}")
+    if cfg.sliding_window:
+        print(f"window        {cfg.sliding_window}")
+    print(f"parameters    {model.n_parameters:,} ({model.n_parameters * model.dtype.itemsize / 2**20:.1f} MiB "
+          f"in {model.dtype.name})")
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * model.dtype.itemsize
+    print(f"KV cache      {per_token:,} bytes per token = 2 * {cfg.n_layers} layers * {cfg.n_kv_heads} kv heads * "
+          f"{cfg.head_dim} * {model.dtype.itemsize} bytes")
+    print(f"backends      {', '.join(available_backends())} (this machine)")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "info": cmd_info}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MinikvError as exc:
+        print(f"minikv: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nminikv: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
