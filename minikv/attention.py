@@ -383,7 +383,7 @@ def tiled(
     scale=None,
     return_lse=False,
     block_q=256,
-    block_k=512,
+    block_k=256,
     stats=None,
 ):
     """Flash attention forward: the online softmax over tiles of queries and keys.
@@ -417,9 +417,11 @@ def tiled(
     ``blocks_skipped`` and ``blocks_masked`` (computed blocks that needed a mask):
     the tests use it to prove that skipped blocks are really skipped.
 
-    The defaults block_q=256, block_k=512 keep a tile of float32 scores at
-    0.5 MiB per head and make each NumPy matmul big enough to run near BLAS
-    speed; the algorithm is exact for any block sizes >= 1.
+    Block sizes change speed, never the result (any sizes >= 1 are exact).  The
+    defaults, 256 x 256, keep a tile of float32 scores at 256 KiB per head (it
+    stays in the CPU's L2/L3 cache) while making each NumPy call big enough that
+    Python's per-call overhead is small; see benchmarks/results/attention.md.
+    A GPU kernel would use far smaller tiles (64 x 64) sized to on-chip memory.
     """
     q, k, v, (batch, n_kv, group, seq_q, seq_k, head_dim) = _check_inputs(q, k, v)
     if int(block_q) < 1 or int(block_k) < 1:
