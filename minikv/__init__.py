@@ -12,7 +12,9 @@ from .cache import CACHE_KINDS, KVCache, load_cache
 from .config import ModelConfig
 from .errors import (BackendUnavailableError, CacheMismatchError, CacheOverflowError, CheckpointError, ConfigError,
                      InvalidInputError, MinikvError, SamplingError, SequenceTooLongError)
+from .generate import GenerationOutput, GenerationStats, TokenEvent
 from .model import BUNDLED_MODEL, Transformer, load
+from .sampling import SamplingParams
 from .tokenizer import ByteTokenizer
 
 __version__ = "0.1.0"
@@ -22,5 +24,6 @@ __all__ = [
     "Backend", "available_backends", "get_backend", "CACHE_KINDS", "KVCache", "load_cache", "ModelConfig",
     "MinikvError", "ConfigError", "CheckpointError", "CacheOverflowError", "CacheMismatchError",
     "BackendUnavailableError", "InvalidInputError", "SequenceTooLongError", "SamplingError",
+    "GenerationOutput", "GenerationStats", "TokenEvent", "SamplingParams",
     "BUNDLED_MODEL", "Transformer", "load", "ByteTokenizer", "__version__",
 ]

@@ -146,6 +146,8 @@ def _weight_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {exc}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map each tensor name to a shard file name")
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).exists()]
         if missing:
@@ -190,9 +192,14 @@ def load_checkpoint(path: str | Path, dtype="float32") -> tuple[ModelConfig, dic
         raise
     dtype = np.dtype(dtype)
     raw: dict[str, np.ndarray] = {}
+    found_in: dict[str, Path] = {}
     for file in _weight_files(folder):
         for name, tensor in read_safetensors(file).items():
-            raw[_normalise_hf_name(name, config)] = tensor
+            name = _normalise_hf_name(name, config)
+            if name in found_in:
+                # Two shards with one tensor: which one is right is a guess, so refuse.
+                raise CheckpointError(f"tensor {name!r} is in both {found_in[name].name} and {file.name} in {folder}")
+            raw[name], found_in[name] = tensor, file
     return config, weights_from_hf(raw, config, dtype, source=str(folder))
 
 
@@ -228,10 +235,12 @@ def weights_from_hf(raw: dict[str, np.ndarray], config: ModelConfig, dtype=np.fl
         sizes = [shapes[name][0] for name in row.ours]
         parts = np.split(tensor, np.cumsum(sizes)[:-1], axis=0) if len(row.ours) > 1 else [tensor]
         for name, part in zip(row.ours, parts):
-            weights[name] = np.ascontiguousarray(part, dtype=dtype)
-    if not all(np.isfinite(w).all() for w in weights.values()):
-        bad = next(n for n, w in weights.items() if not np.isfinite(w).all())
-        raise CheckpointError(f"tensor {bad!r} in {source} holds NaN or infinite values")
+            with np.errstate(over="ignore"):   # an overflow becomes inf, refused just below
+                weights[name] = np.ascontiguousarray(part, dtype=dtype)
+            # Checked after the conversion: a float64 value beyond float32's range becomes inf here.
+            if not np.isfinite(weights[name]).all():
+                raise CheckpointError(f"tensor {row.hf!r} (minikv {name!r}) in {source} holds NaN or infinite "
+                                      f"values as {dtype.name}; the checkpoint is corrupt or overflows {dtype.name}")
     return weights
 
 

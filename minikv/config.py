@@ -27,6 +27,28 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + ("gpt2",)
 # GPT-2's "gelu_new" is the tanh approximation; so are the other two spellings.
 GELU_TANH_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh")
+# transformers maps both names to the same x * sigmoid(x).
+SILU_NAMES = ("silu", "swish")
+
+# Defaults of the transformers config classes for fields a config.json may leave out: a field
+# that is absent must mean what it means to transformers (e.g. Mistral's window is 4096 unless
+# the file says otherwise), or the same checkpoint would run differently in the two.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048, "num_key_value_heads": None, "sliding_window": None},
+    "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "sliding_window": None},
+}
+
+# minikv field -> its config.json spelling per family, so an error names the field the user can edit.
+HF_FIELD_NAMES: dict[str, dict[str, str]] = {
+    "llama": {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "n_layers": "num_hidden_layers",
+              "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+              "intermediate_size": "intermediate_size", "max_position_embeddings": "max_position_embeddings",
+              "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta", "sliding_window": "sliding_window"},
+    "gpt2": {"vocab_size": "vocab_size", "hidden_size": "n_embd", "n_layers": "n_layer", "n_heads": "n_head",
+             "n_kv_heads": "n_head", "head_dim": "n_embd / n_head", "intermediate_size": "n_inner",
+             "max_position_embeddings": "n_positions", "norm_eps": "layer_norm_epsilon"},
+}
 
 
 @dataclass(frozen=True)
@@ -76,10 +98,14 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        def spelled(name: str) -> str:
+            hf_name = HF_FIELD_NAMES[self.family].get(name, name)
+            return name if hf_name == name else f"{name} (config.json {hf_name})"
+
         def positive(name: str) -> None:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config field {name}={value!r} must be a positive integer")
+                raise ConfigError(f"config field {spelled(name)}={value!r} must be a positive integer")
 
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -97,11 +123,12 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} is odd; RoPE rotates pairs of dimensions and needs it even")
         if self.rope_convention not in ("half", "interleaved"):
             raise ConfigError(f"rope_convention={self.rope_convention!r} must be 'half' or 'interleaved'")
-        if not (self.norm_eps > 0):
-            raise ConfigError(f"norm eps={self.norm_eps!r} must be > 0")
-        if self.uses_rope and not (self.rope_theta > 0):
-            raise ConfigError(f"rope_theta={self.rope_theta!r} must be > 0")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
+                raise ConfigError(f"config field {spelled(name)}={value!r} must be a finite number > 0")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or isinstance(self.sliding_window, bool) or self.sliding_window < 1):
             raise ConfigError(f"sliding_window={self.sliding_window!r} must be a positive integer or null")
         if self.family == "gpt2" and self.n_kv_heads != self.n_heads:
             raise ConfigError("gpt2 has no grouped-query attention: n_kv_heads must equal n_heads")
@@ -124,25 +151,31 @@ class ModelConfig:
 
     @classmethod
     def _from_hf_llama(cls, hf: dict[str, Any], model_type: str) -> "ModelConfig":
-        def need(key: str) -> Any:
-            if key not in hf:
+        defaults = HF_DEFAULTS[model_type]
+
+        def need(key: str) -> int:
+            if key not in hf or hf[key] is None:
                 raise ConfigError(f"config.json for model_type={model_type!r} is missing the field {key!r}")
-            return hf[key]
+            return _positive_int(hf, key)
 
         act = hf.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in SILU_NAMES:
             raise ConfigError(f"hidden_act={act!r} is not supported for {model_type}; minikv implements SwiGLU with 'silu'")
         if hf.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError(f"pretraining_tp={hf['pretraining_tp']!r} is not supported; only 1")
         theta = _rope_theta(hf)
         hidden = need("hidden_size")
         n_heads = need("num_attention_heads")
-        head_dim = hf.get("head_dim") or hidden // n_heads
-        if hf.get("head_dim") is None and hidden % n_heads != 0:
+        # transformers: head_dim = config.head_dim or hidden_size // num_attention_heads (0 and null alike).
+        head_dim = _positive_int(hf, "head_dim") if hf.get("head_dim") else hidden // n_heads
+        if not hf.get("head_dim") and hidden % n_heads != 0:
             raise ConfigError(f"hidden_size={hidden} is not divisible by num_attention_heads={n_heads} and no head_dim is given")
+        n_kv_heads = hf.get("num_key_value_heads", defaults["num_key_value_heads"])
+        n_kv_heads = n_heads if n_kv_heads is None else _positive_int({"num_key_value_heads": n_kv_heads},
+                                                                       "num_key_value_heads")
         window = None
         if model_type == "mistral":
-            window = hf.get("sliding_window")
+            window = hf.get("sliding_window", defaults["sliding_window"])
         elif model_type == "qwen2" and hf.get("use_sliding_window"):
             raise ConfigError(
                 "use_sliding_window=true is not supported for qwen2 (its window applies to only some layers); "
@@ -152,27 +185,28 @@ class ModelConfig:
             types = hf.get(key)
             if types and any(t != "full_attention" for t in types) and model_type != "mistral":
                 raise ConfigError(f"{key}={sorted(set(types))} is not supported; every layer must be 'full_attention'")
-        qkv_bias = bool(hf.get("attention_bias", False)) or model_type == "qwen2"
+        # Only LLaMA reads attention_bias and mlp_bias; transformers hard-codes the others' biases
+        # (Qwen2: q, k and v only; Mistral: none), whatever their config.json says.
+        attention_bias = model_type == "llama" and bool(hf.get("attention_bias", False))
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
             n_layers=need("num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            n_kv_heads=n_kv_heads,
             head_dim=head_dim,
             intermediate_size=need("intermediate_size"),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
+            norm_eps=_number(hf, "rms_norm_eps", 1e-6),
             rope_theta=theta,
-            qkv_bias=qkv_bias,
-            # LLaMA's attention_bias also biases o_proj; Qwen2 biases only q, k and v.
-            o_bias=bool(hf.get("attention_bias", False)) and model_type != "qwen2",
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qkv_bias=attention_bias or model_type == "qwen2",
+            o_bias=attention_bias,          # LLaMA's attention_bias also biases o_proj
+            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             sliding_window=window,
-            bos_token_id=_single_id(hf.get("bos_token_id")),
-            eos_token_id=_single_id(hf.get("eos_token_id")),
+            bos_token_id=_single_id(hf, "bos_token_id"),
+            eos_token_id=_single_id(hf, "eos_token_id"),
         )
 
     @classmethod
@@ -188,7 +222,9 @@ class ModelConfig:
             raise ConfigError("add_cross_attention=true is not supported: minikv runs decoder-only models")
         if hf.get("tie_word_embeddings") is False:
             raise ConfigError("tie_word_embeddings=false is not supported for gpt2 (its lm_head is the token embedding)")
-        n_embd, n_head = hf.get("n_embd", 768), hf.get("n_head", 12)
+        # GPT2Config's defaults (GPT-2 small) for every field the file leaves out.
+        n_embd = _positive_int(hf, "n_embd", 768)
+        n_head = _positive_int(hf, "n_head", 12)
         if n_embd % n_head != 0:
             raise ConfigError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
         return cls(
@@ -201,13 +237,13 @@ class ModelConfig:
             head_dim=n_embd // n_head,
             intermediate_size=hf.get("n_inner") or 4 * n_embd,
             max_position_embeddings=hf.get("n_positions", 1024),
-            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            norm_eps=_number(hf, "layer_norm_epsilon", 1e-5),
             qkv_bias=True,
             o_bias=True,
             mlp_bias=True,
             tie_word_embeddings=True,
-            bos_token_id=_single_id(hf.get("bos_token_id")),
-            eos_token_id=_single_id(hf.get("eos_token_id")),
+            bos_token_id=_single_id(hf, "bos_token_id"),
+            eos_token_id=_single_id(hf, "eos_token_id"),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -218,14 +254,14 @@ class ModelConfig:
                 "convert the weights first with minikv.rope.convert_rope_convention(..., to='half')"
             )
         if self.family == "gpt2":
-            return {
+            return self._checked_round_trip({
                 "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
                 "vocab_size": self.vocab_size, "n_embd": self.hidden_size, "n_layer": self.n_layers,
                 "n_head": self.n_heads, "n_inner": self.intermediate_size,
                 "n_positions": self.max_position_embeddings, "layer_norm_epsilon": self.norm_eps,
                 "activation_function": "gelu_new", "tie_word_embeddings": True,
                 "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
-            }
+            })
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
         out: dict[str, Any] = {
             "architectures": [arch[self.model_type]], "model_type": self.model_type,
@@ -235,14 +271,28 @@ class ModelConfig:
             "intermediate_size": self.intermediate_size,
             "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta, "hidden_act": "silu",
-            "tie_word_embeddings": self.tie_word_embeddings, "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
         }
         if self.model_type == "llama":
             out["attention_bias"] = self.qkv_bias
+            out["mlp_bias"] = self.mlp_bias
         if self.model_type == "mistral":
             out["sliding_window"] = self.sliding_window
-        return out
+        return self._checked_round_trip(out)
+
+    def _checked_round_trip(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """Refuse a config the Hugging Face classes cannot express (e.g. Qwen2 without its q/k/v biases):
+        saving it would write a checkpoint that transformers (and minikv) load as a different model."""
+        back = ModelConfig.from_hf(hf)
+        differ = [f.name for f in dataclasses.fields(self) if getattr(back, f.name) != getattr(self, f.name)]
+        if differ:
+            raise ConfigError(
+                f"this {self.model_type} config cannot be written as a Hugging Face config.json: "
+                + ", ".join(f"{name}={getattr(self, name)!r} would load back as {getattr(back, name)!r}"
+                            for name in differ)
+            )
+        return hf
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
@@ -262,22 +312,58 @@ class ModelConfig:
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:
-    """RoPE base from either spelling; refuse any scaling we do not implement (it would change every angle)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling")
-    for source, spec in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if spec:
-            rope_type = spec.get("rope_type", spec.get("type", "default"))
-            if rope_type != "default":
-                raise ConfigError(
-                    f"{source}.rope_type={rope_type!r} is not supported; minikv implements only the default RoPE "
-                    "(remove the scaling or use a checkpoint without it)"
-                )
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta)
+    """RoPE base from either spelling; refuse any RoPE variant we do not implement (it would change every angle).
+
+    transformers 4.x writes ``rope_theta`` (and any scaling as ``rope_scaling``) at the top level;
+    5.x writes ``rope_parameters = {"rope_type": "default", "rope_theta": ...}``. As in transformers,
+    ``rope_scaling`` wins over ``rope_parameters``, and a top-level ``rope_theta`` fills in a missing one."""
+    specs = {}
+    for source in ("rope_parameters", "rope_scaling"):
+        spec = hf.get(source)
+        if spec is None or spec == {}:
+            continue
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{source}={spec!r} must be a JSON object like {{\"rope_type\": \"default\", ...}}")
+        if any(isinstance(value, dict) for value in spec.values()):
+            raise ConfigError(f"{source} holds per-layer-type RoPE settings ({sorted(spec)}); minikv supports one "
+                              "RoPE shared by every layer")
+        rope_type = spec.get("rope_type", spec.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(
+                f"{source}.rope_type={rope_type!r} is not supported; minikv implements only the default RoPE "
+                "(remove the scaling or use a checkpoint without it)"
+            )
+        specs[source] = spec
+    chosen = specs.get("rope_scaling") or specs.get("rope_parameters") or {}
+    for source, spec in (("config.json", hf), ("rope_parameters/rope_scaling", chosen)):
+        factor = spec.get("partial_rotary_factor", 1.0)
+        if factor not in (1, 1.0, None):
+            raise ConfigError(f"{source} partial_rotary_factor={factor!r} is not supported; minikv rotates the whole "
+                              "head (partial_rotary_factor 1.0)")
+    return _number({"rope_theta": chosen.get("rope_theta", hf.get("rope_theta", 10000.0))}, "rope_theta", None)
 
 
-def _single_id(value: Any) -> Optional[int]:
+def _positive_int(hf: dict[str, Any], key: str, default: Any = None) -> int:
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"config.json field {key}={value!r} must be a positive integer")
+    return value
+
+
+def _number(hf: dict[str, Any], key: str, default: Any) -> float:
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config.json field {key}={value!r} must be a number")
+    return float(value)
+
+
+def _single_id(hf: dict[str, Any], key: str) -> Optional[int]:
+    """A token id; transformers allows a list of them (several end-of-sequence tokens): minikv keeps the first."""
+    value = hf.get(key)
     if isinstance(value, list):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
+        value = value[0] if value else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"config.json field {key}={hf.get(key)!r} must be a non-negative integer token id or null")
+    return value

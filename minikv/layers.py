@@ -42,7 +42,10 @@ def linear(x, weight_in_out, bias=None):
 
 def silu(x):
     """SiLU (swish): x * sigmoid(x) = x / (1 + exp(-x))."""
-    return x / (1.0 + np.exp(-x))
+    # For x < -88 (float32) exp(-x) overflows to inf and x / inf = -0.0, the exact limit:
+    # the overflow is harmless, so it must not warn.
+    with np.errstate(over="ignore"):
+        return x / (1.0 + np.exp(-x))
 
 
 def swiglu(gate, up):
@@ -57,4 +60,6 @@ def gelu_tanh(x):
     """GELU, tanh approximation (GPT-2's "gelu_new"):
     0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     c = x.dtype.type(_SQRT_2_OVER_PI)
-    return 0.5 * x * (1.0 + np.tanh(c * (x + x.dtype.type(0.044715) * (x * x * x))))
+    # x^3 overflows to +-inf for |x| > ~7e12 (float32); tanh(+-inf) = +-1 gives the exact limits x and -0.
+    with np.errstate(over="ignore"):
+        return 0.5 * x * (1.0 + np.tanh(c * (x + x.dtype.type(0.044715) * (x * x * x))))

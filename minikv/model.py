@@ -142,14 +142,19 @@ class Transformer:
             cache.check_compatible(cfg, batch)
         if positions is None:
             positions = starts[:, None] + np.arange(seq)[None, :]
-        positions = np.asarray(positions, dtype=np.int64)
-        last_real = starts + n_new - 1
-        if positions.shape != (batch, seq):
-            raise InvalidInputError(f"positions has shape {positions.shape}; expected {(batch, seq)} like token_ids")
-        if int(last_real.max()) >= cfg.max_position_embeddings or positions.min() < 0:
+        positions = np.asarray(positions)
+        if positions.shape != (batch, seq) or not np.issubdtype(positions.dtype, np.integer):
+            raise InvalidInputError(f"positions has shape {positions.shape} and dtype {positions.dtype}; expected "
+                                    f"integers of shape {(batch, seq)} like token_ids")
+        # Only the real (non-padding) columns must fit the model; padding columns are clamped below.
+        real = np.arange(seq)[None, :] < n_new[:, None]
+        if (positions[real] < 0).any():
+            raise InvalidInputError(f"position {int(positions[real].min())} is negative; positions start at 0")
+        if real.any() and int(positions[real].max()) >= cfg.max_position_embeddings:
             raise SequenceTooLongError(
-                f"position {int(last_real.max())} is beyond the model's maximum of {cfg.max_position_embeddings} "
-                f"positions (max_position_embeddings); shorten the input to at most {cfg.max_position_embeddings} tokens"
+                f"position {int(positions[real].max())} is beyond the model's maximum of "
+                f"{cfg.max_position_embeddings} positions (max_position_embeddings); shorten the input to at most "
+                f"{cfg.max_position_embeddings} tokens"
             )
         if cache is not None:
             cache.check_capacity(n_new)        # raises before anything is written
@@ -215,7 +220,11 @@ class Transformer:
     def _check_ids(self, token_ids) -> np.ndarray:
         if hasattr(token_ids, "__cuda_array_interface__"):
             token_ids = self.backend.to_host(token_ids)
-        ids = np.asarray(token_ids)
+        try:
+            ids = np.asarray(token_ids)
+        except ValueError:
+            raise InvalidInputError("token_ids rows have different lengths; right-pad them into one (batch, seq) "
+                                    "array and pass each row's real length as n_tokens") from None
         if ids.ndim == 1:
             ids = ids[None, :]
         if ids.ndim != 2:
@@ -223,10 +232,8 @@ class Transformer:
         if ids.size == 0 or ids.shape[1] == 0:
             raise InvalidInputError(f"token_ids is empty (shape {ids.shape}); give at least one token per sequence")
         if not np.issubdtype(ids.dtype, np.integer):
-            if np.issubdtype(ids.dtype, np.floating) and np.all(ids == np.round(ids)):
-                ids = ids.astype(np.int64)
-            else:
-                raise InvalidInputError(f"token_ids has dtype {ids.dtype}; expected integers")
+            # Floats are refused outright: float32 cannot even represent every id above 2**24.
+            raise InvalidInputError(f"token_ids has dtype {ids.dtype}; expected integers (e.g. np.int64)")
         bad = (ids < 0) | (ids >= self.config.vocab_size)
         if bad.any():
             value = int(ids[bad][0])

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import codecs
+import numbers
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,10 +23,18 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        return bytes(_byte(i) for i in ids).decode("utf-8", errors="replace")
 
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder()
+
+
+def _byte(token) -> int:
+    """A byte-level token id as a byte value, or InvalidInputError (never a silent int(3.7) == 3)."""
+    value = int(token) if isinstance(token, numbers.Integral) and not isinstance(token, bool) else None
+    if value is None or not 0 <= value < 256:
+        raise InvalidInputError(f"token id {token!r} is not a byte: ByteTokenizer ids are integers 0..255")
+    return value
 
 
 class StreamDecoder:
@@ -35,7 +44,7 @@ class StreamDecoder:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, token: int) -> str:
-        return self._decoder.decode(bytes([int(token)]))
+        return self._decoder.decode(bytes([_byte(token)]))
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)
