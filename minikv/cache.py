@@ -297,7 +297,11 @@ class PagedCache(KVCache):
     def check_capacity(self, n_new):
         super().check_capacity(n_new)
         ends = self.lengths + n_new
-        needed = [int(-(-e // self.block_size)) - int((self.block_table[b] >= 0).sum()) for b, e in enumerate(ends)]
+        # Blocks each sequence still lacks: ceil(end / block_size) minus those it holds. Clamped at 0: a
+        # sequence may hold more than its length needs (blocks reserved by a call that then failed), and
+        # its surplus must not be counted as free room for the others.
+        needed = [max(0, int(-(-e // self.block_size)) - int((self.block_table[b] >= 0).sum()))
+                  for b, e in enumerate(ends)]
         if sum(needed) > len(self.free_blocks):
             raise CacheOverflowError(
                 f"paged cache pool has {self.num_blocks} blocks of {self.block_size} positions and {len(self.free_blocks)} "

@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from .cache import CACHE_KINDS, KVCache
-from .errors import ConfigError, InvalidInputError
+from .errors import CacheOverflowError, ConfigError, InvalidInputError, MinikvError, SequenceTooLongError
 from .sampling import SamplingParams, sample
 from .tokenizer import require_tokenizer
 
@@ -155,6 +155,10 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
     stats.decode_ms = (time.perf_counter() - decode_start) * 1e3
 
 
+# Which cache kind each keyword option of generate/stream configures.
+_CACHE_OPTIONS = {"block_size": "paged", "num_blocks": "paged", "window": "sliding"}
+
+
 class Stream:
     """An iterator of ``TokenEvent``s; after it is exhausted, ``.output`` holds the GenerationOutput."""
 
@@ -180,25 +184,65 @@ class Stream:
         self.max_new_tokens = int(max_new_tokens)
         self.prefill_chunk = prefill_chunk
         self.cache = self._make_cache(cache, max_seq_len, cache_dtype, cache_options)
+        self._check_room()
         self.stats = GenerationStats(batch_size=len(self.prompts),
                                      cache_kind="none" if self.cache is None else self.cache.kind)
         self.output: Optional[GenerationOutput] = None
+        self._iterated = False
+
+    def _positions_needed(self, cache: Optional[KVCache]) -> np.ndarray:
+        """Per sequence, the positions this generation writes: what a given cache already holds, the
+        prompt, and max_new_tokens - 1 decode steps (the last token is returned, never fed back)."""
+        held = cache.lengths if cache is not None else 0
+        return held + np.array([len(p) for p in self.prompts], dtype=np.int64) + self.max_new_tokens - 1
 
     def _make_cache(self, cache, max_seq_len, cache_dtype, options) -> Optional[KVCache]:
         if isinstance(cache, KVCache):
-            return cache          # e.g. a loaded prefilled cache: continue after what it holds
+            # e.g. a loaded prefilled cache: continue after what it holds. Refuse a cache for another
+            # model or batch now, not after the first forward.
+            cache.check_compatible(self.model.config, len(self.prompts))
+            return cache
         if cache is None:
             cache = "none"
         if cache not in CACHE_KINDS:
             raise ConfigError(f"cache={cache!r} is unknown; choose one of {CACHE_KINDS}")
-        needed = max(len(p) for p in self.prompts) + self.max_new_tokens
+        # Each option belongs to one kind; name it instead of failing with a TypeError deep in a constructor.
+        for option in options:
+            owner = _CACHE_OPTIONS.get(option)
+            if owner != cache:
+                where = f"cache={owner!r}" if owner else f"no cache kind (options are {sorted(_CACHE_OPTIONS)})"
+                raise ConfigError(f"{option}={options[option]!r} applies to {where}, not cache={cache!r}")
         limit = self.model.config.max_position_embeddings
         if max_seq_len is None:
-            max_seq_len = min(needed, limit)
+            max_seq_len = min(int(self._positions_needed(None).max()), limit)
         return self.model.new_cache(cache, batch_size=len(self.prompts), max_seq_len=max_seq_len,
                                     dtype=cache_dtype, **options)
 
+    def _check_room(self) -> None:
+        """Fail before any work, not after tokens were already streamed: the last position must fit
+        the model's position table and the cache's capacity."""
+        needed = self._positions_needed(self.cache)
+        worst = int(np.argmax(needed))
+        held = int(self.cache.lengths[worst]) if self.cache is not None else 0
+        what = (f"sequence {worst} ({held} cached + {len(self.prompts[worst])} prompt tokens + "
+                f"max_new_tokens={self.max_new_tokens}) needs {int(needed[worst])} positions")
+        limit = self.model.config.max_position_embeddings
+        if needed[worst] > limit:
+            room = limit - (int(needed[worst]) - self.max_new_tokens)
+            fix = (f"pass max_new_tokens<={room}" if room >= 1 else
+                   f"shorten the prompt so that prompt + max_new_tokens - 1 <= {limit - held}")
+            raise SequenceTooLongError(f"{what} but the model has max_position_embeddings={limit}; {fix}")
+        if self.cache is not None and needed[worst] > self.cache.capacity:
+            room = self.max_new_tokens - int(needed[worst]) + self.cache.capacity
+            fix = f"max_seq_len>={int(needed[worst])}" + (f" or max_new_tokens<={room}" if room >= 1 else "")
+            raise CacheOverflowError(f"{what} but the {self.cache.kind} cache holds {self.cache.capacity}; "
+                                     f"pass {fix}")
+
     def __iter__(self) -> Iterator[TokenEvent]:
+        # A second pass would prefill the prompt again behind what the first pass left in the cache.
+        if self._iterated:
+            raise MinikvError("this Stream has already been iterated; call model.stream(...) again for a new run")
+        self._iterated = True
         model, batch = self.model, len(self.prompts)
         generated: list[list[int]] = [[] for _ in range(batch)]
         reasons = ["length"] * batch
@@ -240,6 +284,10 @@ def generate(model, prompt, max_new_tokens: int = 50, *, stream: bool = False, *
     stop_tokens:     ids that end a sequence (default: the config's eos_token_id, if any)
     prefill_chunk:   prefill the prompt N tokens at a time (same logits, less peak memory)
     max_seq_len, cache_dtype ("float16" halves the cache), block_size / num_blocks (paged), window (sliding)
+
+    Before any work, a generation that cannot fit is refused: prompt + max_new_tokens - 1 positions
+    (the last token is never fed back) beyond max_position_embeddings -> SequenceTooLongError, beyond a
+    given cache's capacity -> CacheOverflowError. A Stream can be iterated once.
     """
     s = Stream(model, prompt, max_new_tokens, **kwargs)
     if stream:
