@@ -96,6 +96,7 @@ def cmd_generate(args) -> int:
         out.write(event.text)
         out.flush()
     out.write("\n")
+    out.flush()            # the text first, then the stats line
     print(f"[{stream.stats}]", file=sys.stderr)
     return 0
 
