@@ -9,22 +9,29 @@ supplies
   partial results over disjoint keys compose (see ``minikv.attention.merge_partials``):
 
   - ``attention(q, k, v, causal, q_offset, lengths, window, algorithm)``: prefill attention;
-  - ``decode_attention(q, k_cache, v_cache, lengths, window)``: one query per sequence against a
-    contiguous cache (split-K / flash-decoding);
-  - ``paged_decode_attention(q, k_pool, v_pool, block_table, lengths, window)``: the same, reading
-    the cache through a paged block table;
+  - ``decode_attention(q, k_cache, v_cache, lengths, window, n_splits)``: one query per sequence
+    against a contiguous cache (split-K / flash-decoding; ``n_splits=None`` lets the backend choose);
+  - ``paged_decode_attention(q, k_pool, v_pool, block_table, lengths, window, n_splits)``: the same,
+    reading the cache through a paged block table;
   - ``apply_rope(x, cos, sin, convention)``;
   - ``write_kv(cache, new, starts, counts)``: the cache write.
 
 Registry: ``get_backend(name)`` imports lazily (asking for "numba" imports numba only then),
 ``available_backends()`` lists those that work on this machine, and the environment variable
 ``MINIKV_BACKEND`` picks the default.
+
+The accelerated backends live in the top-level folder ``backends/``, installed as the subpackage
+``minikv.backends`` (setuptools ``package-dir``). From a source checkout that was not installed,
+``_mount_backends_package`` below maps the folder to the same name, so both ways import alike.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -64,14 +71,15 @@ class Backend:
         k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)
         return kernel(q, k, v, causal=causal, q_offset=q_offset, lengths=lengths, window=window, return_lse=True)
 
-    def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None):
+    def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None, n_splits=None):
         k_cache, v_cache = k_cache.astype(q.dtype, copy=False), v_cache.astype(q.dtype, copy=False)
-        return reference_attention.decode(q, k_cache, v_cache, lengths, window=window, return_lse=True)
+        return reference_attention.decode(q, k_cache, v_cache, lengths, window=window, return_lse=True,
+                                          n_splits=4 if n_splits is None else n_splits)
 
-    def paged_decode_attention(self, q, k_pool, v_pool, block_table, lengths, *, window=None):
+    def paged_decode_attention(self, q, k_pool, v_pool, block_table, lengths, *, window=None, n_splits=None):
         # Reference: gather each sequence's blocks into a contiguous view, then run plain decode.
         k_cache, v_cache = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)
-        return self.decode_attention(q, k_cache, v_cache, lengths, window=window)
+        return self.decode_attention(q, k_cache, v_cache, lengths, window=window, n_splits=n_splits)
 
     def apply_rope(self, x, cos, sin, convention="half"):
         return reference_rope.apply_rope(x, cos, sin, convention)
@@ -109,6 +117,45 @@ def gather_pages(pool, block_table):
 
 # ------------------------------------------------------------------ registry
 
+BACKENDS_PACKAGE = "minikv.backends"
+
+
+def _mount_backends_package() -> None:
+    """Make ``import minikv.backends`` work from a source checkout that was never pip-installed.
+
+    Installed (editable or not), setuptools' ``package-dir`` maps the top-level folder
+    ``backends/`` to ``minikv.backends`` and this does nothing. Run from the repository root, no
+    finder knows that mapping, so we load ``backends/__init__.py`` under that name ourselves; its
+    ``__path__`` then points at the folder and every submodule imports the ordinary way. Loading it
+    is cheap: the package's ``__init__`` imports no numba and no CUDA.
+    """
+    if BACKENDS_PACKAGE in sys.modules:
+        return
+    try:
+        if importlib.util.find_spec(BACKENDS_PACKAGE) is not None:
+            return
+    except (ImportError, ValueError):
+        pass
+    folder = Path(__file__).resolve().parent.parent / "backends"
+    init = folder / "__init__.py"
+    if not init.is_file():
+        return  # an installed minikv without its backends: get_backend reports what is missing
+    spec = importlib.util.spec_from_file_location(BACKENDS_PACKAGE, init,
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[BACKENDS_PACKAGE] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[BACKENDS_PACKAGE]
+        raise
+    parent = sys.modules.get(__package__)
+    if parent is not None:
+        parent.backends = module   # what the import system does for a submodule it imports itself
+
+
+_mount_backends_package()
+
 # name -> (module path, factory attribute). Modules are imported only when asked for.
 _REGISTRY: dict[str, tuple[str, str]] = {
     "numpy": ("minikv.backend", "Backend"),
@@ -137,7 +184,7 @@ def get_backend(name: Optional[str | Backend] = None) -> Backend:
     if name not in _INSTANCES:
         module_name, attribute = _REGISTRY[name]
         try:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(module_name)   # may raise BackendUnavailableError itself
         except ImportError as exc:
             raise BackendUnavailableError(
                 f"backend {name!r} could not be imported ({exc}); install its extra: pip install 'minikv[{name.split('-')[0]}]'"

@@ -1,0 +1,380 @@
+"""Backend ``"numba"``: the hot loops of attention and RoPE compiled for the CPU with Numba.
+
+The arrays stay NumPy arrays (``xp = numpy``: the matmuls of the projections already run in BLAS);
+what Numba replaces are the loops NumPy cannot express without temporaries:
+
+``tiled_attention_kernel``
+    Flash attention's forward pass, the same algorithm as ``minikv.attention.tiled``, written as
+    the loops it really is. The work is cut into tasks (sequence b, head h, block of ``block_q``
+    queries) run in parallel by ``prange``; a task walks the key blocks of ``block_k`` keys with
+    the running (m, l, acc) of the online softmax per query row. Block skipping is *per
+    sequence*: a task only visits the key blocks its own queries can see (causal diagonal, the
+    sequence's length, the window), which is finer than the batch-wide rule NumPy has to use.
+
+``split_k_decode_kernel`` and ``merge_splits_kernel``
+    Flash-decoding: one query per sequence against its cache. The visible keys of each sequence
+    are cut into ``n_splits`` chunks; each task (b, h, chunk) reduces its chunk to a partial
+    (out_p, lse_p) and the merge combines them exactly:
+        lse = log sum_p exp(lse_p),   out = sum_p exp(lse_p - lse) out_p.
+    The kernel reads keys *through a block table*: key j of sequence b lives in block
+    ``block_table[b, j // block_size]`` at row ``j % block_size``. A contiguous cache
+    (batch, kv_heads, capacity, head_dim) is the special case of one block per sequence of size
+    ``capacity`` and the table ``[[0], [1], ...]``: one kernel serves the static and the paged cache.
+
+``rope_kernel``
+    Rotates each pair (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), for both pair conventions.
+
+Precision: every kernel computes in the dtype of q (float32 or float64), as the reference does,
+so float64 agrees with NumPy to round-off and float32 to a few ulps (only the summation order
+differs). ``fastmath=False`` keeps IEEE semantics: no reassociation, -inf and NaN behave.
+Numba has no float16 on the CPU, so a float16 cache is widened to q's dtype before a kernel reads
+it (a copy per call; the GPU backend reads float16 directly).
+
+Compilation: ``cache=True`` stores the machine code in ``__pycache__``, so only the first run on a
+machine pays the compile time (a few seconds per kernel and dtype).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minikv.backend import Backend
+from minikv.errors import BackendUnavailableError
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError as exc:  # pragma: no cover - exercised only where numba is missing
+    raise BackendUnavailableError(
+        f"backend 'numba' needs the numba package, which could not be imported ({exc}); "
+        "install it with: pip install 'minikv[numba]'") from None
+
+from ._common import (as_4d, attention_geometry, check_float_dtypes, check_rope_shapes, default_scale,
+                      host_lengths, host_offsets, pool_geometry, rope_is_interleaved, window_value)
+
+_JIT = dict(parallel=True, fastmath=False, cache=True, nogil=True)
+
+# Keys a decode task reduces between two rescalings of its accumulator (a tile of scores).
+DECODE_TILE = 64
+
+
+# --------------------------------------------------------------------------- kernels
+# Conventions inside the kernels: `neg_inf` and `scale` arrive as scalars of the compute dtype, and
+# every other constant is derived from them, because a Python float literal is a float64 in Numba
+# and would silently promote a float32 computation (and slow it down).
+
+
+@njit(**_JIT)
+def tiled_attention_kernel(q, k, v, q_offset, lengths, causal, window, scale, neg_inf, block_q, block_k,
+                           out, lse):
+    """out[b, h, i] = softmax_j(scale * q_i . k_j) v_j over the keys j query i sees; lse likewise.
+
+    q (batch, n_heads, seq_q, d); k, v (batch, n_kv_heads, seq_k, d), same dtype as q;
+    q_offset, lengths (batch,) int64; window 0 = none. Query i of sequence b sits at position
+    q_offset[b] + i and sees key j iff j < lengths[b], (causal) j <= q_offset[b] + i and
+    (window) q_offset[b] + i - j < window.
+    """
+    batch, n_heads, seq_q, head_dim = q.shape
+    group = n_heads // k.shape[1]
+    zero = scale - scale
+    n_qblocks = (seq_q + block_q - 1) // block_q
+    for task in prange(batch * n_heads * n_qblocks):
+        b = task // (n_heads * n_qblocks)
+        h = (task // n_qblocks) % n_heads
+        i0 = (task % n_qblocks) * block_q
+        kv = h // group  # GQA: query head h reads kv head h // group
+        n_q = min(block_q, seq_q - i0)
+        first_pos = q_offset[b] + i0          # position of the block's first query
+        last_pos = first_pos + n_q - 1
+
+        # Block skipping: only the keys [key_begin, key_end) can be seen by any query of this block.
+        key_end = lengths[b]
+        if causal:
+            key_end = min(key_end, last_pos + 1)
+        key_begin = 0
+        if window != 0:
+            key_begin = max(0, first_pos - window + 1)
+        key_begin = (key_begin // block_k) * block_k  # start on a block boundary, like the reference
+
+        q_scaled = np.empty((n_q, head_dim), dtype=q.dtype)
+        for r in range(n_q):
+            for d in range(head_dim):
+                q_scaled[r, d] = q[b, h, i0 + r, d] * scale
+        m = np.full(n_q, neg_inf)                    # running max per row
+        l = np.zeros(n_q, dtype=q.dtype)             # running sum of exp(s - m)
+        acc = np.zeros((n_q, head_dim), dtype=q.dtype)  # running sum of exp(s - m) v
+        scores = np.empty(block_k, dtype=q.dtype)
+
+        for j0 in range(key_begin, key_end, block_k):
+            n_k = min(block_k, key_end - j0)
+            for r in range(n_q):
+                pos = first_pos + r
+                row_max = neg_inf
+                for c in range(n_k):
+                    j = j0 + c
+                    if (causal and j > pos) or (window != 0 and pos - j >= window):
+                        scores[c] = neg_inf
+                        continue
+                    s = zero
+                    for d in range(head_dim):
+                        s += q_scaled[r, d] * k[b, kv, j, d]
+                    scores[c] = s
+                    row_max = max(row_max, s)
+                # m_new = max(m, rowmax(S)); a row that has still seen no key keeps -inf and is skipped,
+                # so exp(-inf - -inf) never happens.
+                m_new = max(m[r], row_max)
+                if m_new == neg_inf:
+                    continue
+                rescale = np.exp(m[r] - m_new)  # exp(m - m_new) <= 1 (0 when m = -inf)
+                l[r] *= rescale
+                for d in range(head_dim):
+                    acc[r, d] *= rescale
+                for c in range(n_k):
+                    p = np.exp(scores[c] - m_new)  # masked keys: exp(-inf) = 0
+                    if p != zero:
+                        l[r] += p
+                        for d in range(head_dim):
+                            acc[r, d] += p * v[b, kv, j0 + c, d]
+                m[r] = m_new
+
+        for r in range(n_q):
+            if l[r] > zero:
+                for d in range(head_dim):
+                    out[b, h, i0 + r, d] = acc[r, d] / l[r]
+                lse[b, h, i0 + r] = m[r] + np.log(l[r])
+            else:  # a row that sees no key: zeros and lse = -inf, never NaN
+                for d in range(head_dim):
+                    out[b, h, i0 + r, d] = zero
+                lse[b, h, i0 + r] = neg_inf
+
+
+@njit(**_JIT)
+def split_k_decode_kernel(q, k_pool, v_pool, block_table, block_size, lengths, window, scale, neg_inf,
+                          n_splits, part_out, part_lse):
+    """Partial attention of each chunk of keys: part_out (batch, n_heads, n_splits, d), part_lse (.., n_splits).
+
+    q (batch, n_heads, 1, d); k_pool, v_pool (num_blocks, n_kv_heads, block_size, d); block_table
+    (batch, blocks_per_seq) int; lengths (batch,). The query of sequence b sits at position
+    lengths[b] - 1 and sees the keys [start, lengths[b]) with start = max(0, lengths[b] - window).
+    Those keys are cut into n_splits chunks of ceil(span / n_splits) keys; chunk p is reduced alone.
+    """
+    batch, n_heads, _, head_dim = q.shape
+    group = n_heads // k_pool.shape[1]
+    zero = scale - scale
+    for task in prange(batch * n_heads * n_splits):
+        b = task // (n_heads * n_splits)
+        h = (task // n_splits) % n_heads
+        split = task % n_splits
+        kv = h // group
+        length = lengths[b]
+        start = 0
+        if window != 0:
+            start = max(0, length - window)  # keys before the window are never read
+        chunk = (length - start + n_splits - 1) // n_splits
+        j_begin = start + split * chunk
+        j_end = min(j_begin + chunk, length)
+
+        q_scaled = np.empty(head_dim, dtype=q.dtype)
+        for d in range(head_dim):
+            q_scaled[d] = q[b, h, 0, d] * scale
+        m = neg_inf
+        l = zero
+        acc = np.zeros(head_dim, dtype=q.dtype)
+        scores = np.empty(DECODE_TILE, dtype=q.dtype)
+        for j0 in range(j_begin, j_end, DECODE_TILE):
+            n_k = min(DECODE_TILE, j_end - j0)
+            tile_max = neg_inf
+            for c in range(n_k):
+                j = j0 + c
+                block = block_table[b, j // block_size]  # the page that holds key j
+                row = j % block_size
+                s = zero
+                for d in range(head_dim):
+                    s += q_scaled[d] * k_pool[block, kv, row, d]
+                scores[c] = s
+                tile_max = max(tile_max, s)
+            m_new = max(m, tile_max)       # finite: every key of the chunk is visible
+            rescale = np.exp(m - m_new)
+            l *= rescale
+            for d in range(head_dim):
+                acc[d] *= rescale
+            for c in range(n_k):
+                j = j0 + c
+                block = block_table[b, j // block_size]
+                row = j % block_size
+                p = np.exp(scores[c] - m_new)
+                l += p
+                for d in range(head_dim):
+                    acc[d] += p * v_pool[block, kv, row, d]
+            m = m_new
+        if l > zero:
+            for d in range(head_dim):
+                part_out[b, h, split, d] = acc[d] / l
+            part_lse[b, h, split] = m + np.log(l)
+        else:  # an empty chunk (more splits than keys): weight exp(-inf) = 0 in the merge
+            for d in range(head_dim):
+                part_out[b, h, split, d] = zero
+            part_lse[b, h, split] = neg_inf
+
+
+@njit(**_JIT)
+def merge_splits_kernel(part_out, part_lse, zero, neg_inf, out, lse):
+    """lse = log sum_p exp(lse_p); out = sum_p exp(lse_p - lse) out_p  (per sequence and head).
+
+    Computed as m = max_p lse_p, lse = m + log sum_p exp(lse_p - m), so nothing overflows; when no
+    chunk saw a key, out = 0 and lse = -inf."""
+    batch, n_heads, n_splits, head_dim = part_out.shape
+    for task in prange(batch * n_heads):
+        b = task // n_heads
+        h = task % n_heads
+        m = neg_inf
+        for p in range(n_splits):
+            m = max(m, part_lse[b, h, p])
+        if m == neg_inf:
+            for d in range(head_dim):
+                out[b, h, 0, d] = zero
+            lse[b, h, 0] = neg_inf
+            continue
+        total = np.exp(part_lse[b, h, 0] - m)  # weights exp(lse_p - m) <= 1; 0 for empty chunks
+        for p in range(1, n_splits):
+            total += np.exp(part_lse[b, h, p] - m)
+        for d in range(head_dim):
+            value = np.exp(part_lse[b, h, 0] - m) * part_out[b, h, 0, d]
+            for p in range(1, n_splits):
+                value += np.exp(part_lse[b, h, p] - m) * part_out[b, h, p, d]
+            out[b, h, 0, d] = value / total
+        lse[b, h, 0] = m + np.log(total)
+
+
+@njit(**_JIT)
+def rope_kernel(x, cos, sin, interleaved, out):
+    """out = x with every pair (x1, x2) rotated: (x1 cos - x2 sin, x1 sin + x2 cos).
+
+    x (batch, heads, seq, d); cos, sin 4-D and broadcastable to (batch, heads, seq, d/2): an axis of
+    size 1 is read at index 0 (``b % cos.shape[0]``). Pair p is (p, p + d/2) for the "half"
+    convention, (2p, 2p + 1) for "interleaved"."""
+    batch, heads, seq, head_dim = x.shape
+    half = head_dim // 2
+    for task in prange(batch * heads * seq):
+        b = task // (heads * seq)
+        h = (task // seq) % heads
+        s = task % seq
+        cb, ch, cs = b % cos.shape[0], h % cos.shape[1], s % cos.shape[2]
+        for p in range(half):
+            if interleaved:
+                first, second = 2 * p, 2 * p + 1
+            else:
+                first, second = p, p + half
+            x1 = x[b, h, s, first]
+            x2 = x[b, h, s, second]
+            c = cos[cb, ch, cs, p]
+            sn = sin[cb, ch, cs, p]
+            out[b, h, s, first] = x1 * c - x2 * sn
+            out[b, h, s, second] = x1 * sn + x2 * c
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+def choose_splits(batch: int, n_heads: int, longest: int, workers: int, tile: int) -> int:
+    """Enough chunks that batch * n_heads * n_splits tasks keep every worker busy (two tasks each),
+    but never a chunk shorter than one tile of keys: a split adds a merge term and saves nothing then."""
+    wanted = -(-2 * workers // max(1, batch * n_heads))
+    return int(max(1, min(wanted, -(-longest // tile))))
+
+
+class NumbaBackend(Backend):
+    """NumPy arrays, Numba-compiled CPU kernels for attention (prefill and decode) and RoPE.
+
+    ``block_q``, ``block_k``: the tile of the prefill kernel; ``n_splits``: fix the number of
+    decode chunks (default: chosen from the batch, the heads and the CPU's threads). Every choice
+    gives the same result up to round-off; the tests vary them."""
+
+    name = "numba"
+    xp = np
+    # "naive" and "online" run the NumPy reference (they exist to be read, not to be fast).
+    attention_algorithms = ("tiled", "naive", "online")
+    default_attention = "tiled"
+    cache_dtypes = ("float32", "float64", "float16")
+
+    def __init__(self, block_q: int = 64, block_k: int = 64, n_splits=None):
+        if int(block_q) < 1 or int(block_k) < 1:
+            raise ValueError(f"block_q={block_q}, block_k={block_k}; both must be >= 1")
+        self.block_q, self.block_k = int(block_q), int(block_k)
+        self.n_splits = n_splits
+
+    # ---- prefill
+    def attention(self, q, k, v, *, causal=True, q_offset=0, lengths=None, window=None, algorithm=None):
+        algorithm = algorithm or self.default_attention
+        if algorithm != "tiled":
+            if algorithm not in self.attention_algorithms:
+                raise ValueError(f"algorithm={algorithm!r}; choose one of {self.attention_algorithms}")
+            return super().attention(q, k, v, causal=causal, q_offset=q_offset, lengths=lengths, window=window,
+                                     algorithm=algorithm)
+        batch, n_heads, _, seq_q, seq_k, head_dim = attention_geometry(q, k, v)
+        check_float_dtypes(q, k, v)
+        dtype = np.dtype(q.dtype)
+        q = np.ascontiguousarray(q)
+        k = np.ascontiguousarray(k, dtype=dtype)   # float16 -> q's dtype (Numba has no CPU float16)
+        v = np.ascontiguousarray(v, dtype=dtype)
+        out = np.empty(q.shape, dtype=dtype)
+        lse = np.empty(q.shape[:3], dtype=dtype)
+        tiled_attention_kernel(q, k, v, host_offsets(q_offset, batch), host_lengths(lengths, batch, seq_k),
+                               bool(causal), window_value(window), dtype.type(default_scale(head_dim)),
+                               dtype.type(-np.inf), self.block_q, self.block_k, out, lse)
+        return out, lse
+
+    # ---- decode
+    def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None, n_splits=None):
+        batch, _, _, seq_q, capacity, _ = attention_geometry(q, k_cache, v_cache)
+        if seq_q != 1:
+            return self._decode_as_prefill(q, k_cache, v_cache, lengths, window)
+        # A contiguous cache is a paged one with a single block per sequence: table [[0], [1], ...].
+        table = np.arange(batch, dtype=np.int32)[:, None]
+        return self._split_k(q, k_cache, v_cache, table, max(capacity, 1), lengths, window, n_splits)
+
+    def paged_decode_attention(self, q, k_pool, v_pool, block_table, lengths, *, window=None, n_splits=None):
+        if q.shape[2] != 1:
+            return super().paged_decode_attention(q, k_pool, v_pool, block_table, lengths, window=window,
+                                                  n_splits=n_splits)
+        table = np.ascontiguousarray(block_table, dtype=np.int32)
+        if table.ndim != 2 or table.shape[0] != q.shape[0]:
+            raise ValueError(f"block_table has shape {table.shape}; expected (batch={q.shape[0]}, blocks_per_seq)")
+        return self._split_k(q, k_pool, v_pool, table, k_pool.shape[2], lengths, window, n_splits)
+
+    def _decode_as_prefill(self, q, k_cache, v_cache, lengths, window):
+        """Several new queries per sequence: query i sits at lengths[b] - seq_q + i (the tiled kernel)."""
+        lens = host_lengths(lengths, q.shape[0], k_cache.shape[2])
+        return self.attention(q, k_cache, v_cache, causal=True, q_offset=np.maximum(lens - q.shape[2], 0),
+                              lengths=lens, window=window)
+
+    def _split_k(self, q, k_pool, v_pool, table, block_size, lengths, window, n_splits):
+        batch, n_heads, _, head_dim = pool_geometry(q, k_pool, v_pool)
+        check_float_dtypes(q, k_pool, v_pool)
+        dtype = np.dtype(q.dtype)
+        lens = host_lengths(lengths, batch, table.shape[1] * block_size)
+        if k_pool.dtype != dtype:  # float16 caches: widen (see the module docstring)
+            k_pool, v_pool = k_pool.astype(dtype), v_pool.astype(dtype)
+        n_splits = n_splits or self.n_splits or choose_splits(batch, n_heads, int(lens.max(initial=0)),
+                                                              numba.get_num_threads(), DECODE_TILE)
+        part_out = np.empty((batch, n_heads, int(n_splits), head_dim), dtype=dtype)
+        part_lse = np.empty((batch, n_heads, int(n_splits)), dtype=dtype)
+        neg_inf = dtype.type(-np.inf)
+        split_k_decode_kernel(np.ascontiguousarray(q), k_pool, v_pool, table, int(block_size), lens,
+                              window_value(window), dtype.type(default_scale(head_dim)), neg_inf, int(n_splits),
+                              part_out, part_lse)
+        out = np.empty(q.shape, dtype=dtype)
+        lse = np.empty(q.shape[:3], dtype=dtype)
+        merge_splits_kernel(part_out, part_lse, dtype.type(0), neg_inf, out, lse)
+        return out, lse
+
+    # ---- RoPE
+    def apply_rope(self, x, cos, sin, convention="half"):
+        interleaved = rope_is_interleaved(convention)
+        check_rope_shapes(x, cos, sin)
+        cos4 = as_4d(np.asarray(cos, dtype=x.dtype), np)
+        sin4 = as_4d(np.asarray(sin, dtype=x.dtype), np)
+        out = np.empty(x.shape, dtype=x.dtype)
+        # q and k arrive as transposed views; one contiguous copy keeps a single compiled variant per dtype.
+        rope_kernel(np.ascontiguousarray(x), np.ascontiguousarray(cos4), np.ascontiguousarray(sin4), interleaved, out)
+        return out
