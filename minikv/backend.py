@@ -71,13 +71,24 @@ class Backend:
         k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)
         return kernel(q, k, v, causal=causal, q_offset=q_offset, lengths=lengths, window=window, return_lse=True)
 
+    # Split-K pays where the splits run in parallel (GPU blocks); NumPy runs them one after another,
+    # so one split saves three chunks' worth of Python and a merge per layer per step.
+    decode_splits = 1
+
     def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None, n_splits=None):
-        k_cache, v_cache = k_cache.astype(q.dtype, copy=False), v_cache.astype(q.dtype, copy=False)
+        width = int(np.max(lengths))
+        # Read (and widen a float16 cache) only the filled prefix, not the whole capacity.
+        k_cache = k_cache[:, :, :width].astype(q.dtype, copy=False)
+        v_cache = v_cache[:, :, :width].astype(q.dtype, copy=False)
         return reference_attention.decode(q, k_cache, v_cache, lengths, window=window, return_lse=True,
-                                          n_splits=4 if n_splits is None else n_splits)
+                                          n_splits=self.decode_splits if n_splits is None else n_splits)
 
     def paged_decode_attention(self, q, k_pool, v_pool, block_table, lengths, *, window=None, n_splits=None):
         # Reference: gather each sequence's blocks into a contiguous view, then run plain decode.
+        # Only the table columns that hold positions are read: the copy grows with the length, not the capacity.
+        block_size = k_pool.shape[2]
+        used = -(-int(np.max(lengths)) // block_size)
+        block_table = block_table[:, :used]
         k_cache, v_cache = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)
         return self.decode_attention(q, k_cache, v_cache, lengths, window=window, n_splits=n_splits)
 
