@@ -145,3 +145,40 @@ def pool_geometry(q, k_pool, v_pool):
         raise InvalidInputError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads} "
                                 f"(GQA needs n_heads % n_kv_heads == 0)")
     return batch, n_heads, n_kv_heads, head_dim
+
+
+class SplitKDecode:
+    """The decode entry points of a backend whose one split-K kernel reads through a block table.
+
+    Mixed in before ``minikv.backend.Backend``; the backend supplies ``_split_k(q, k_pool, v_pool,
+    table, block_size, lengths, window, n_splits)`` and ``attention``. A contiguous cache is a paged
+    one with a single block of ``capacity`` rows per sequence (table ``[[0], [1], ...]``), so static,
+    concat, sliding and paged caches all run the same kernel.
+    """
+
+    def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None, n_splits=None):
+        batch, _, _, seq_q, capacity, _ = attention_geometry(q, k_cache, v_cache)
+        if seq_q != 1:
+            return self._decode_as_prefill(q, k_cache, v_cache, lengths, window)
+        table = np.arange(batch, dtype=np.int32)[:, None]
+        return self._split_k(q, k_cache, v_cache, table, max(capacity, 1), lengths, window, n_splits)
+
+    def paged_decode_attention(self, q, k_pool, v_pool, block_table, lengths, *, window=None, n_splits=None):
+        if q.shape[2] != 1:
+            return super().paged_decode_attention(q, k_pool, v_pool, block_table, lengths, window=window,
+                                                  n_splits=n_splits)
+        if len(block_table.shape) != 2 or block_table.shape[0] != q.shape[0]:
+            raise InvalidInputError(f"block_table has shape {tuple(block_table.shape)}; expected "
+                                    f"(batch={q.shape[0]}, blocks_per_seq)")
+        return self._split_k(q, k_pool, v_pool, self._block_table(block_table), k_pool.shape[2], lengths, window,
+                             n_splits)
+
+    def _block_table(self, block_table):
+        """The table as the kernel takes it (already on the device for CUDA)."""
+        return block_table
+
+    def _decode_as_prefill(self, q, k_cache, v_cache, lengths, window):
+        """Several new queries per sequence: query i sits at lengths[b] - seq_q + i (the prefill kernel)."""
+        lens = host_lengths(lengths, q.shape[0], k_cache.shape[2])
+        return self.attention(q, k_cache, v_cache, causal=True, q_offset=np.maximum(lens - q.shape[2], 0),
+                              lengths=lens, window=window)

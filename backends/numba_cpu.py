@@ -49,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where numba is m
         f"backend 'numba' needs the numba package, which could not be imported ({exc}); "
         "install it with: pip install 'minikv[numba]'") from None
 
-from ._common import (as_4d, attention_geometry, check_float_dtypes, check_rope_shapes, default_scale,
+from ._common import (SplitKDecode, as_4d, attention_geometry, check_float_dtypes, check_rope_shapes, default_scale,
                       host_lengths, host_offsets, pool_geometry, rope_is_interleaved, window_value)
 
 _JIT = dict(parallel=True, fastmath=False, cache=True, nogil=True)
@@ -283,7 +283,7 @@ def choose_splits(batch: int, n_heads: int, longest: int, workers: int, tile: in
     return int(max(1, min(wanted, -(-longest // tile))))
 
 
-class NumbaBackend(Backend):
+class NumbaBackend(SplitKDecode, Backend):
     """NumPy arrays, Numba-compiled CPU kernels for attention (prefill and decode) and RoPE.
 
     ``block_q``, ``block_k``: the tile of the prefill kernel; ``n_splits``: fix the number of
@@ -325,28 +325,8 @@ class NumbaBackend(Backend):
         return out, lse
 
     # ---- decode
-    def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None, n_splits=None):
-        batch, _, _, seq_q, capacity, _ = attention_geometry(q, k_cache, v_cache)
-        if seq_q != 1:
-            return self._decode_as_prefill(q, k_cache, v_cache, lengths, window)
-        # A contiguous cache is a paged one with a single block per sequence: table [[0], [1], ...].
-        table = np.arange(batch, dtype=np.int32)[:, None]
-        return self._split_k(q, k_cache, v_cache, table, max(capacity, 1), lengths, window, n_splits)
-
-    def paged_decode_attention(self, q, k_pool, v_pool, block_table, lengths, *, window=None, n_splits=None):
-        if q.shape[2] != 1:
-            return super().paged_decode_attention(q, k_pool, v_pool, block_table, lengths, window=window,
-                                                  n_splits=n_splits)
-        table = np.ascontiguousarray(block_table, dtype=np.int32)
-        if table.ndim != 2 or table.shape[0] != q.shape[0]:
-            raise ValueError(f"block_table has shape {table.shape}; expected (batch={q.shape[0]}, blocks_per_seq)")
-        return self._split_k(q, k_pool, v_pool, table, k_pool.shape[2], lengths, window, n_splits)
-
-    def _decode_as_prefill(self, q, k_cache, v_cache, lengths, window):
-        """Several new queries per sequence: query i sits at lengths[b] - seq_q + i (the tiled kernel)."""
-        lens = host_lengths(lengths, q.shape[0], k_cache.shape[2])
-        return self.attention(q, k_cache, v_cache, causal=True, q_offset=np.maximum(lens - q.shape[2], 0),
-                              lengths=lens, window=window)
+    def _block_table(self, block_table):
+        return np.ascontiguousarray(block_table, dtype=np.int32)
 
     def _split_k(self, q, k_pool, v_pool, table, block_size, lengths, window, n_splits):
         batch, n_heads, _, head_dim = pool_geometry(q, k_pool, v_pool)

@@ -40,8 +40,8 @@ import numpy as np
 from minikv.backend import Backend, write_rows
 from minikv.errors import BackendUnavailableError
 
-from .._common import (as_4d, attention_geometry, check_float_dtypes, check_rope_shapes, default_scale, host_lengths,
-                       host_offsets, pool_geometry, rope_is_interleaved, window_value)
+from .._common import (SplitKDecode, as_4d, attention_geometry, check_float_dtypes, check_rope_shapes,
+                       default_scale, host_lengths, host_offsets, pool_geometry, rope_is_interleaved, window_value)
 
 INSTALL_HINT = ("pip install 'minikv[cuda]' (CUDA 12 wheels) or pip install 'minikv[cuda13]' (CUDA 13 wheels)")
 SIMULATOR_ENV = "NUMBA_ENABLE_CUDASIM"
@@ -116,7 +116,7 @@ def _kernels_module():
 # --------------------------------------------------------------------------- shared host-side logic
 
 
-class _CudaKernelBackend(Backend):
+class _CudaKernelBackend(SplitKDecode, Backend):
     """What "cuda" and "cuda-sim" share: argument checks, launch geometry, the protocol methods.
 
     Subclasses provide ``xp``, the kernel configuration for a head_dim and dtype, how arrays reach
@@ -182,26 +182,7 @@ class _CudaKernelBackend(Backend):
                      bool(causal), window_value(window), compute(default_scale(head_dim)), out, lse)
         return out, lse
 
-    # -- decode
-    def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None, n_splits=None):
-        batch, _, _, seq_q, capacity, _ = attention_geometry(q, k_cache, v_cache)
-        if seq_q != 1:   # several new queries per sequence: query i sits at lengths[b] - seq_q + i
-            lens = host_lengths(lengths, batch, capacity)
-            return self.attention(q, k_cache, v_cache, causal=True, q_offset=np.maximum(lens - seq_q, 0),
-                                  lengths=lens, window=window)
-        # A contiguous cache is a paged one with one block of `capacity` rows per sequence.
-        table = np.arange(batch, dtype=np.int32)[:, None]
-        return self._split_k(q, k_cache, v_cache, table, max(capacity, 1), lengths, window, n_splits)
-
-    def paged_decode_attention(self, q, k_pool, v_pool, block_table, lengths, *, window=None, n_splits=None):
-        if q.shape[2] != 1:
-            return super().paged_decode_attention(q, k_pool, v_pool, block_table, lengths, window=window,
-                                                  n_splits=n_splits)
-        if len(block_table.shape) != 2 or block_table.shape[0] != q.shape[0]:
-            raise ValueError(f"block_table has shape {tuple(block_table.shape)}; expected (batch={q.shape[0]}, "
-                             "blocks_per_seq)")
-        return self._split_k(q, k_pool, v_pool, block_table, k_pool.shape[2], lengths, window, n_splits)
-
+    # -- decode (entry points: SplitKDecode)
     def _split_k(self, q, k_pool, v_pool, table, block_size, lengths, window, n_splits):
         batch, n_heads, _, head_dim = pool_geometry(q, k_pool, v_pool)
         check_float_dtypes(q, k_pool, v_pool, self.q_dtypes)
