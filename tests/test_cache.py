@@ -20,37 +20,19 @@ from __future__ import annotations
 
 import re
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import minikv
+from hf_fixtures import FIXTURE_ROOT, FIXTURES, model_for, random_prompts
 from minikv.backend import Backend
 from minikv.cache import PagedCache, StaticCache, load_cache, make_cache
 from minikv.errors import CacheMismatchError, CacheOverflowError, CheckpointError
 
-FIXTURE_ROOT = Path(__file__).parent / "fixtures" / "hf"
-FIXTURES = ("llama_gqa", "llama_mqa_tied", "qwen2_bias", "mistral", "mistral_window", "gpt2")
 KINDS = ("concat", "static", "paged", "sliding")
 EXACT = 1e-10        # float64 cached vs recomputed logits (see the module docstring)
-
-_models: dict[tuple[str, str], minikv.Transformer] = {}
-
-
-def model_for(name: str, dtype: str = "float64") -> minikv.Transformer:
-    """Each checkpoint is loaded once per module (hypothesis calls the tests many times)."""
-    if (name, dtype) not in _models:
-        _models[(name, dtype)] = minikv.load(FIXTURE_ROOT / name, dtype=dtype)
-    return _models[(name, dtype)]
-
-
-def random_prompts(model, lengths, seed):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in lengths]
-
 
 def padded(prompts):
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 from contextlib import contextmanager
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -27,30 +26,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minikv
+from hf_fixtures import FIXTURES, model_for, random_prompts
 from minikv.errors import (CacheMismatchError, CacheOverflowError, ConfigError, InvalidInputError, MinikvError,
                            SamplingError, SequenceTooLongError)
 
 GENERATE_MODULE = importlib.import_module("minikv.generate")
-FIXTURE_ROOT = Path(__file__).parent / "fixtures" / "hf"
-FIXTURES = ("llama_gqa", "llama_mqa_tied", "qwen2_bias", "mistral", "mistral_window", "gpt2")
 KINDS = ("concat", "static", "paged", "sliding")
 ALL_KINDS = ("none",) + KINDS
 EXACT = 1e-10
-
-_models: dict[tuple[str, str], minikv.Transformer] = {}
-
-
-def model_for(name: str, dtype: str = "float64") -> minikv.Transformer:
-    """Each checkpoint is loaded once per module."""
-    if (name, dtype) not in _models:
-        _models[(name, dtype)] = minikv.load(FIXTURE_ROOT / name, dtype=dtype)
-    return _models[(name, dtype)]
-
-
-def random_prompts(model, lengths, seed):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in lengths]
-
 
 def recompute_last(model, sequence, window=None):
     return model.forward(np.asarray([sequence], dtype=np.int64), window=window)[0, -1]
