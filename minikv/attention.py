@@ -224,7 +224,7 @@ def _group_queries(q, n_kv_heads, group, scale):
 def _masked_softmax_times_v(scores, visible, v):
     """Stable softmax of scores over the visible keys, times v.
 
-    scores: (batch, n_kv_heads, group, n_q, n_k); visible broadcastable to it;
+    scores: (batch, n_kv_heads, group, n_q, n_k); visible broadcastable to it (None: all visible);
     v: (batch, n_kv_heads, n_k, d_v).
     Returns (out (batch, n_kv_heads, group, n_q, d_v), lse (batch, n_kv_heads, group, n_q)).
 
@@ -237,7 +237,8 @@ def _masked_softmax_times_v(scores, visible, v):
     exp(-inf) = 0, l = 0, out = 0 and lse = -inf, with no NaN and no warning.
     """
     dtype = scores.dtype
-    scores = np.where(visible, scores, dtype.type(-np.inf))
+    if visible is not None:  # None: every key is visible (a decode step's common case), no mask to apply
+        scores = np.where(visible, scores, dtype.type(-np.inf))
     row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)  # initial: zero keys is legal
     has_key = np.isfinite(row_max)
     shift = np.where(has_key, row_max, dtype.type(0))
@@ -592,12 +593,19 @@ def decode(q, k_cache, v_cache, lengths, n_splits=4, window=None, scale=None, re
         v_chunk = v_cache[:, :, j0:j1, :].astype(dtype, copy=False)
         scores = np.matmul(q_grouped, k_chunk.swapaxes(-1, -2))
         scores = scores.reshape(batch, n_kv, group, seq_q, j1 - j0)
-        visible = _visible(query_pos, np.arange(j0, j1, dtype=np.int64), lengths_arr, window, True)
+        if window is None and seq_q == 1 and int(lengths_arr.min()) >= j1:
+            visible = None  # every sequence's query sits at or after key j1 - 1: all of the chunk is visible
+        else:
+            visible = _visible(query_pos, np.arange(j0, j1, dtype=np.int64), lengths_arr, window, True)
         out_p, lse_p = _masked_softmax_times_v(scores, visible, v_chunk)
         part_outs.append(out_p)
         part_lses.append(lse_p)
 
-    out, lse = merge_partials(part_outs, part_lses)
+    if len(part_outs) == 1:
+        # One split is plain attention over the cache: nothing to merge (the numpy backend's choice).
+        out, lse = part_outs[0], part_lses[0]
+    else:
+        out, lse = merge_partials(part_outs, part_lses)
     return _ungroup(out, lse, q.shape[1], return_lse)
 
 

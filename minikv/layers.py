@@ -19,7 +19,8 @@ def embedding(table, token_ids):
 
 def rms_norm(x, weight, eps: float):
     """RMSNorm (LLaMA): x / sqrt(mean(x^2) + eps) * weight. No mean subtraction, no bias."""
-    variance = (x * x).mean(axis=-1, keepdims=True)
+    # sum * (1/d) rather than .mean(): the same value to an ulp, without mean()'s Python wrapper (~4 us a call)
+    variance = (x * x).sum(axis=-1, keepdims=True) * x.dtype.type(1.0 / x.shape[-1])
     return x * (1.0 / np.sqrt(variance + x.dtype.type(eps))) * weight
 
 
