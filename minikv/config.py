@@ -74,6 +74,8 @@ class ModelConfig:
     sliding_window: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
+    # Every end-of-sequence id (Llama 3 lists several); eos_token_id is the first of them.
+    eos_token_ids: tuple[int, ...] = ()
 
     # ---- derived facts, so no caller re-derives them differently ----
     @property
@@ -207,6 +209,7 @@ class ModelConfig:
             sliding_window=window,
             bos_token_id=_single_id(hf, "bos_token_id"),
             eos_token_id=_single_id(hf, "eos_token_id"),
+            eos_token_ids=_all_ids(hf, "eos_token_id"),
         )
 
     @classmethod
@@ -244,6 +247,7 @@ class ModelConfig:
             tie_word_embeddings=True,
             bos_token_id=_single_id(hf, "bos_token_id"),
             eos_token_id=_single_id(hf, "eos_token_id"),
+            eos_token_ids=_all_ids(hf, "eos_token_id"),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -260,7 +264,7 @@ class ModelConfig:
                 "n_head": self.n_heads, "n_inner": self.intermediate_size,
                 "n_positions": self.max_position_embeddings, "layer_norm_epsilon": self.norm_eps,
                 "activation_function": "gelu_new", "tie_word_embeddings": True,
-                "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+                "bos_token_id": self.bos_token_id, "eos_token_id": self._hf_eos(),
             })
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
         out: dict[str, Any] = {
@@ -272,7 +276,7 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta, "hidden_act": "silu",
             "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self._hf_eos(),
         }
         if self.model_type == "llama":
             out["attention_bias"] = self.qkv_bias
@@ -293,6 +297,9 @@ class ModelConfig:
                             for name in differ)
             )
         return hf
+
+    def _hf_eos(self):
+        return list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_id
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
@@ -355,6 +362,13 @@ def _number(hf: dict[str, Any], key: str, default: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"config.json field {key}={value!r} must be a number")
     return float(value)
+
+
+def _all_ids(hf: dict[str, Any], key: str) -> tuple[int, ...]:
+    """Every id of a field that may hold one id or a list of them (checked like _single_id)."""
+    value = hf.get(key)
+    values = value if isinstance(value, list) else [value]
+    return tuple(_single_id({key: v}, key) for v in values if v is not None)
 
 
 def _single_id(hf: dict[str, Any], key: str) -> Optional[int]:

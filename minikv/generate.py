@@ -179,7 +179,8 @@ class Stream:
                                      repetition_penalty=repetition_penalty)
         self.rng = rng if rng is not None else np.random.default_rng(seed)
         if stop_tokens is None:
-            stop_tokens = [] if model.config.eos_token_id is None else [model.config.eos_token_id]
+            config = model.config
+            stop_tokens = list(config.eos_token_ids) or ([] if config.eos_token_id is None else [config.eos_token_id])
         self.stop_tokens = np.asarray(list(stop_tokens), dtype=np.int64)
         self.max_new_tokens = int(max_new_tokens)
         self.prefill_chunk = prefill_chunk
@@ -281,7 +282,7 @@ def generate(model, prompt, max_new_tokens: int = 50, *, stream: bool = False, *
                      (e.g. one loaded with minikv.load_cache: generation continues after what it holds)
     temperature:     0.0 (default) = greedy; top_k, top_p, min_p, repetition_penalty: see minikv.sampling
     seed / rng:      all randomness comes from one numpy Generator (same seed, same text)
-    stop_tokens:     ids that end a sequence (default: the config's eos_token_id, if any)
+    stop_tokens:     ids that end a sequence (default: the config's eos_token_id(s), if any)
     prefill_chunk:   prefill the prompt N tokens at a time (same logits, less peak memory)
     max_seq_len, cache_dtype ("float16" halves the cache), block_size / num_blocks (paged), window (sliding)
 

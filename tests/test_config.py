@@ -369,3 +369,21 @@ def test_to_hf_refuses_what_transformers_cannot_express(base, changes, field):
     c = ModelConfig.from_hf(base).replace(**changes)
     with pytest.raises(ConfigError, match=field):
         c.to_hf()
+
+
+def test_a_list_of_eos_ids_keeps_every_one_and_generation_stops_on_any():
+    hf = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 1,
+          "num_attention_heads": 2, "intermediate_size": 32, "eos_token_id": [5, 9, 11]}
+    config = ModelConfig.from_hf(hf)
+    assert config.eos_token_id == 5 and config.eos_token_ids == (5, 9, 11)
+    assert ModelConfig.from_hf(config.to_hf()).eos_token_ids == (5, 9, 11)
+    import numpy as np
+
+    import minikv
+    from minikv.checkpoint import expected_shapes
+    from minikv.generate import Stream
+
+    rng = np.random.default_rng(0)
+    weights = {n: rng.standard_normal(s) for n, s in expected_shapes(config).items()}
+    model = minikv.Transformer(config, weights, dtype="float64")
+    assert list(Stream(model, [[1, 2]], 4).stop_tokens) == [5, 9, 11]
