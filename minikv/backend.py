@@ -52,6 +52,7 @@ class Backend:
     xp = np
     attention_algorithms: tuple[str, ...] = ("naive", "online", "tiled")
     default_attention = "naive"   # the fastest in NumPy for the short prompts of generation
+    tiled_from_keys = 512         # ... and from this many keys on, tiled (see attention())
     # float16 caches are read as the query's dtype by the reference kernels.
     cache_dtypes: tuple[str, ...] = ("float32", "float64", "float16")
 
@@ -66,7 +67,10 @@ class Backend:
 
     # ---- kernels ----
     def attention(self, q, k, v, *, causal=True, q_offset=0, lengths=None, window=None, algorithm=None):
-        algorithm = algorithm or self.default_attention
+        if algorithm is None:
+            # Measured (benchmarks/results/prefill.md): naive wins below ~512 keys, tiled above, and
+            # tiled's memory stays O(seq * block) where naive's scores grow O(seq^2).
+            algorithm = "tiled" if k.shape[2] >= self.tiled_from_keys else self.default_attention
         kernel = getattr(reference_attention, algorithm)
         k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)
         return kernel(q, k, v, causal=causal, q_offset=q_offset, lengths=lengths, window=window, return_lse=True)

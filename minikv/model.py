@@ -66,11 +66,11 @@ class Transformer:
         self.config = config
         self.dtype = dtype
         self.backend = get_backend(backend)
-        algorithm = attention or self.backend.default_attention
-        if algorithm not in self.backend.attention_algorithms:
-            raise ConfigError(f"attention={algorithm!r} is not available on backend {self.backend.name!r}; "
+        if attention is not None and attention not in self.backend.attention_algorithms:
+            raise ConfigError(f"attention={attention!r} is not available on backend {self.backend.name!r}; "
                               f"choose one of {self.backend.attention_algorithms}")
-        self.attention = algorithm
+        # None lets the backend choose per call (the numpy backend: naive for short inputs, tiled for long).
+        self.attention = attention
         self.tokenizer = tokenizer
         self.source = source
         # Canonical weights on the host, in the model dtype (what save() and conversions use).
