@@ -143,6 +143,21 @@ def combine(out: Path) -> Path:
     return target
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def update_readme(tables: Path, readme: Path = README) -> bool:
+    """Copy README_TABLES.md (less its title) between the README's bench markers."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    body = tables.read_text().split("\n", 1)[1].strip()
+    start = text.index(README_START) + len(README_START)
+    readme.write_text(text[:start] + "\n" + body + "\n" + text[text.index(README_END):])
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="minikv benchmark suite")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one repeat (seconds)")
@@ -170,6 +185,9 @@ def main(argv=None) -> int:
             print("transformers peer: not run" + (" (--no-peer)" if args.no_peer else " (torch/transformers not installed)"))
         seconds = run_selected(ctx, names)
     target = combine(args.out)
+    # Only a full run into the committed results folder may rewrite the README's tables.
+    if not args.quick and args.only is None and args.out.resolve() == RESULTS_DIR.resolve() and update_readme(target):
+        print(f"updated the benchmark tables in {README}")
     print(f"\nwrote {target}; times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     summary = headline(args.out)
     if summary:

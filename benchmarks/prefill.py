@@ -80,7 +80,8 @@ def run(ctx: Context) -> dict:
               flush=True)
         gc.collect()
     report = {"table": "prefill", "model": "small", "algorithms": ALGORITHMS, "rows": rows,
-              "default_attention": minikv.get_backend("numpy").default_attention}
+              "default_attention": minikv.get_backend("numpy").default_attention,
+              "tiled_from_keys": minikv.get_backend("numpy").tiled_from_keys}
     write_result(ctx, "prefill", report, to_markdown(report, ctx))
     _plot(report, ctx)
     return report
@@ -103,7 +104,8 @@ def to_markdown(report: dict, ctx: Context) -> str:
         "\nTokens/s = prompt tokens / time of one forward pass over the whole prompt into a static cache (median of "
         "repeats). Peak MiB = the most memory the forward pass held on top of the weights and the cache "
         "(tracemalloc, a separate untimed run): the whole model's activations, not only attention's. "
-        f"The numpy backend's default attention is {report['default_attention']!r}.\n",
+        f"With no attention= given, the numpy backend uses {report['default_attention']!r} below "
+        f"{report['tiled_from_keys']} keys and 'tiled' from there on (the crossover above).\n",
     ])
 
 
