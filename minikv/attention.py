@@ -174,6 +174,13 @@ def _check_window(window):
     return int(window)
 
 
+def _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtype):
+    """The mask and scale arguments every algorithm takes, checked and normalised once:
+    (offsets (batch,), lengths (batch,), window or None, scale in the input dtype)."""
+    return (_as_offsets(q_offset, batch), _as_lengths(lengths, batch, seq_k), _check_window(window),
+            _scale_for(dtype, head_dim, scale))
+
+
 def _visible(query_pos, key_pos, lengths, window, causal):
     """The mask from absolute positions.
 
@@ -277,10 +284,7 @@ def naive(q, k, v, causal=True, q_offset=0, lengths=None, window=None, scale=Non
     dtype = q.dtype
     k = k.astype(dtype, copy=False)
     v = v.astype(dtype, copy=False)
-    offsets = _as_offsets(q_offset, batch)
-    lengths_arr = _as_lengths(lengths, batch, seq_k)
-    window = _check_window(window)
-    scale = _scale_for(dtype, head_dim, scale)
+    offsets, lengths_arr, window, scale = _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtype)
 
     q_grouped = _group_queries(q, n_kv, group, scale)  # (b, kv, group*seq_q, d)
     # S = (scale * Q) K^T: one matmul per (batch, kv head) serves all `group` query heads
@@ -322,10 +326,7 @@ def online(q, k, v, causal=True, q_offset=0, lengths=None, window=None, scale=No
     """
     q, k, v, (batch, n_kv, group, seq_q, seq_k, head_dim) = _check_inputs(q, k, v)
     dtype = q.dtype
-    offsets = _as_offsets(q_offset, batch)
-    lengths_arr = _as_lengths(lengths, batch, seq_k)
-    window = _check_window(window)
-    scale = _scale_for(dtype, head_dim, scale)
+    offsets, lengths_arr, window, scale = _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtype)
     neg_inf, zero = dtype.type(-np.inf), dtype.type(0)
 
     q_grouped = _group_queries(q, n_kv, group, scale)  # (b, kv, group*seq_q, d)
@@ -429,10 +430,7 @@ def tiled(
         raise InvalidInputError(f"block_q={block_q}, block_k={block_k}; both must be >= 1")
     block_q, block_k = int(block_q), int(block_k)
     dtype = q.dtype
-    offsets = _as_offsets(q_offset, batch)
-    lengths_arr = _as_lengths(lengths, batch, seq_k)
-    window = _check_window(window)
-    scale = _scale_for(dtype, head_dim, scale)
+    offsets, lengths_arr, window, scale = _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtype)
     neg_inf, zero = dtype.type(-np.inf), dtype.type(0)
     d_v = v.shape[-1]
 
