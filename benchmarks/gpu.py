@@ -3,6 +3,10 @@
 Runs only where a GPU is usable: minikv's "cuda" backend must be available (CuPy + Numba CUDA and
 a device) for the minikv column, and ``torch.cuda.is_available()`` for the transformers column.
 Otherwise the table says that no GPU was found, and why.
+
+With a GPU it also runs the kernel-level measurements of ``minikv.backends.cuda.benchmark`` (decode
+attention latency and fraction of HBM bandwidth, prefill TFLOP/s against torch's SDPA, end-to-end
+decode tokens/s against numpy), which write ``gpu_<gpu name>.md/json`` beside this table.
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ def run(ctx: Context) -> dict:
                 name: {"decode_tokens_per_s": median([x["decode_tokens_per_s"] for x in rs]),
                        "tokens_vs_minikv_numpy": tokens_summary(reference, rs[0]["tokens"])}
                 for name, rs in results.items()}})
+    if status["minikv_cuda"]:
+        from minikv.backends.cuda import benchmark as kernel_benchmark
+
+        kernel_benchmark.main(["--out", str(ctx.out)] + (["--quick"] if ctx.quick else []))
     report = {"table": "gpu", "status": status, "rows": rows}
     write_result(ctx, "gpu", report, to_markdown(report, ctx))
     return report
