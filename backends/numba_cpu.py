@@ -41,7 +41,7 @@ import contextlib
 import numpy as np
 
 from minikv.backend import Backend
-from minikv.errors import BackendUnavailableError
+from minikv.errors import BackendUnavailableError, ConfigError
 
 try:
     import numba
@@ -323,7 +323,7 @@ class NumbaBackend(SplitKDecode, Backend):
 
     def __init__(self, block_q: int = 64, block_k: int = 64, n_splits=None):
         if int(block_q) < 1 or int(block_k) < 1:
-            raise ValueError(f"block_q={block_q}, block_k={block_k}; both must be >= 1")
+            raise ConfigError(f"block_q={block_q}, block_k={block_k}; both must be >= 1")
         self.block_q, self.block_k = int(block_q), int(block_k)
         self.n_splits = n_splits
 
@@ -332,7 +332,7 @@ class NumbaBackend(SplitKDecode, Backend):
         algorithm = algorithm or self.default_attention
         if algorithm != "tiled":
             if algorithm not in self.attention_algorithms:
-                raise ValueError(f"algorithm={algorithm!r}; choose one of {self.attention_algorithms}")
+                raise ConfigError(f"algorithm={algorithm!r}; choose one of {self.attention_algorithms}")
             return super().attention(q, k, v, causal=causal, q_offset=q_offset, lengths=lengths, window=window,
                                      algorithm=algorithm)
         batch, n_heads, _, seq_q, seq_k, head_dim = attention_geometry(q, k, v)

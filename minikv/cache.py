@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 
 from .backend import Backend, gather_pages, get_backend
-from .errors import CacheMismatchError, CacheOverflowError, ConfigError
+from .errors import CacheMismatchError, CacheOverflowError, ConfigError, InvalidInputError
 
 CACHE_KINDS = ("none", "concat", "static", "paged", "sliding")
 _FORMAT_VERSION = "1"
@@ -348,7 +348,7 @@ class PagedCache(KVCache):
     def free(self, seq: int) -> None:
         """Return sequence ``seq``'s blocks to the pool; its length becomes 0."""
         if not 0 <= seq < self.batch_size:
-            raise IndexError(f"sequence {seq} is out of range for a batch of {self.batch_size}")
+            raise InvalidInputError(f"sequence {seq} is out of range for a batch of {self.batch_size}")
         held = [int(x) for x in self.block_table[seq] if x >= 0]
         self.free_blocks.extend(held)
         self.block_table[seq] = -1

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import ConfigError
+
 
 def inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
     """theta^(-2p/head_dim) for p = 0 .. head_dim/2 - 1, in float64."""
@@ -57,7 +59,7 @@ def apply_rope(x, cos, sin, convention: str = "half"):
     elif convention == "interleaved":
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
-        raise ValueError(f"convention={convention!r} must be 'half' or 'interleaved'")
+        raise ConfigError(f"convention={convention!r} must be 'half' or 'interleaved'")
     # (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), pair by pair
     rotated_1 = x1 * cos - x2 * sin
     rotated_2 = x1 * sin + x2 * cos
@@ -94,7 +96,7 @@ def convert_rope_convention(weights: dict, config, to: str):
     only reorders that sum, while the rotation now pairs the dimensions the new convention expects.
     """
     if to not in ("half", "interleaved"):
-        raise ValueError(f"to={to!r} must be 'half' or 'interleaved'")
+        raise ConfigError(f"to={to!r} must be 'half' or 'interleaved'")
     if not config.uses_rope or config.rope_convention == to:
         return dict(weights), config
     perm = interleaved_to_half_permutation(config.head_dim)

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from hf_fixtures import FIXTURE_ROOT, FIXTURES, model_for, random_prompts
 from minikv.backend import Backend
 from minikv.cache import PagedCache, StaticCache, load_cache, make_cache
-from minikv.errors import CacheMismatchError, CacheOverflowError, CheckpointError
+from minikv.errors import CacheMismatchError, CacheOverflowError, CheckpointError, InvalidInputError
 
 KINDS = ("concat", "static", "paged", "sliding")
 EXACT = 1e-10        # float64 cached vs recomputed logits (see the module docstring)
@@ -306,7 +306,7 @@ def test_paged_free_returns_blocks_and_the_row_can_be_reused():
         for b in range(2):
             sequences[b] = sequences[b] + [token]
             np.testing.assert_allclose(got[b, 0], recompute(model, sequences[b])[-1], rtol=0, atol=EXACT)
-    with pytest.raises(IndexError):
+    with pytest.raises(InvalidInputError, match="out of range"):
         cache.free(2)
 
 

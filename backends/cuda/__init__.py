@@ -38,7 +38,7 @@ import sys
 import numpy as np
 
 from minikv.backend import Backend, write_rows
-from minikv.errors import BackendUnavailableError
+from minikv.errors import BackendUnavailableError, ConfigError
 
 from .._common import (SplitKDecode, as_4d, attention_geometry, check_float_dtypes, check_rope_shapes,
                        default_scale, host_lengths, host_offsets, pool_geometry, rope_is_interleaved, window_value)
@@ -162,7 +162,7 @@ class _CudaKernelBackend(SplitKDecode, Backend):
     # -- prefill
     def attention(self, q, k, v, *, causal=True, q_offset=0, lengths=None, window=None, algorithm=None):
         if (algorithm or self.default_attention) != "tiled":
-            raise ValueError(f"algorithm={algorithm!r}; backend {self.name!r} implements {self.attention_algorithms}")
+            raise ConfigError(f"algorithm={algorithm!r}; backend {self.name!r} implements {self.attention_algorithms}")
         batch, n_heads, _, seq_q, seq_k, head_dim = attention_geometry(q, k, v)
         check_float_dtypes(q, k, v, self.q_dtypes)
         xp = self.xp
