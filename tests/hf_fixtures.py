@@ -23,3 +23,14 @@ def model_for(name: str, dtype: str = "float64") -> minikv.Transformer:
 def random_prompts(model, lengths, seed):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in lengths]
+
+
+def cache_options(kind, option, total):
+    """Options for the cached == recomputed checks: paged gets ``option`` as its block size; sliding a
+    window of ``total + option - 1`` >= total, covering the whole sequence (narrower windows have tests
+    of their own)."""
+    if kind == "paged":
+        return {"block_size": option}
+    if kind == "sliding":
+        return {"window": total + option - 1}
+    return {}

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_fixtures import FIXTURE_ROOT, FIXTURES, model_for, random_prompts
+from hf_fixtures import FIXTURE_ROOT, FIXTURES, cache_options, model_for, random_prompts
 from minikv.backend import Backend
 from minikv.cache import PagedCache, StaticCache, load_cache, make_cache
 from minikv.errors import CacheMismatchError, CacheOverflowError, CheckpointError, InvalidInputError
@@ -88,16 +88,6 @@ def check_cached_forward(model, cache, prompts, chunk_sizes, n_decode, *, refere
         np.testing.assert_array_equal(cache.lengths, [len(s) for s in sequences])
 
 
-def kind_options(kind, draw_value=None, total=64):
-    """Cache options for the equivalence test: paged gets the drawn block size; sliding a window
-    covering the whole sequence (the narrower window has its own test)."""
-    if kind == "paged":
-        return {"block_size": draw_value}
-    if kind == "sliding":
-        return {"window": total + draw_value - 1}
-    return {}
-
-
 # ---------------------------------------------------------------------------------------------------
 # 1. Every cache kind equals recomputing (hypothesis)
 # ---------------------------------------------------------------------------------------------------
@@ -125,7 +115,7 @@ def test_cached_forward_equals_recompute(kind, scenario):
     model = model_for(name)
     prompts = random_prompts(model, prompt_lengths, seed)
     total = max(prompt_lengths) + n_decode
-    cache = model.new_cache(kind, batch_size=len(prompts), max_seq_len=total, **kind_options(kind, option, total))
+    cache = model.new_cache(kind, batch_size=len(prompts), max_seq_len=total, **cache_options(kind, option, total))
     check_cached_forward(model, cache, prompts, chunk_sizes, n_decode)
 
 

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minikv
-from hf_fixtures import FIXTURES, model_for, random_prompts
+from hf_fixtures import FIXTURES, cache_options, model_for, random_prompts
 from minikv.errors import (CacheMismatchError, CacheOverflowError, ConfigError, InvalidInputError, MinikvError,
                            SamplingError, SequenceTooLongError)
 
@@ -60,14 +60,6 @@ def assert_steps_equal_recompute(model, prompts, out, calls, window=None):
             want = recompute_last(model, prompt + out.tokens[b][:s], window)
             np.testing.assert_allclose(calls[s][b], want, rtol=0, atol=EXACT, err_msg=f"row {b}, step {s}")
             assert token == int(np.argmax(want)), f"row {b}, step {s}"
-
-
-def cache_options(kind, option, total):
-    if kind == "paged":
-        return {"block_size": option}
-    if kind == "sliding":
-        return {"window": total + option}      # covers the whole sequence; narrower windows below
-    return {}
 
 
 # ---------------------------------------------------------------------------------------------------
