@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from minikv import attention as reference_attention
 from minikv.errors import InvalidInputError
 
 NO_WINDOW = 0
@@ -52,41 +53,22 @@ def check_float_dtypes(q, k, v, allowed_q=("float32", "float64")):
 
 
 def host_offsets(q_offset, batch: int) -> np.ndarray:
-    """q_offset (int or (batch,) ints) -> int64 array (batch,)."""
-    offsets = np.asarray(q_offset)
-    if not np.issubdtype(offsets.dtype, np.integer):
-        raise InvalidInputError(f"q_offset must be an int or an int array; got {q_offset!r}")
-    if offsets.ndim == 0:
-        offsets = np.full(batch, int(offsets), dtype=np.int64)
-    if offsets.shape != (batch,):
-        raise InvalidInputError(f"q_offset has shape {offsets.shape}; pass an int or an array of shape ({batch},)")
-    # A negative offset is legal, as in the reference: queries before position 0 see no key (causal).
-    return np.ascontiguousarray(offsets, dtype=np.int64)
+    """q_offset (int or (batch,) ints) -> contiguous int64 array (batch,), checked as the reference checks it.
+    A negative offset is legal: queries before position 0 see no key (causal)."""
+    return np.ascontiguousarray(reference_attention._as_offsets(q_offset, batch))
 
 
 def host_lengths(lengths, batch: int, seq_k: int) -> np.ndarray:
-    """lengths (None or (batch,) ints in [0, seq_k]) -> int64 array (batch,); None means all seq_k keys."""
+    """lengths (None or (batch,) ints in [0, seq_k]) -> contiguous int64 array (batch,); None means all seq_k keys."""
     if lengths is None:
         return np.full(batch, seq_k, dtype=np.int64)
-    array = np.asarray(lengths)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise InvalidInputError(f"lengths must be an int array; got {lengths!r}")
-    if array.ndim == 0:
-        array = np.full(batch, int(array), dtype=np.int64)
-    if array.shape != (batch,):
-        raise InvalidInputError(f"lengths has shape {array.shape}; pass one length per sequence, shape ({batch},)")
-    if batch and (array.min() < 0 or array.max() > seq_k):
-        raise InvalidInputError(f"lengths {array.tolist()} must lie in [0, {seq_k}] (the keys present)")
-    return np.ascontiguousarray(array, dtype=np.int64)
+    return np.ascontiguousarray(reference_attention._as_lengths(lengths, batch, seq_k))
 
 
 def window_value(window) -> int:
-    """None -> NO_WINDOW (0); an int W >= 1 -> W."""
-    if window is None:
-        return NO_WINDOW
-    if isinstance(window, bool) or int(window) != window or window < 1:
-        raise InvalidInputError(f"window={window!r}; pass None or an int >= 1")
-    return int(window)
+    """None -> NO_WINDOW (0); an int W >= 1 -> W (checked as the reference checks it)."""
+    window = reference_attention._check_window(window)
+    return NO_WINDOW if window is None else window
 
 
 def rope_is_interleaved(convention: str) -> bool:
