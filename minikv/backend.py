@@ -202,7 +202,7 @@ def get_backend(name: Optional[str | Backend] = None) -> Backend:
             module = importlib.import_module(module_name)   # may raise BackendUnavailableError itself
         except ImportError as exc:
             raise BackendUnavailableError(
-                f"backend {name!r} could not be imported ({exc}); install its extra: pip install 'minikv[{name.split('-')[0]}]'"
+                f"backend {name!r} could not be imported ({exc}); install its extra: pip install 'minikv[{name}]'"
             ) from None
         factory: Callable[[], Backend] = getattr(module, attribute)
         _INSTANCES[name] = factory()   # factories raise BackendUnavailableError with the fix

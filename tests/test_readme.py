@@ -43,8 +43,9 @@ def test_ci_runs_the_readme_test_command():
 
 def test_every_pip_extra_named_in_the_readme_exists():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    for name in re.findall(r'pip install -e "\.\[(\w+)\]"', README):
+    for name in re.findall(r'pip install -e "\.\[([\w-]+)\]"', README):
         assert name in extras, name
+    assert "cuda-sim" in extras
 
 
 @pytest.mark.parametrize("command", [c for c in bash_commands() if "minikv " in c])

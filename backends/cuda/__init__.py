@@ -44,6 +44,7 @@ from .._common import (SplitKDecode, as_4d, attention_geometry, check_float_dtyp
                        default_scale, host_lengths, host_offsets, pool_geometry, rope_is_interleaved, window_value)
 
 INSTALL_HINT = ("pip install 'minikv[cuda]' (CUDA 12 wheels) or pip install 'minikv[cuda13]' (CUDA 13 wheels)")
+SIMULATOR_HINT = "pip install 'minikv[cuda-sim]' (numba and numba-cuda; no GPU or CuPy needed)"
 SIMULATOR_ENV = "NUMBA_ENABLE_CUDASIM"
 
 
@@ -61,15 +62,15 @@ def _import_numba_cuda(simulator: bool):
     """Import ``numba.cuda`` as the simulator or as the real target, or say why it cannot be."""
     wanted = "simulator" if simulator else "gpu"
     backend = "cuda-sim" if simulator else "cuda"
+    hint = SIMULATOR_HINT if simulator else INSTALL_HINT
     try:
         import numba  # noqa: F401
     except ImportError as exc:
         raise BackendUnavailableError(f"backend {backend!r} needs numba and numba-cuda ({exc}); install them: "
-                                      f"{INSTALL_HINT}") from None
+                                      f"{hint}") from None
     if importlib.util.find_spec("numba_cuda") is None:
         raise BackendUnavailableError(f"backend {backend!r} needs the numba-cuda package (Numba's maintained CUDA "
-                                      f"target and its simulator), which is not installed: {INSTALL_HINT}, or "
-                                      f"pip install numba-cuda")
+                                      f"target and its simulator), which is not installed: {hint}")
     mode = numba_cuda_mode()
     if mode is None:
         if simulator:
