@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -186,10 +186,7 @@ def load_checkpoint(path: str | Path, dtype="float32") -> tuple[ModelConfig, dic
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint path {folder} is not a folder (it needs config.json and model.safetensors)")
-    try:
-        config = ModelConfig.from_json(folder / CONFIG_FILE)
-    except ConfigError:
-        raise
+    config = ModelConfig.from_json(folder / CONFIG_FILE)
     dtype = np.dtype(dtype)
     raw: dict[str, np.ndarray] = {}
     found_in: dict[str, Path] = {}

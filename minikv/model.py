@@ -38,6 +38,17 @@ from .rope import cos_sin_table
 SUPPORTED_DTYPES = ("float32", "float64")
 
 
+def model_dtype(dtype) -> np.dtype:
+    """The model dtype asked for, or a ConfigError naming it (also for names NumPy does not know)."""
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in SUPPORTED_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {SUPPORTED_DTYPES}")
+    return resolved
+
+
 @dataclass
 class LayerWeights:
     """One block's weights as the forward pass uses them: (in, out) layout, fused where it saves a matmul."""
@@ -60,9 +71,7 @@ class Transformer:
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype="float32",
                  backend: Optional[str | Backend] = None, attention: Optional[str] = None,
                  tokenizer=None, source: Optional[Path] = None):
-        dtype = np.dtype(dtype)
-        if dtype.name not in SUPPORTED_DTYPES:
-            raise ConfigError(f"dtype={dtype.name!r} is not supported; choose one of {SUPPORTED_DTYPES}")
+        dtype = model_dtype(dtype)
         self.config = config
         self.dtype = dtype
         self.backend = get_backend(backend)
@@ -309,8 +318,7 @@ def load(path=None, *, dtype: str = "float32", backend: Optional[str] = None,
     from .tokenizer import tokenizer_for
 
     folder = BUNDLED_MODEL if path is None else Path(path)
-    if np.dtype(dtype).name not in SUPPORTED_DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {SUPPORTED_DTYPES}")
+    dtype = model_dtype(dtype)          # before reading any weights
     config, weights = load_checkpoint(folder, dtype=dtype)
     return Transformer(config, weights, dtype=dtype, backend=backend, attention=attention,
                        tokenizer=tokenizer_for(folder, config.vocab_size), source=folder)

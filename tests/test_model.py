@@ -146,6 +146,8 @@ def test_float16_model_dtype_is_refused():
     m = model("llama_gqa")
     with pytest.raises(ConfigError, match="float16"):
         minikv.Transformer(m.config, m.weights, dtype="float16")
+    with pytest.raises(ConfigError, match="'bogus'"):     # a name NumPy does not know is no TypeError
+        minikv.load(FIXTURE_ROOT / "llama_gqa", dtype="bogus")
 
 
 def test_unknown_attention_algorithm_is_refused():
