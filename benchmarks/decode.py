@@ -23,7 +23,6 @@ import gc
 import sys
 from typing import Optional
 
-import numpy as np
 
 import minikv
 

@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import shutil
 import sys
 import tempfile

@@ -28,7 +28,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import minikv
-from minikv.checkpoint import (expected_shapes, load_checkpoint, read_safetensors, save_checkpoint, tensor_table,
+from minikv.checkpoint import (expected_shapes, load_checkpoint, read_safetensors, tensor_table,
                                weights_from_hf, weights_to_hf)
 from minikv.config import ModelConfig
 from minikv.errors import CheckpointError, ConfigError

@@ -7,7 +7,6 @@ depends on a float64 rounding at a threshold (a cumulative mass or a ratio withi
 cut-off) are skipped with `assume`, since there "the right answer" is decided by rounding.
 """
 
-import math
 
 import numpy as np
 import pytest
