@@ -80,10 +80,7 @@ class Backend:
     decode_splits = 1
 
     def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None, n_splits=None):
-        width = int(np.max(lengths))
-        # Read (and widen a float16 cache) only the filled prefix, not the whole capacity.
-        k_cache = k_cache[:, :, :width].astype(q.dtype, copy=False)
-        v_cache = v_cache[:, :, :width].astype(q.dtype, copy=False)
+        # decode reads (and widens, for a float16 cache) only the filled prefix [0, max(lengths)).
         return reference_attention.decode(q, k_cache, v_cache, lengths, window=window, return_lse=True,
                                           n_splits=self.decode_splits if n_splits is None else n_splits)
 
@@ -109,14 +106,16 @@ class Backend:
 
 def write_rows(cache, new, starts, counts) -> None:
     """Per-sequence cache write shared by every backend whose arrays support slicing."""
-    starts = [int(s) for s in starts]
-    counts = [int(c) for c in counts]
-    seq = new.shape[2]
-    if len(set(starts)) == 1 and all(c == seq for c in counts):
-        # The common case (a uniform batch): one strided copy for the whole batch.
-        cache[:, :, starts[0]:starts[0] + seq] = new
+    starts, counts = np.asarray(starts), np.asarray(counts)
+    if starts.size == 0:
         return
-    for b, (start, count) in enumerate(zip(starts, counts)):
+    seq, start = new.shape[2], int(starts[0])
+    if len(starts) == 1 or ((starts == start).all() and (counts == seq).all()):
+        # The common cases (one sequence, or a uniform batch): one strided copy for the whole batch.
+        count = int(counts[0])
+        cache[:, :, start:start + count] = new[:, :, :count]
+        return
+    for b, (start, count) in enumerate(zip(starts.tolist(), counts.tolist())):
         cache[b, :, start:start + count] = new[b, :, :count]
 
 

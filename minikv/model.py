@@ -150,18 +150,23 @@ class Transformer:
         if cache is not None:
             cache.check_compatible(cfg, batch)
         if positions is None:
+            # Each row continues from its cache length: positions are >= 0 and the highest real one
+            # is starts + n_new - 1 (a decode step checks two numbers, not a mask).
             positions = starts[:, None] + np.arange(seq)[None, :]
-        positions = np.asarray(positions)
-        if positions.shape != (batch, seq) or not np.issubdtype(positions.dtype, np.integer):
-            raise InvalidInputError(f"positions has shape {positions.shape} and dtype {positions.dtype}; expected "
-                                    f"integers of shape {(batch, seq)} like token_ids")
-        # Only the real (non-padding) columns must fit the model; padding columns are clamped below.
-        real = np.arange(seq)[None, :] < n_new[:, None]
-        if (positions[real] < 0).any():
-            raise InvalidInputError(f"position {int(positions[real].min())} is negative; positions start at 0")
-        if real.any() and int(positions[real].max()) >= cfg.max_position_embeddings:
+            highest = int((starts + n_new - 1)[n_new > 0].max(initial=-1))
+        else:
+            positions = np.asarray(positions)
+            if positions.shape != (batch, seq) or positions.dtype.kind not in "iu":
+                raise InvalidInputError(f"positions has shape {positions.shape} and dtype {positions.dtype}; "
+                                        f"expected integers of shape {(batch, seq)} like token_ids")
+            # Only the real (non-padding) columns must fit the model; padding columns are clamped below.
+            real = np.arange(seq)[None, :] < n_new[:, None]
+            if (positions[real] < 0).any():
+                raise InvalidInputError(f"position {int(positions[real].min())} is negative; positions start at 0")
+            highest = int(positions[real].max(initial=-1))
+        if highest >= cfg.max_position_embeddings:
             raise SequenceTooLongError(
-                f"position {int(positions[real].max())} is beyond the model's maximum of "
+                f"position {highest} is beyond the model's maximum of "
                 f"{cfg.max_position_embeddings} positions (max_position_embeddings); shorten the input to at most "
                 f"{cfg.max_position_embeddings} tokens"
             )
@@ -176,16 +181,14 @@ class Transformer:
         x = layers.embedding(self.embed, self.backend.to_device(ids.reshape(-1)))
         if self.pos_embed is not None:
             x += self.pos_embed[positions_dev.reshape(-1)]
+        cos = sin = None
         if cfg.uses_rope:
             # (batch, 1, seq, head_dim/2): broadcast over heads
             cos, sin = self.rope_cos[positions_dev][:, None], self.rope_sin[positions_dev][:, None]
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.attn_norm, layer.attn_norm_bias)
             qkv = layers.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = self._split_heads(qkv, batch, seq)
-            if cfg.uses_rope:
-                q = self.backend.apply_rope(q, cos, sin, cfg.rope_convention)
-                k = self.backend.apply_rope(k, cos, sin, cfg.rope_convention)
+            q, k, v = self._split_heads(qkv, batch, seq, cos, sin)
             if cache is None:
                 out, _ = self.backend.attention(q, k, v, causal=True, q_offset=0, lengths=n_new, window=window,
                                                 algorithm=self.attention)
@@ -219,14 +222,19 @@ class Transformer:
             act = layers.swiglu(gate, up)
         return layers.linear(act, layer.mlp_down, layer.mlp_down_bias)
 
-    def _split_heads(self, qkv, batch: int, seq: int):
-        """(batch * seq, (H + 2 KV) hd) -> q (batch, H, seq, hd), k and v (batch, KV, seq, hd)."""
+    def _split_heads(self, qkv, batch: int, seq: int, cos, sin):
+        """(batch * seq, (H + 2 KV) hd) -> q (batch, H, seq, hd), k and v (batch, KV, seq, hd),
+        with RoPE applied to q and k when the model uses it."""
         cfg = self.config
-        hd, n_q, n_kv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        q = qkv[..., : n_q * hd].reshape(batch, seq, n_q, hd).transpose(0, 2, 1, 3)
-        k = qkv[..., n_q * hd: (n_q + n_kv) * hd].reshape(batch, seq, n_kv, hd).transpose(0, 2, 1, 3)
-        v = qkv[..., (n_q + n_kv) * hd:].reshape(batch, seq, n_kv, hd).transpose(0, 2, 1, 3)
-        return q, k, v
+        n_q, n_kv = cfg.n_heads, cfg.n_kv_heads
+        # The fused projection's columns are H query heads, then KV key heads, then KV value heads.
+        heads = qkv.reshape(batch, seq, n_q + 2 * n_kv, cfg.head_dim).transpose(0, 2, 1, 3)
+        qk = heads[:, : n_q + n_kv]
+        if cfg.uses_rope:
+            # q and k heads sit side by side and share the positions: one rotation for both
+            # (half the RoPE calls of rotating q and k apart).
+            qk = self.backend.apply_rope(qk, cos, sin, cfg.rope_convention)
+        return qk[:, :n_q], qk[:, n_q:], heads[:, n_q + n_kv:]
 
     # ------------------------------------------------------------ input checks
     def _check_ids(self, token_ids) -> np.ndarray:
@@ -243,7 +251,7 @@ class Transformer:
             raise InvalidInputError(f"token_ids has shape {ids.shape}; expected (batch, seq)")
         if ids.size == 0 or ids.shape[1] == 0:
             raise InvalidInputError(f"token_ids is empty (shape {ids.shape}); give at least one token per sequence")
-        if not np.issubdtype(ids.dtype, np.integer):
+        if ids.dtype.kind not in "iu":
             # Floats are refused outright: float32 cannot even represent every id above 2**24.
             raise InvalidInputError(f"token_ids has dtype {ids.dtype}; expected integers (e.g. np.int64)")
         bad = (ids < 0) | (ids >= self.config.vocab_size)

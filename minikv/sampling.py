@@ -153,14 +153,15 @@ def _check_logits(logits) -> np.ndarray:
             f"logits must have shape (batch, vocab); got shape {logits.shape} "
             "(for one sequence pass logits[None, :]; for model.forward output pass logits[:, -1, :])"
         )
-    if not np.issubdtype(logits.dtype, np.floating):
+    if logits.dtype.kind != "f":
         raise InvalidInputError(
             f"logits must be a floating-point array; got dtype {logits.dtype} "
             "(convert with logits.astype(np.float32))"
         )
     if logits.shape[1] == 0:
         raise InvalidInputError("logits has an empty vocabulary axis (shape (batch, 0))")
-    if np.isnan(logits).any() or np.isposinf(logits).any():
+    # One comparison finds both: NaN < inf and inf < inf are False, -inf < inf is True.
+    if not (logits < np.inf).all():
         raise InvalidInputError(
             "logits contain NaN or +inf; a model that produces them has overflowed "
             "(try dtype='float64', or check the checkpoint)"
@@ -190,7 +191,7 @@ def _check_previous_tokens(previous_tokens, batch: int, vocab: int) -> list[np.n
         if tokens.size == 0:
             rows.append(np.zeros(0, dtype=np.int64))
             continue
-        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
             raise InvalidInputError(
                 f"previous_tokens[{b}] must be a 1-D array of integer token ids; "
                 f"got shape {tokens.shape} and dtype {tokens.dtype}"

@@ -34,6 +34,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -234,6 +235,40 @@ class _CudaKernelBackend(SplitKDecode, Backend):
 # --------------------------------------------------------------------------- "cuda-sim"
 
 
+def _lock_simulator_shared_arrays() -> None:
+    """Make the simulator's ``cuda.shared.array`` atomic (once per process).
+
+    The simulator hands every thread of a block the same NumPy array for a ``cuda.shared.array``
+    call by looking it up in a dict and, if absent, creating and storing it: a check-then-act with no
+    lock. When the interpreter switches threads between the check and the store, two threads of one
+    block get two different "shared" arrays and the kernel computes garbage, about once in a few
+    hundred launches with the short switch interval ``_launch`` sets (seen as a flaky greedy-token
+    test). A lock around the allocation restores CUDA's semantics; real GPUs never had the problem.
+    """
+    from numba.cuda.simulator import kernelapi
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared.array, "_minikv_locked", False):
+        return
+    unlocked, lock = shared.array, threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:     # dynamic shared memory / unsupported: no lookup to guard
+            return unlocked(self, shape, dtype, alignment)
+        caller = sys._getframe(1)                   # as the simulator does: one array per source line
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            found = self._allocations.get(key)
+            if found is None:
+                if isinstance(dtype, kernelapi.types.Type):
+                    dtype = kernelapi.numpy_support.as_dtype(dtype)
+                found = self._allocations[key] = np.empty(shape, dtype)
+        return found
+
+    array._minikv_locked = True
+    shared.array = array
+
+
 class CudaSimBackend(_CudaKernelBackend):
     """The CUDA kernels on NumPy arrays through Numba's CUDA simulator (slow, exact, no GPU needed).
 
@@ -246,6 +281,7 @@ class CudaSimBackend(_CudaKernelBackend):
 
     def __init__(self, block_q: int = 4, block_k: int = 4, decode_tile: int = 4, n_splits=None):
         _import_numba_cuda(simulator=True)
+        _lock_simulator_shared_arrays()
         super().__init__(_kernels_module(), n_splits=n_splits)
         self.block_q, self.block_k, self.decode_tile = int(block_q), int(block_k), int(decode_tile)
 
