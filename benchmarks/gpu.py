@@ -85,10 +85,19 @@ def to_markdown(report: dict, ctx: Context) -> str:
             "`python -m benchmarks --only gpu` fills it in: decode tokens/s on mid for minikv cuda vs minikv numpy "
             "vs transformers on the GPU (dynamic and static cache).\n"] + _elsewhere(ctx))
     names = sorted({n for r in report["rows"] for n in r["engines"]})
-    rows = [[f"{r['prompt']} + {r['new_tokens']}"] + [fmt(r["engines"][n]["decode_tokens_per_s"]) if n in r["engines"]
-                                                      else "n/a" for n in names] for r in report["rows"]]
-    return "".join(head + [f"GPU: {status.get('gpu_name')}\n\n", md_table(["prompt + new"] + [f"{n} tok/s" for n in names],
-                                                                        rows)])
+    rows = []
+    for r in report["rows"]:
+        engines = r["engines"]
+        speed = {n: engines[n]["decode_tokens_per_s"] for n in engines}
+        peers = [speed[n] for n in engines if n.startswith("transformers")]
+        # The headline of this table: minikv's GPU backend against transformers' best on the same GPU.
+        ratio = (f"**{speed['minikv cuda'] / max(peers):.2f}x**" if "minikv cuda" in speed and peers else "n/a")
+        differ = [n for n in engines if not engines[n]["tokens_vs_minikv_numpy"]["equal"]]
+        rows.append([f"{r['prompt']} + {r['new_tokens']}"] + [fmt(speed.get(n)) for n in names]
+                    + [ratio, "yes" if not differ else "differ: " + ", ".join(differ)])
+    header = (["prompt + new"] + [f"{n} tok/s" for n in names]
+              + ["minikv cuda / best transformers", "greedy tokens equal to minikv numpy (float32)"])
+    return "".join(head + [f"GPU: {status.get('gpu_name')}\n\n", md_table(header, rows)])
 
 
 def _elsewhere(ctx: Context) -> list[str]:
