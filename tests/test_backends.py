@@ -437,3 +437,27 @@ def test_logits_agree_with_numpy(name):
         assert isinstance(got, np.ndarray) and got.dtype == np.float32
         # float32 through two layers: see tests/test_hf_conformance.py for why 1e-4.
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_write_rows_writes_exactly_the_counted_rows(data):
+    """write_rows against an element-by-element loop: one sequence, a uniform batch (the one-slice
+    paths) and ragged batches; rows past each count and outside [start, start + count) stay as they were."""
+    batch = data.draw(st.integers(1, 3))
+    seq = data.draw(st.integers(1, 4))
+    capacity = data.draw(st.integers(seq, 9))
+    uniform = data.draw(st.booleans())
+    start0 = data.draw(st.integers(0, capacity - seq))
+    starts = np.full(batch, start0) if uniform else np.array(
+        [data.draw(st.integers(0, capacity - seq)) for _ in range(batch)])
+    counts = np.full(batch, seq) if uniform else np.array([data.draw(st.integers(0, seq)) for _ in range(batch)])
+    rng = np.random.default_rng(batch * 100 + seq)
+    cache = rng.standard_normal((batch, 2, capacity, 3))
+    new = rng.standard_normal((batch, 2, seq, 3))
+    expected = cache.copy()
+    for b in range(batch):
+        for i in range(int(counts[b])):
+            expected[b, :, starts[b] + i] = new[b, :, i]
+    write_rows(cache, new, starts, counts)
+    np.testing.assert_array_equal(cache, expected)
