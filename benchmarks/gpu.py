@@ -4,7 +4,7 @@ Runs only where a GPU is usable: minikv's "cuda" backend must be available (CuPy
 a device) for the minikv column, and ``torch.cuda.is_available()`` for the transformers column.
 Otherwise the table says that no GPU was found, and why.
 
-With a GPU it also runs the kernel-level measurements of ``minikv.backends.cuda.benchmark`` (decode
+With a GPU it also runs the kernel-level measurements of ``benchmarks.cuda_kernels`` (decode
 attention latency and fraction of HBM bandwidth, prefill TFLOP/s against torch's SDPA, end-to-end
 decode tokens/s against numpy), which write ``gpu_<gpu name>.md/json`` beside this table.
 """
@@ -64,7 +64,7 @@ def run(ctx: Context) -> dict:
                        "tokens_vs_minikv_numpy": tokens_summary(reference, rs[0]["tokens"])}
                 for name, rs in results.items()}})
     if status["minikv_cuda"]:
-        from minikv.backends.cuda import benchmark as kernel_benchmark
+        from benchmarks import cuda_kernels as kernel_benchmark
 
         kernel_benchmark.main(["--out", str(ctx.out)] + (["--quick"] if ctx.quick else []))
     report = {"table": "gpu", "status": status, "rows": rows}

@@ -10,7 +10,8 @@ from . import attention, cache, layers, rope, sampling
 from .backend import Backend, available_backends, get_backend
 from .cache import CACHE_KINDS, KVCache, load_cache
 from .config import ModelConfig
-from .errors import (BackendUnavailableError, CacheMismatchError, CacheOverflowError, CheckpointError, ConfigError,
+from .errors import (BackendUnavailableError, CacheMismatchError, CacheOverflowError, CacheRewindError,
+                     CheckpointError, ConfigError,
                      InvalidInputError, MinikvError, SamplingError, SequenceTooLongError)
 from .generate import GenerationOutput, GenerationStats, TokenEvent
 from .model import BUNDLED_MODEL, Transformer, load
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "cache", "layers", "rope", "sampling",
     "Backend", "available_backends", "get_backend", "CACHE_KINDS", "KVCache", "load_cache", "ModelConfig",
-    "MinikvError", "ConfigError", "CheckpointError", "CacheOverflowError", "CacheMismatchError",
+    "MinikvError", "ConfigError", "CheckpointError", "CacheOverflowError", "CacheMismatchError", "CacheRewindError",
     "BackendUnavailableError", "InvalidInputError", "SequenceTooLongError", "SamplingError",
     "GenerationOutput", "GenerationStats", "TokenEvent", "SamplingParams",
     "BUNDLED_MODEL", "Transformer", "load", "ByteTokenizer", "__version__",

@@ -82,6 +82,7 @@ __all__ = [
     "decode",
     "merge_partials",
     "visible_mask",
+    "masked_softmax_times_v",
     "naive_softmax",
     "stable_softmax",
 ]
@@ -236,10 +237,30 @@ def _probs_times_v(probs, v):
     return weighted.reshape(batch, n_kv, group, n_q, v.shape[-1])
 
 
-def _masked_softmax_times_v(scores, visible, v):
+def _shift(m):
+    """The amount subtracted before exp(): the running max m, or 0 for a row that has seen no visible
+    key yet (m = -inf), so that exp(s - shift) = exp(-inf) = 0 instead of exp(-inf - -inf) = NaN."""
+    return np.where(np.isfinite(m), m, m.dtype.type(0))
+
+
+def _finish(m, l, acc):
+    """The end of every softmax here: out = acc / l and lse = m + log(l).
+
+    m: running max (..., 1), l: sum_j exp(s_j - m) (..., 1), acc: sum_j exp(s_j - m) v_j (..., d).
+    A row that saw no visible key (l = 0) gives out = 0 and lse = -inf, never NaN.
+    Returns (out (..., d), lse (...))."""
+    dtype = acc.dtype
+    has_key = l > 0
+    safe_l = np.where(has_key, l, dtype.type(1))
+    out = acc / safe_l                                          # rows with no key: 0 / 1 = 0
+    lse = np.where(has_key, m + np.log(safe_l), dtype.type(-np.inf))
+    return out, lse[..., 0]
+
+
+def masked_softmax_times_v(scores, visible, v):
     """Stable softmax of scores over the visible keys, times v.
 
-    scores: (batch, n_kv_heads, group, n_q, n_k); visible broadcastable to it (None: all visible);
+    scores: (batch, n_kv_heads, group, n_q, n_k); visible: bool, broadcastable to it;
     v: (batch, n_kv_heads, n_k, d_v).
     Returns (out (batch, n_kv_heads, group, n_q, d_v), lse (batch, n_kv_heads, group, n_q)).
 
@@ -247,30 +268,11 @@ def _masked_softmax_times_v(scores, visible, v):
         p_j = exp(s_j - m)
         l   = sum_j p_j
         out = (sum_j p_j v_j) / l,   lse = m + log(l)
-
-    A row with no visible key has m = -inf; we shift it by 0 instead, so every p_j is
-    exp(-inf) = 0, l = 0, out = 0 and lse = -inf, with no NaN and no warning.
     """
-    dtype = scores.dtype
-    if visible is None and scores.shape[-1] > 0:
-        # Every key visible and at least one key (a decode step's common case): no row is empty,
-        # so none of the -inf guards below is needed (saves ~8 small array ops per layer per step).
-        row_max = scores.max(axis=-1, keepdims=True)
-        probs = np.exp(scores - row_max)
-        row_sum = probs.sum(axis=-1, keepdims=True)
-        return _probs_times_v(probs, v) / row_sum, (row_max + np.log(row_sum))[..., 0]
-    if visible is not None:  # None: every key is visible, no mask to apply
-        scores = np.where(visible, scores, dtype.type(-np.inf))
-    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)  # initial: zero keys is legal
-    has_key = np.isfinite(row_max)
-    shift = np.where(has_key, row_max, dtype.type(0))
-    probs = np.exp(scores - shift)
-    row_sum = probs.sum(axis=-1, keepdims=True)
-    weighted = _probs_times_v(probs, v)
-    safe_sum = np.where(has_key, row_sum, dtype.type(1))
-    out = weighted / safe_sum  # rows with no key: 0 / 1 = 0
-    lse = np.where(has_key, shift + np.log(safe_sum), dtype.type(-np.inf))
-    return out, lse[..., 0]
+    scores = np.where(visible, scores, scores.dtype.type(-np.inf))
+    m = scores.max(axis=-1, keepdims=True, initial=-np.inf)    # initial: zero keys is legal
+    probs = np.exp(scores - _shift(m))
+    return _finish(m, probs.sum(axis=-1, keepdims=True), _probs_times_v(probs, v))
 
 
 def _ungroup(out, lse, n_heads, return_lse):
@@ -306,7 +308,7 @@ def naive(q, k, v, causal=True, q_offset=0, lengths=None, window=None, scale=Non
     query_pos = offsets[:, None] + np.arange(seq_q, dtype=np.int64)[None, :]
     visible = _visible(query_pos, np.arange(seq_k, dtype=np.int64), lengths_arr, window, causal)
 
-    out, lse = _masked_softmax_times_v(scores, visible, v)
+    out, lse = masked_softmax_times_v(scores, visible, v)
     return _ungroup(out, lse, q.shape[1], return_lse)
 
 
@@ -340,7 +342,7 @@ def online(q, k, v, causal=True, q_offset=0, lengths=None, window=None, scale=No
     q, k, v, (batch, n_kv, group, seq_q, seq_k, head_dim) = _check_inputs(q, k, v)
     dtype = q.dtype
     offsets, lengths_arr, window, scale = _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtype)
-    neg_inf, zero = dtype.type(-np.inf), dtype.type(0)
+    neg_inf = dtype.type(-np.inf)
 
     q_grouped = _group_queries(q, n_kv, group, scale)  # (b, kv, group*seq_q, d)
     query_pos = offsets[:, None] + np.arange(seq_q, dtype=np.int64)[None, :]
@@ -359,27 +361,15 @@ def online(q, k, v, causal=True, q_offset=0, lengths=None, window=None, scale=No
         s_j = np.where(visible, s_j, neg_inf)
 
         m_new = np.maximum(m, s_j)
-        # While a row has seen no visible key, m_new = -inf and exp(m - m_new) would be
-        # exp(-inf - -inf) = exp(nan).  Shifting such rows by 0 instead gives
-        # exp(-inf - 0) = 0 for both factors: l and acc stay exactly 0.
-        shift = np.where(np.isfinite(m_new), m_new, zero)
+        shift = _shift(m_new)  # rows with no visible key yet: l and acc stay exactly 0
         rescale = np.exp(m - shift)  # exp(m - m_new) <= 1
         p_j = np.exp(s_j - shift)  # exp(s_j - m_new) <= 1
         l = l * rescale + p_j
         acc = acc * rescale + p_j * v_j
         m = m_new
 
-    return _finish(m, l, acc, q.shape[1], return_lse)
-
-
-def _finish(m, l, acc, n_heads, return_lse):
-    """out = acc / l, lse = m + log(l); rows that saw no key (l = 0) give 0 and -inf."""
-    dtype = acc.dtype
-    has_key = l > 0
-    safe_l = np.where(has_key, l, dtype.type(1))
-    out = acc / safe_l
-    lse = np.where(has_key, m + np.log(safe_l), dtype.type(-np.inf))[..., 0]
-    return _ungroup(out, lse, n_heads, return_lse)
+    out, lse = _finish(m, l, acc)
+    return _ungroup(out, lse, q.shape[1], return_lse)
 
 
 # ---------------------------------------------------------------------------
@@ -444,7 +434,7 @@ def tiled(
     block_q, block_k = int(block_q), int(block_k)
     dtype = q.dtype
     offsets, lengths_arr, window, scale = _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtype)
-    neg_inf, zero = dtype.type(-np.inf), dtype.type(0)
+    neg_inf = dtype.type(-np.inf)
     d_v = v.shape[-1]
 
     q5 = q.reshape(batch, n_kv, group, seq_q, head_dim)
@@ -496,20 +486,16 @@ def tiled(
                 visible = _visible(query_pos, key_pos, lengths_arr, window, causal)
                 scores = np.where(visible, scores, neg_inf)
 
-            # m_new = max(m, rowmax(S)); rows still without any visible key keep -inf,
-            # and are shifted by 0 so that exp(-inf - -inf) never happens.
+            # m_new = max(m, rowmax(S)); rows still without any visible key keep -inf
             m_new = np.maximum(m, scores.max(axis=-1, keepdims=True))
-            shift = np.where(np.isfinite(m_new), m_new, zero)
+            shift = _shift(m_new)
             rescale = np.exp(m - shift)  # exp(m - m_new) <= 1
             probs = np.exp(scores - shift)  # P = exp(S - m_new), entries <= 1
             l = l * rescale + probs.sum(axis=-1, keepdims=True)
             acc = acc * rescale + _probs_times_v(probs, v_blk)
             m = m_new
 
-        has_key = l > 0
-        safe_l = np.where(has_key, l, dtype.type(1))
-        out[:, :, :, i0:i1, :] = acc / safe_l
-        lse[:, :, :, i0:i1] = np.where(has_key, m + np.log(safe_l), neg_inf)[..., 0]
+        out[:, :, :, i0:i1, :], lse[:, :, :, i0:i1] = _finish(m, l, acc)
 
     if stats is not None:
         stats.update(counts)
@@ -546,15 +532,11 @@ def merge_partials(outs, lses):
             f"each lse must have its out's shape without the last axis"
         )
     dtype = np.result_type(outs.dtype, lses.dtype)
-    m = lses.max(axis=0)
-    has_key = np.isfinite(m)
-    shift = np.where(has_key, m, dtype.type(0))
-    weights = np.exp(lses - shift)  # exp(lse_p - m) <= 1; 0 for empty parts
-    total = weights.sum(axis=0)
-    safe_total = np.where(has_key, total, dtype.type(1))
-    lse = np.where(has_key, shift + np.log(safe_total), dtype.type(-np.inf))
-    out = (weights[..., None] * outs).sum(axis=0) / safe_total[..., None]
-    return out.astype(dtype, copy=False), lse.astype(dtype, copy=False)
+    outs, lses = outs.astype(dtype, copy=False), lses.astype(dtype, copy=False)[..., None]
+    m = lses.max(axis=0)                                   # (..., 1)
+    weights = np.exp(lses - _shift(m))                     # exp(lse_p - m) <= 1; 0 for empty parts
+    # the same finish as a softmax: l = sum_p weights, acc = sum_p weights * out_p
+    return _finish(m, weights.sum(axis=0), (weights * outs).sum(axis=0))
 
 
 def decode(q, k_cache, v_cache, lengths, n_splits=4, window=None, scale=None, return_lse=False):
@@ -572,56 +554,30 @@ def decode(q, k_cache, v_cache, lengths, n_splits=4, window=None, scale=None, re
     to a partial (out_p, lse_p); ``merge_partials`` then combines them exactly.
     More splits than keys is allowed: the empty chunks have lse = -inf and weight 0.
     """
-    q, k_cache, v_cache, (batch, n_kv, group, seq_q, capacity, head_dim) = _check_inputs(
-        q, k_cache, v_cache
-    )
-    if int(n_splits) < 1:
-        raise InvalidInputError(f"n_splits={n_splits}; pass an int >= 1")
+    q, k_cache, v_cache, (batch, n_kv, group, seq_q, capacity, head_dim) = _check_inputs(q, k_cache, v_cache)
+    if isinstance(n_splits, bool) or int(n_splits) != n_splits or n_splits < 1:
+        raise InvalidInputError(f"n_splits={n_splits!r}; pass an int >= 1")
     n_splits = int(n_splits)
-    dtype = q.dtype
-    if lengths is None:
-        lengths = np.full(batch, capacity, dtype=np.int64)
-    lengths_arr = _as_lengths(lengths, batch, capacity)
-    window = _check_window(window)
-    scale = _scale_for(dtype, head_dim, scale)
-    d_v = v_cache.shape[-1]
-
-    offsets = lengths_arr - seq_q  # query i sits at lengths[b] - seq_q + i
-    # Scores are computed transposed, K q^T (keys as the rows, one column per query), then viewed
-    # back as q K^T: with a few queries against hundreds of keys OpenBLAS runs this orientation
-    # much faster than q @ K^T (measured on the 2-core CI machine, 2 kv heads x 4 queries x 640 keys:
-    # 38 us for q @ K^T, 10 us for K q^T; the whole decode call went from 84 to 57 us).
-    q_columns = np.ascontiguousarray(_group_queries(q, n_kv, group, scale).swapaxes(-1, -2))
-    # (initial= makes both defined for an empty batch; lengths never exceed the capacity.)
-    keys_present, shortest = int(lengths_arr.max(initial=0)), int(lengths_arr.min(initial=capacity))
+    lengths = np.full(batch, capacity, dtype=np.int64) if lengths is None else lengths
+    offsets, lengths, window, scale = _masking_args(0, lengths, window, scale, batch, capacity, head_dim, q.dtype)
+    offsets = lengths - seq_q  # query i sits at lengths[b] - seq_q + i
+    query_pos = offsets[:, None] + np.arange(seq_q, dtype=np.int64)[None, :]
+    q_grouped = _group_queries(q, n_kv, group, scale)  # (b, kv, group*seq_q, d)
+    keys_present = int(lengths.max(initial=0))
 
     # Split boundaries: chunk p covers keys [p*n // n_splits, (p+1)*n // n_splits).
     boundaries = [(p * keys_present) // n_splits for p in range(n_splits + 1)]
     part_outs, part_lses = [], []
     for j0, j1 in zip(boundaries[:-1], boundaries[1:]):
-        if j1 == j0:  # an empty chunk contributes nothing: out 0, lse -inf
-            part_outs.append(np.zeros((batch, n_kv, group, seq_q, d_v), dtype=dtype))
-            part_lses.append(np.full((batch, n_kv, group, seq_q), -np.inf, dtype=dtype))
-            continue
-        k_chunk = k_cache[:, :, j0:j1, :].astype(dtype, copy=False)
-        v_chunk = v_cache[:, :, j0:j1, :].astype(dtype, copy=False)
-        # (b, kv, keys, group*seq_q) -> (b, kv, group*seq_q, keys), copied so the softmax reads rows
-        scores = np.ascontiguousarray(np.matmul(k_chunk, q_columns).swapaxes(-1, -2))
-        scores = scores.reshape(batch, n_kv, group, seq_q, j1 - j0)
-        if window is None and seq_q == 1 and shortest >= j1:
-            visible = None  # every sequence's query sits at or after key j1 - 1: all of the chunk is visible
-        else:
-            query_pos = offsets[:, None] + np.arange(seq_q, dtype=np.int64)[None, :]
-            visible = _visible(query_pos, np.arange(j0, j1, dtype=np.int64), lengths_arr, window, True)
-        out_p, lse_p = _masked_softmax_times_v(scores, visible, v_chunk)
+        k_chunk = k_cache[:, :, j0:j1, :].astype(q.dtype, copy=False)
+        v_chunk = v_cache[:, :, j0:j1, :].astype(q.dtype, copy=False)
+        # S = (scale * Q) K_chunk^T; an empty chunk gives out 0 and lse -inf
+        scores = np.matmul(q_grouped, k_chunk.swapaxes(-1, -2)).reshape(batch, n_kv, group, seq_q, j1 - j0)
+        visible = _visible(query_pos, np.arange(j0, j1, dtype=np.int64), lengths, window, True)
+        out_p, lse_p = masked_softmax_times_v(scores, visible, v_chunk)
         part_outs.append(out_p)
         part_lses.append(lse_p)
-
-    if len(part_outs) == 1:
-        # One split is plain attention over the cache: nothing to merge (the numpy backend's choice).
-        out, lse = part_outs[0], part_lses[0]
-    else:
-        out, lse = merge_partials(part_outs, part_lses)
+    out, lse = merge_partials(part_outs, part_lses)
     return _ungroup(out, lse, q.shape[1], return_lse)
 
 

@@ -13,8 +13,12 @@ supplies
     against a contiguous cache (split-K / flash-decoding; ``n_splits=None`` lets the backend choose);
   - ``paged_decode_attention(q, k_pool, v_pool, block_table, lengths, window, n_splits)``: the same,
     reading the cache through a paged block table;
+  - ``paged_attention(q, k_pool, v_pool, block_table, q_offset, lengths, window, algorithm)``: prefill
+    through a block table;
   - ``apply_rope(x, cos, sin, convention)``;
-  - ``write_kv(cache, new, starts, counts)``: the cache write.
+  - ``write_kv(cache, new, q_offset, n_new)``: the cache write.
+
+The model checks its inputs once, at the door (``Transformer.forward``); these kernels trust them.
 
 Registry: ``get_backend(name)`` imports lazily (asking for "numba" imports numba only then),
 ``available_backends()`` lists those that work on this machine, and the environment variable
@@ -28,6 +32,7 @@ The accelerated backends live in the top-level folder ``backends/``, installed a
 from __future__ import annotations
 
 import importlib
+import math
 import importlib.util
 import os
 import sys
@@ -41,6 +46,31 @@ from . import rope as reference_rope
 from .errors import BackendUnavailableError, ConfigError
 
 DEFAULT_ENV = "MINIKV_BACKEND"
+
+
+def write_rows(cache, new, q_offset, n_new) -> None:
+    """Per-sequence cache write shared by every backend whose arrays support slicing:
+    cache[b, :, q_offset[b] : q_offset[b] + n_new[b]] = new[b, :, :n_new[b]]."""
+    if q_offset.size == 0:
+        return
+    seq, start = new.shape[2], int(q_offset[0])
+    if len(q_offset) == 1 or ((q_offset == start).all() and (n_new == seq).all()):
+        # The common cases (one sequence, or a uniform batch): one strided copy for the whole batch.
+        count = int(n_new[0])
+        cache[:, :, start:start + count] = new[:, :, :count]
+        return
+    for b, (start, count) in enumerate(zip(q_offset.tolist(), n_new.tolist())):
+        cache[b, :, start:start + count] = new[b, :, :count]
+
+
+def gather_pages(pool, block_table):
+    """(num_blocks, kv_heads, block_size, head_dim) pool + (batch, blocks_per_seq) table
+    -> (batch, kv_heads, blocks_per_seq * block_size, head_dim). Unused table entries (-1) read
+    block 0; the lengths mask them out."""
+    table = block_table.clip(min=0)
+    pages = pool[table]                              # (batch, blocks, kv_heads, block_size, head_dim)
+    batch, n_blocks, kv_heads, block_size, head_dim = pages.shape
+    return pages.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, n_blocks * block_size, head_dim)
 
 
 class Backend:
@@ -80,53 +110,67 @@ class Backend:
     decode_splits = 1
 
     def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None, n_splits=None):
-        # decode reads (and widens, for a float16 cache) only the filled prefix [0, max(lengths)).
-        return reference_attention.decode(q, k_cache, v_cache, lengths, window=window, return_lse=True,
-                                          n_splits=self.decode_splits if n_splits is None else n_splits)
+        """One query per sequence at position lengths[b] - 1 against the cache's keys 0..lengths[b]-1.
+
+        The math of ``minikv.attention.decode`` with one split (NumPy runs splits one after another),
+        and two speed rules measured in benchmarks/results/profile_decode_*.txt:
+
+        * scores as K q^T, then copied to rows: with a few queries against hundreds of keys OpenBLAS
+          runs this orientation several times faster than q K^T (its gemv-like path for a wide
+          right-hand side is slow), and the softmax's max wants rows, not strided columns;
+        * no mask at all when every sequence's query sees every key it has (no window, all lengths
+          equal): the -inf guards of the masked softmax cost ~8 small array ops per layer per step.
+
+        Trusted inside: the model checked the shapes; only the filled prefix [0, max(lengths)) is read
+        (and widened from float16 where the cache is stored so)."""
+        if q.shape[2] != 1 or (n_splits or self.decode_splits) != 1:
+            return reference_attention.decode(q, k_cache, v_cache, lengths, window=window, return_lse=True,
+                                              n_splits=self.decode_splits if n_splits is None else n_splits)
+        batch, n_heads, _, head_dim = q.shape
+        n_kv = k_cache.shape[1]
+        group = n_heads // n_kv
+        lengths = np.full(batch, k_cache.shape[2], dtype=np.int64) if lengths is None else np.asarray(lengths)
+        width = int(lengths.max(initial=0))
+        k = k_cache[:, :, :width].astype(q.dtype, copy=False)               # (b, kv, width, hd)
+        v = v_cache[:, :, :width].astype(q.dtype, copy=False)
+        scale = q.dtype.type(1.0 / math.sqrt(head_dim))
+        # (b, H, 1, hd) -> (b, kv, group, hd) -> (b, kv, hd, group): one column per query head
+        q_columns = np.ascontiguousarray((q * scale).reshape(batch, n_kv, group, head_dim).swapaxes(-1, -2))
+        # (b, kv, width, group) -> (b, kv, group, width): rows for the softmax
+        scores = np.ascontiguousarray(np.matmul(k, q_columns).swapaxes(-1, -2))
+        if window is None and width > 0 and int(lengths.min()) == width:
+            row_max = scores.max(axis=-1, keepdims=True)
+            probs = np.exp(scores - row_max)
+            row_sum = probs.sum(axis=-1, keepdims=True)
+            out = np.matmul(probs, v) / row_sum                                  # (b, kv, group, hd)
+            lse = row_max + np.log(row_sum)
+        else:
+            # (b, kv, group, width) -> (b, kv, group, 1, width): the reference's masked softmax
+            visible = reference_attention.visible_mask(1, width, lengths - 1, lengths, window)
+            out, lse = reference_attention.masked_softmax_times_v(scores[:, :, :, None], visible, v)
+        # (b, kv, group, [1,] hd) -> (b, H, 1, hd)
+        return out.reshape(batch, n_heads, 1, head_dim), lse.reshape(batch, n_heads, 1)
 
     def paged_decode_attention(self, q, k_pool, v_pool, block_table, lengths, *, window=None, n_splits=None):
         # Reference: gather each sequence's blocks into a contiguous view, then run plain decode.
-        # Only the table columns that hold positions are read: the copy grows with the length, not the capacity.
-        block_size = k_pool.shape[2]
-        used = -(-int(np.max(lengths)) // block_size)
-        block_table = block_table[:, :used]
+        # The view's table holds only the columns with positions: the copy grows with the length.
         k_cache, v_cache = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)
         return self.decode_attention(q, k_cache, v_cache, lengths, window=window, n_splits=n_splits)
+
+    def paged_attention(self, q, k_pool, v_pool, block_table, *, q_offset, lengths, window=None, algorithm=None):
+        """Prefill (many queries per sequence) through a block table: gather, then ``attention``."""
+        k_all, v_all = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)
+        return self.attention(q, k_all, v_all, causal=True, q_offset=q_offset, lengths=lengths, window=window,
+                              algorithm=algorithm)
 
     def apply_rope(self, x, cos, sin, convention="half"):
         return reference_rope.apply_rope(x, cos, sin, convention)
 
-    def write_kv(self, cache, new, starts, counts) -> None:
-        """cache[b, :, starts[b] : starts[b] + counts[b]] = new[b, :, :counts[b]] for every sequence b."""
-        write_rows(cache, new, starts, counts)
+    # write_kv(cache, new, q_offset, n_new): the cache write, write_rows itself (no wrapper call per write).
+    write_kv = staticmethod(write_rows)
 
     def __repr__(self) -> str:
         return f"<minikv backend {self.name!r}>"
-
-
-def write_rows(cache, new, starts, counts) -> None:
-    """Per-sequence cache write shared by every backend whose arrays support slicing."""
-    starts, counts = np.asarray(starts), np.asarray(counts)
-    if starts.size == 0:
-        return
-    seq, start = new.shape[2], int(starts[0])
-    if len(starts) == 1 or ((starts == start).all() and (counts == seq).all()):
-        # The common cases (one sequence, or a uniform batch): one strided copy for the whole batch.
-        count = int(counts[0])
-        cache[:, :, start:start + count] = new[:, :, :count]
-        return
-    for b, (start, count) in enumerate(zip(starts.tolist(), counts.tolist())):
-        cache[b, :, start:start + count] = new[b, :, :count]
-
-
-def gather_pages(pool, block_table):
-    """(num_blocks, kv_heads, block_size, head_dim) pool + (batch, blocks_per_seq) table
-    -> (batch, kv_heads, blocks_per_seq * block_size, head_dim). Unused table entries (-1) read
-    block 0; the lengths mask them out."""
-    table = block_table.clip(min=0)
-    pages = pool[table]                              # (batch, blocks, kv_heads, block_size, head_dim)
-    batch, n_blocks, kv_heads, block_size, head_dim = pages.shape
-    return pages.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, n_blocks * block_size, head_dim)
 
 
 # ------------------------------------------------------------------ registry

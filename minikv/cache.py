@@ -21,35 +21,63 @@ Memory held, for a cache of ``positions`` slots per sequence::
 
     nbytes = 2 (K and V) * layers * batch * positions * kv_heads * head_dim * itemsize
 
+A cache **stores**; it does not attend. One forward of ``n_new[b]`` new tokens per sequence drives
+it like this (``Transformer.forward`` in model.py)::
+
+    cache.reserve(n_new)                          # claim room; CacheOverflowError before any write
+    for each layer:
+        view = cache.update(layer, k_new, v_new)  # write this step's K/V, get back every K/V held
+        out = attention(q, view.k, view.v, ...)   # the model attends, not the cache
+    cache.advance(n_new)                          # commit: lengths += n_new
+    # on any exception in between: cache.rollback() restores the cache exactly as it was
+
+``cache.truncate(lengths)`` rewinds sequences to shorter lengths (speculative decoding throws away
+rejected tokens this way); a ring that has already overwritten those positions cannot rewind and
+raises ``CacheRewindError``.
+
 Every cache knows its per-sequence ``lengths``, its ``capacity``, ``nbytes``, ``reset()``, and
-``save(path)`` / ``load_cache(path)`` (safetensors). Writing past capacity raises
-``CacheOverflowError`` *before* anything is written, so a failed call loses no state.
+``save(path)`` / ``load_cache(path)`` (safetensors).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 
-from .backend import Backend, gather_pages, get_backend
-from .errors import CacheMismatchError, CacheOverflowError, ConfigError, InvalidInputError
+from .backend import Backend, get_backend
+from .errors import CacheMismatchError, CacheOverflowError, CacheRewindError, ConfigError, InvalidInputError
 
 CACHE_KINDS = ("none", "concat", "static", "paged", "sliding")
 _FORMAT_VERSION = "1"
 
 
-class KVCache:
-    """The interface; subclasses decide where K and V live.
+@dataclass(frozen=True)
+class KVView:
+    """What attention needs after a write: every key and value the new queries may see.
 
-    The model calls, for one forward of ``n_new[b]`` new tokens per sequence::
+    k, v:        contiguous caches: (batch, kv_heads, width, head_dim) views (no copy where the
+                 storage allows it); paged: the pools (num_blocks, kv_heads, block_size, head_dim)
+    q_offset:    (batch,) position *in the view* of each sequence's first new query
+    lengths:     (batch,) keys present per sequence, the new ones included (= q_offset + n_new)
+    block_table: paged only: (batch, blocks used) pool block of each block of positions; else None
 
-        cache.check_capacity(n_new)                   # may raise; nothing written yet
-        for layer ...: out = cache.attend(layer, q, k_new, v_new, n_new, window=..., algorithm=...)
-        cache.advance(n_new)                          # lengths += n_new
+    These are exactly the arguments of ``minikv.attention`` (q_offset, lengths) and of the backend's
+    paged kernels (block_table), so the model passes them through unchanged.
     """
+
+    k: Any
+    v: Any
+    q_offset: np.ndarray
+    lengths: np.ndarray
+    block_table: Any = None
+
+
+class KVCache:
+    """The interface; subclasses decide where K and V live (see the module docstring for the protocol)."""
 
     kind = "base"
 
@@ -57,17 +85,22 @@ class KVCache:
                  dtype="float32", backend: Optional[Backend] = None):
         for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
                             ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"{self.kind} cache: {name}={value!r} must be a positive integer")
         self.n_layers, self.n_kv_heads, self.head_dim = int(n_layers), int(n_kv_heads), int(head_dim)
         self.batch_size, self.max_seq_len = int(batch_size), int(max_seq_len)
-        self.dtype = np.dtype(dtype)
+        try:
+            self.dtype = np.dtype(dtype)
+        except TypeError:
+            raise ConfigError(f"cache dtype={dtype!r} is not a dtype; choose float16, float32 or float64") from None
         if self.dtype.name not in ("float16", "float32", "float64"):
             raise ConfigError(f"cache dtype={self.dtype.name!r} must be float16, float32 or float64")
         self.backend = get_backend(backend)
         self.xp = self.backend.xp
         # Positions held per sequence, on the host: every kernel reads it, Python indexes with it.
         self.lengths = np.zeros(self.batch_size, dtype=np.int64)
+        # n_new of the forward in flight (between reserve and advance/rollback), else None.
+        self._n_new: Optional[np.ndarray] = None
 
     # ---- facts ----
     @property
@@ -94,7 +127,7 @@ class KVCache:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype.itemsize
 
     def check_compatible(self, config, batch_size: int) -> None:
-        """Refuse a cache built for another model or batch, naming what differs."""
+        """Refuse a cache built for another model or batch, naming what differs. Changes nothing."""
         want = (config.n_layers, config.n_kv_heads, config.head_dim)
         if self.geometry != want:
             raise CacheMismatchError(
@@ -107,8 +140,8 @@ class KVCache:
                 f"pass batch_size={batch_size} to new_cache"
             )
 
-    # ---- the protocol the model drives ----
-    def check_capacity(self, n_new: np.ndarray) -> None:
+    def check_room(self, n_new: np.ndarray) -> None:
+        """Raise CacheOverflowError if some sequence cannot take n_new[b] more positions. Changes nothing."""
         ends = self.lengths + n_new
         worst = int(np.argmax(ends))
         if ends[worst] > self.capacity:
@@ -117,25 +150,57 @@ class KVCache:
                 f"{int(self.lengths[worst])} (sequence {worst}) would exceed it (pass max_seq_len>={int(ends[worst])})"
             )
 
-    def attend(self, layer: int, q, k_new, v_new, n_new: np.ndarray, *, window=None, algorithm=None):
+    # ---- the protocol the model drives: reserve, update per layer, advance (or rollback) ----
+    def reserve(self, n_new: np.ndarray) -> None:
+        """Claim room for n_new[b] more positions of every sequence b, before any layer writes.
+
+        n_new: (batch,) int64, checked by the caller. Raises CacheOverflowError and changes nothing
+        when the room is not there."""
+        self.check_room(n_new)
+        self._n_new = n_new
+
+    def update(self, layer: int, k_new, v_new) -> KVView:
+        """Write this step's k_new, v_new (batch, kv_heads, seq, head_dim) at each sequence's length
+        (the first n_new[b] columns of row b are real) and return every K/V the queries may see."""
         raise NotImplementedError
 
     def advance(self, n_new: np.ndarray) -> None:
-        self.lengths = self.lengths + np.asarray(n_new, dtype=np.int64)
+        """Commit the forward in flight: lengths += n_new."""
+        self.lengths = self.lengths + n_new
+        self._n_new = None
+
+    def rollback(self) -> None:
+        """Undo everything since ``reserve``: after a failed forward the cache is exactly as before it."""
+        self._n_new = None
+
+    def truncate(self, lengths) -> None:
+        """Rewind: sequence b keeps its first lengths[b] positions (lengths[b] <= its length now).
+
+        Equal to never having fed the dropped positions (tests/test_cache.py proves it per kind)."""
+        lengths = self._check_truncate(lengths)
+        self._truncate(lengths)
+        self.lengths = lengths
+
+    def _check_truncate(self, lengths) -> np.ndarray:
+        values = np.asarray(lengths)
+        if values.ndim == 0:
+            values = np.broadcast_to(values, (self.batch_size,))
+        if values.dtype.kind not in "iu" or values.shape != (self.batch_size,):
+            raise InvalidInputError(f"truncate(lengths={lengths!r}): pass {self.batch_size} integer lengths, "
+                                    "one per sequence")
+        values = values.astype(np.int64)
+        if (values < 0).any() or (values > self.lengths).any():
+            raise InvalidInputError(f"truncate(lengths={values.tolist()}): each must lie in 0..its length now "
+                                    f"{self.lengths.tolist()} (a cache cannot grow by truncating)")
+        return values
+
+    def _truncate(self, lengths: np.ndarray) -> None:
+        """Per kind: release what the dropped positions held (static: nothing, slots are just ignored)."""
 
     def reset(self) -> None:
         """Forget every sequence; keep the memory for reuse."""
         self.lengths = np.zeros(self.batch_size, dtype=np.int64)
-
-    # ---- shared attention step over a contiguous (batch, kv_heads, width, head_dim) view ----
-    def _attend_contiguous(self, q, k_all, v_all, starts, ends, window, algorithm):
-        if q.shape[2] == 1:
-            # Decode: one query per sequence sits at position ends-1 and sees keys 0..ends-1.
-            out, _ = self.backend.decode_attention(q, k_all, v_all, ends, window=window)
-        else:
-            out, _ = self.backend.attention(q, k_all, v_all, causal=True, q_offset=starts, lengths=ends,
-                                            window=window, algorithm=algorithm)
-        return out
+        self._n_new = None
 
     # ---- persistence (safetensors, never pickle) ----
     def _metadata(self) -> dict[str, str]:
@@ -188,7 +253,10 @@ class _PerLayerArrays(KVCache):
 
 
 class StaticCache(_PerLayerArrays):
-    """Pre-allocated to max_seq_len; a step writes its new K/V in place at each sequence's position."""
+    """Pre-allocated to max_seq_len; a step writes its new K/V in place at each sequence's position.
+
+    Slots at or past a sequence's length are never read, so a failed forward (whose writes land
+    only there) needs no undo, and truncating is just lowering the lengths."""
 
     kind = "static"
 
@@ -200,14 +268,15 @@ class StaticCache(_PerLayerArrays):
     def positions_held(self) -> int:
         return self.max_seq_len
 
-    def attend(self, layer, q, k_new, v_new, n_new, *, window=None, algorithm=None):
-        starts, ends = self.lengths, self.lengths + n_new
-        self.backend.write_kv(self.k[layer], k_new, starts, n_new)
-        self.backend.write_kv(self.v[layer], v_new, starts, n_new)
-        width = int(ends.max())
-        # A view of the filled prefix, not a copy.
-        return self._attend_contiguous(q, self.k[layer][:, :, :width], self.v[layer][:, :, :width],
-                                       starts, ends, window, algorithm)
+    def update(self, layer, k_new, v_new):
+        q_offset, n_new = self.lengths, self._n_new
+        lengths = q_offset + n_new
+        # k[b, :, q_offset[b] : lengths[b]] = k_new[b, :, :n_new[b]]: llama2.c's one-line cache write
+        self.backend.write_kv(self.k[layer], k_new, q_offset, n_new)
+        self.backend.write_kv(self.v[layer], v_new, q_offset, n_new)
+        width = int(lengths.max())
+        # A view of the filled prefix, not a copy: (batch, kv_heads, width, head_dim)
+        return KVView(self.k[layer][:, :, :width], self.v[layer][:, :, :width], q_offset, lengths)
 
 
 class ConcatCache(_PerLayerArrays):
@@ -226,24 +295,41 @@ class ConcatCache(_PerLayerArrays):
     def positions_held(self) -> int:
         return int(self.k[0].shape[2])
 
-    def attend(self, layer, q, k_new, v_new, n_new, *, window=None, algorithm=None):
+    def reserve(self, n_new):
+        super().reserve(n_new)
+        # The arrays before this forward: a rollback puts them back (each update makes new ones).
+        self._before = (list(self.k), list(self.v), self.bytes_copied)
+
+    def update(self, layer, k_new, v_new):
         xp = self.xp
-        starts, ends = self.lengths, self.lengths + n_new
-        width, steps = self.k[layer].shape[2], k_new.shape[2]
+        q_offset, n_new = self.lengths, self._n_new
+        lengths = q_offset + n_new
+        width, seq = self.k[layer].shape[2], k_new.shape[2]
         self.bytes_copied += 2 * self.k[layer].nbytes
-        if np.all(starts == width) and np.all(n_new == steps):
-            # Every sequence is as long as the array: the textbook k = concat([k, k_new]).
+        if np.all(q_offset == width) and np.all(n_new == seq):
+            # Every sequence is as long as the array: the textbook k = concat([k, k_new]) on the seq axis.
             self.k[layer] = xp.concatenate([self.k[layer], k_new.astype(self.dtype)], axis=2)
             self.v[layer] = xp.concatenate([self.v[layer], v_new.astype(self.dtype)], axis=2)
         else:
             # A ragged batch: grow to the longest sequence with an empty block, then write each row.
-            grow = max(int(ends.max()) - width, 0)
+            grow = max(int(lengths.max()) - width, 0)
             pad = xp.zeros(self.k[layer].shape[:2] + (grow, self.head_dim), dtype=self.dtype)
             self.k[layer] = xp.concatenate([self.k[layer], pad], axis=2)
             self.v[layer] = xp.concatenate([self.v[layer], pad], axis=2)
-            self.backend.write_kv(self.k[layer], k_new, starts, n_new)
-            self.backend.write_kv(self.v[layer], v_new, starts, n_new)
-        return self._attend_contiguous(q, self.k[layer], self.v[layer], starts, ends, window, algorithm)
+            self.backend.write_kv(self.k[layer], k_new, q_offset, n_new)
+            self.backend.write_kv(self.v[layer], v_new, q_offset, n_new)
+        return KVView(self.k[layer], self.v[layer], q_offset, lengths)
+
+    def rollback(self):
+        if self._n_new is not None:
+            self.k, self.v, self.bytes_copied = self._before
+        super().rollback()
+
+    def _truncate(self, lengths):
+        # Keep only what the longest remaining sequence needs: (batch, kv, width, hd) -> (batch, kv, max(lengths), hd)
+        width = int(lengths.max(initial=0))
+        self.k = [k[:, :, :width] for k in self.k]
+        self.v = [v[:, :, :width] for v in self.v]
 
     def reset(self):
         super().reset()
@@ -255,26 +341,28 @@ class PagedCache(KVCache):
     """A pool of ``num_blocks`` blocks of ``block_size`` positions, shared by the batch.
 
     ``block_table[b, i]`` is the pool block holding positions i*block_size .. (i+1)*block_size-1 of
-    sequence b (-1: none yet). Blocks are taken from the free list as sequences grow and returned
-    by ``free(b)`` and ``reset()``."""
+    sequence b (-1: none yet). ``reserve`` takes the blocks a forward needs from the free list before
+    any layer writes (a rollback gives them back); ``free(b)``, ``truncate`` and ``reset()`` return them."""
 
     kind = "paged"
 
     def __init__(self, *args, block_size: int = 16, num_blocks: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
             raise ConfigError(f"paged cache: block_size={block_size!r} must be a positive integer")
         self.block_size = int(block_size)
         self.blocks_per_seq = -(-self.max_seq_len // self.block_size)
+        if num_blocks is not None and (isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer))
+                                       or num_blocks < 1):
+            raise ConfigError(f"paged cache: num_blocks={num_blocks!r} must be a positive integer")
         self.num_blocks = int(num_blocks) if num_blocks is not None else self.batch_size * self.blocks_per_seq
-        if self.num_blocks < 1:
-            raise ConfigError(f"paged cache: num_blocks={num_blocks!r} must be >= 1")
         shape = (self.num_blocks, self.n_kv_heads, self.block_size, self.head_dim)
         self.k_pool = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
         self.v_pool = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
         self.block_table = np.full((self.batch_size, self.blocks_per_seq), -1, dtype=np.int32)
         self.free_blocks = list(range(self.num_blocks))
         self._table_on_device = None
+        self._claimed: list[tuple[int, int]] = []     # (sequence, table column) taken by the reserve in flight
 
     @property
     def blocks_in_use(self) -> int:
@@ -294,73 +382,93 @@ class PagedCache(KVCache):
         """The whole pool, in use or free."""
         return self.num_blocks * self.block_size * self.bytes_per_position()
 
-    def check_capacity(self, n_new):
-        super().check_capacity(n_new)
-        ends = self.lengths + n_new
-        # Blocks each sequence still lacks: ceil(end / block_size) minus those it holds. Clamped at 0: a
-        # sequence may hold more than its length needs (blocks reserved by a call that then failed), and
-        # its surplus must not be counted as free room for the others.
-        needed = [max(0, int(-(-e // self.block_size)) - int((self.block_table[b] >= 0).sum()))
-                  for b, e in enumerate(ends)]
-        if sum(needed) > len(self.free_blocks):
+    def _blocks_held(self) -> np.ndarray:
+        return (self.block_table >= 0).sum(axis=1)
+
+    def check_room(self, n_new):
+        super().check_room(n_new)
+        # Blocks each sequence still lacks: ceil(length / block_size) minus those it holds.
+        needed = np.maximum(0, -(-(self.lengths + n_new) // self.block_size) - self._blocks_held())
+        if needed.sum() > len(self.free_blocks):
             raise CacheOverflowError(
                 f"paged cache pool has {self.num_blocks} blocks of {self.block_size} positions and {len(self.free_blocks)} "
-                f"free; this step needs {sum(needed)} more (pass num_blocks>={self.blocks_in_use + sum(needed)}, "
+                f"free; this step needs {int(needed.sum())} more (pass num_blocks>={self.blocks_in_use + int(needed.sum())}, "
                 "or free finished sequences)"
             )
-        # Reserve now, before any layer writes, so a failure above leaves the cache untouched.
-        for b, count in enumerate(needed):
-            have = int((self.block_table[b] >= 0).sum())
-            for i in range(have, have + count):
-                self.block_table[b, i] = self.free_blocks.pop(0)
-                self._table_on_device = None
+
+    def reserve(self, n_new):
+        super().reserve(n_new)
+        needed = np.maximum(0, -(-(self.lengths + n_new) // self.block_size) - self._blocks_held())
+        held = self._blocks_held()
+        self._claimed = []
+        for b in np.nonzero(needed)[0].tolist():
+            for column in range(int(held[b]), int(held[b] + needed[b])):
+                self.block_table[b, column] = self.free_blocks.pop(0)
+                self._claimed.append((b, column))
+        if self._claimed:
+            self._table_on_device = None
+
+    def rollback(self):
+        # Give back exactly the blocks this forward's reserve took, in their old order at the front.
+        for b, column in reversed(self._claimed):
+            self.free_blocks.insert(0, int(self.block_table[b, column]))
+            self.block_table[b, column] = -1
+        if self._claimed:
+            self._table_on_device = None
+        self._claimed = []
+        super().rollback()
+
+    def advance(self, n_new):
+        self._claimed = []
+        super().advance(n_new)
 
     def _table_device(self):
         if self._table_on_device is None:
             self._table_on_device = self.backend.to_device(self.block_table)
         return self._table_on_device
 
-    def _write(self, pool, new, starts, n_new):
+    def _write(self, pool, new, q_offset, n_new):
         for b in range(self.batch_size):
-            positions = np.arange(int(starts[b]), int(starts[b] + n_new[b]))
+            positions = np.arange(int(q_offset[b]), int(q_offset[b] + n_new[b]))
             if positions.size == 0:
                 continue
             blocks = self.block_table[b, positions // self.block_size]
             offsets = positions % self.block_size
-            # pool[blocks[i], :, offsets[i]] = new[b, :, i]  for each new position i
+            # pool[blocks[i], :, offsets[i]] = new[b, :, i]  for each new position i;  (kv, n, hd) -> (n, kv, hd)
             pool[self.backend.to_device(blocks), :, self.backend.to_device(offsets)] = new[b, :, :positions.size].transpose(1, 0, 2)
 
-    def attend(self, layer, q, k_new, v_new, n_new, *, window=None, algorithm=None):
-        starts, ends = self.lengths, self.lengths + n_new
-        self._write(self.k_pool[layer], k_new, starts, n_new)
-        self._write(self.v_pool[layer], v_new, starts, n_new)
-        table = self._table_device()
-        if q.shape[2] == 1:
-            out, _ = self.backend.paged_decode_attention(q, self.k_pool[layer], self.v_pool[layer], table, ends,
-                                                         window=window)
-            return out
-        # Prefill: read the blocks into a contiguous view, then ordinary attention.
-        used = -(-int(ends.max()) // self.block_size)
-        k_all = gather_pages(self.k_pool[layer], table[:, :used])
-        v_all = gather_pages(self.v_pool[layer], table[:, :used])
-        return self._attend_contiguous(q, k_all, v_all, starts, ends, window, algorithm)
+    def update(self, layer, k_new, v_new):
+        q_offset, n_new = self.lengths, self._n_new
+        self._write(self.k_pool[layer], k_new, q_offset, n_new)
+        self._write(self.v_pool[layer], v_new, q_offset, n_new)
+        lengths = q_offset + n_new
+        used = -(-int(lengths.max()) // self.block_size)      # table columns that hold positions
+        return KVView(self.k_pool[layer], self.v_pool[layer], q_offset, lengths, self._table_device()[:, :used])
+
+    def _release(self, seq: int, keep_blocks: int) -> None:
+        held = [int(x) for x in self.block_table[seq, keep_blocks:] if x >= 0]
+        self.free_blocks.extend(held)
+        self.block_table[seq, keep_blocks:] = -1
+        self._table_on_device = None
+
+    def _truncate(self, lengths):
+        for b in range(self.batch_size):
+            self._release(b, -(-int(lengths[b]) // self.block_size))
 
     def free(self, seq: int) -> None:
         """Return sequence ``seq``'s blocks to the pool; its length becomes 0."""
-        if not 0 <= seq < self.batch_size:
-            raise InvalidInputError(f"sequence {seq} is out of range for a batch of {self.batch_size}")
-        held = [int(x) for x in self.block_table[seq] if x >= 0]
-        self.free_blocks.extend(held)
-        self.block_table[seq] = -1
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.batch_size:
+            raise InvalidInputError(f"sequence {seq!r} is out of range for a batch of {self.batch_size}")
+        self._release(int(seq), 0)
         self.lengths = self.lengths.copy()
         self.lengths[seq] = 0
-        self._table_on_device = None
 
     def reset(self):
         super().reset()
         self.block_table[:] = -1
         self.free_blocks = list(range(self.num_blocks))
         self._table_on_device = None
+        self._claimed = []
 
     def _extra(self):
         return {"block_size": self.block_size, "num_blocks": self.num_blocks}
@@ -384,62 +492,105 @@ class SlidingCache(_PerLayerArrays):
     """A ring buffer of the last ``window`` positions: position p lives in slot p mod window.
 
     Attention then sees at most the last ``window`` positions (query included), exactly as
-    Mistral's sliding-window attention, and memory stays window-sized however long the sequence."""
+    Mistral's sliding-window attention, and memory stays window-sized however long the sequence.
+
+    A write overwrites the slots of positions that are still visible, so ``update`` keeps what it
+    overwrote until ``advance``: ``rollback`` puts it back. For the same reason a ring can rewind
+    only while the positions the next query needs are still in it (``CacheRewindError`` otherwise)."""
 
     kind = "sliding"
 
     def __init__(self, *args, window: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
         window = self.max_seq_len if window is None else window
-        if not isinstance(window, (int, np.integer)) or window < 1:
+        if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
             raise ConfigError(f"sliding cache: window={window!r} must be a positive integer")
         self.window = int(min(window, self.max_seq_len))
         self._allocate(self.window)
+        self._undo: list[tuple] = []
 
     @property
     def positions_held(self) -> int:
         return self.window
 
-    def _write_ring(self, ring, new, starts, n_new):
+    def _ring_slots(self, q_offset, n_new):
+        """Per sequence b: (positions written, their ring slots). Only the last `window` new positions
+        survive a write; earlier ones would be overwritten at once."""
+        out = []
         for b in range(self.batch_size):
-            start, count = int(starts[b]), int(n_new[b])
-            # Only the last `window` new positions survive; earlier ones would be overwritten at once.
-            first = max(start, start + count - self.window)
-            positions = np.arange(first, start + count)
-            if positions.size:
-                slots = self.backend.to_device(positions % self.window)
-                ring[b][:, slots] = new[b][:, self.backend.to_device(positions - start)]
+            start, count = int(q_offset[b]), int(n_new[b])
+            positions = np.arange(max(start, start + count - self.window), start + count)
+            out.append((positions, positions % self.window))
+        return out
 
-    def attend(self, layer, q, k_new, v_new, n_new, *, window=None, algorithm=None):
+    def _write_ring(self, layer, k_new, v_new, q_offset, n_new):
+        to_device = self.backend.to_device
+        for b, (positions, slots) in enumerate(self._ring_slots(q_offset, n_new)):
+            if positions.size == 0:
+                continue
+            slots_dev, new_dev = to_device(slots), to_device(positions - int(q_offset[b]))
+            # Keep the overwritten slots (b, :, slots) of K and V for a rollback, then write.
+            self._undo.append((layer, b, slots_dev, self.k[layer][b][:, slots_dev], self.v[layer][b][:, slots_dev]))
+            self.k[layer][b][:, slots_dev] = k_new[b][:, new_dev]
+            self.v[layer][b][:, slots_dev] = v_new[b][:, new_dev]
+
+    def update(self, layer, k_new, v_new):
         xp, W = self.xp, self.window
-        window = W if window is None else min(window, W)
-        starts = self.lengths
-        steps = q.shape[2]
-        if steps == 1 and window == W:
-            # Decode: write the new position into its slot, then attend to the ring as it lies. Every
-            # filled slot is within the window, and attention is order-free, so no mask is needed
-            # beyond the number of filled slots.
-            self._write_ring(self.k[layer], k_new, starts, n_new)
-            self._write_ring(self.v[layer], v_new, starts, n_new)
-            filled = np.minimum(starts + n_new, W)
-            out, _ = self.backend.decode_attention(q, self.k[layer], self.v[layer], filled)
-            return out
-        # Prefill (or a window narrower than the ring): lay out the last window-1 old positions in
-        # order, append the new ones, and attend with the window mask; then keep the last W in the ring.
-        n_old = np.minimum(starts, W - 1)
+        q_offset, n_new = self.lengths, self._n_new
+        if k_new.shape[2] == 1:
+            # Decode: write the new position into its slot, then hand over the ring as it lies. Every
+            # filled slot is within the window, and attention does not care about the order of keys
+            # (RoPE already put each key's position into it), so the keys are slots 0..filled-1 and
+            # the query is the last of them.
+            self._write_ring(layer, k_new, v_new, q_offset, n_new)
+            filled = np.minimum(q_offset + n_new, W)
+            return KVView(self.k[layer], self.v[layer], filled - n_new, filled)
+        # Prefill: lay out the last window-1 old positions in order, then the new ones, so the window
+        # mask sees true relative positions; then keep the last W in the ring.
+        n_old = np.minimum(q_offset, W - 1)
         width = int((n_old + n_new).max())
-        k_all = xp.zeros((self.batch_size, self.n_kv_heads, width, self.head_dim), dtype=q.dtype)
+        # (batch, kv_heads, width, head_dim): old positions, then new ones, per sequence
+        k_all = xp.zeros((self.batch_size, self.n_kv_heads, width, self.head_dim), dtype=k_new.dtype)
         v_all = xp.zeros_like(k_all)
         for b in range(self.batch_size):
-            old_positions = np.arange(int(starts[b] - n_old[b]), int(starts[b]))
+            old_positions = np.arange(int(q_offset[b] - n_old[b]), int(q_offset[b]))
             slots = self.backend.to_device(old_positions % W)
             k_all[b, :, :n_old[b]] = self.k[layer][b][:, slots]
             v_all[b, :, :n_old[b]] = self.v[layer][b][:, slots]
             k_all[b, :, n_old[b]:n_old[b] + n_new[b]] = k_new[b, :, :n_new[b]]
             v_all[b, :, n_old[b]:n_old[b] + n_new[b]] = v_new[b, :, :n_new[b]]
-        self._write_ring(self.k[layer], k_new, starts, n_new)
-        self._write_ring(self.v[layer], v_new, starts, n_new)
-        return self._attend_contiguous(q, k_all, v_all, n_old, n_old + n_new, window, algorithm)
+        self._write_ring(layer, k_new, v_new, q_offset, n_new)
+        return KVView(k_all, v_all, n_old, n_old + n_new)
+
+    def advance(self, n_new):
+        self._undo = []
+        super().advance(n_new)
+
+    def rollback(self):
+        for layer, b, slots, old_k, old_v in reversed(self._undo):
+            self.k[layer][b][:, slots] = old_k
+            self.v[layer][b][:, slots] = old_v
+        self._undo = []
+        super().rollback()
+
+    def _truncate(self, lengths):
+        # The next query at position L = lengths[b] needs keys max(0, L-W+1) .. L-1; the ring holds
+        # positions max(0, length-W) .. length-1 (length = now). Rewinding is exact iff the first
+        # needed one is still there: always before the ring wraps, by at most one position after.
+        held_from = np.maximum(self.lengths - self.window, 0)
+        needed_from = np.maximum(lengths - self.window + 1, 0)
+        bad = np.nonzero(needed_from < held_from)[0]
+        if bad.size:
+            b = int(bad[0])
+            raise CacheRewindError(
+                f"sliding cache of window {self.window} holds positions {int(held_from[b])}..{int(self.lengths[b]) - 1} "
+                f"of sequence {b}; rewinding to length {int(lengths[b])} needs position {int(needed_from[b])}, which "
+                f"the ring has overwritten (it can rewind to length {int(held_from[b]) + self.window - 1} at the "
+                f"shortest; use a static or paged cache to rewind further)")
+
+    def reset(self):
+        super().reset()
+        self._undo = []
 
     def _extra(self):
         return {"window": self.window}

@@ -26,6 +26,10 @@ class CacheOverflowError(MinikvError):
     """Writing into a KV cache past its capacity."""
 
 
+class CacheRewindError(MinikvError):
+    """Rewinding a KV cache to positions it no longer holds (a ring that has overwritten them)."""
+
+
 class CacheMismatchError(MinikvError, ValueError):
     """A KV cache that was built for another model (layers, heads, head_dim) or batch."""
 

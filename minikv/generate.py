@@ -7,7 +7,7 @@ Prefill is compute-bound (a matrix of tokens per matmul); decode is memory-bound
 every weight to produce one token per sequence), which is why the two are timed apart in
 ``GenerationStats``.
 
-A batch of prompts of different lengths is right-padded into one array; ``n_tokens`` tells the
+A batch of prompts of different lengths is right-padded into one array; ``n_new`` tells the
 model how many tokens of each row are real, each sequence keeps its own positions and cache
 length, and so each gets exactly the tokens it would get alone. A sequence that produces a stop
 token stops (its later tokens are discarded); the others go on.
@@ -117,15 +117,15 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
     # ---- prefill: the whole prompt (or chunk by chunk) -> logits of each row's last prompt token
     t0 = time.perf_counter()
     if cache is None:
-        logits = model.forward(ids, n_tokens=lengths, last_only=True)
+        logits = model.forward(ids, n_new=lengths, last_only=True)
     else:
         chunk = ids.shape[1] if not prefill_chunk else int(prefill_chunk)
         logits = np.zeros((batch, model.config.vocab_size), dtype=model.dtype)
         for start in range(0, ids.shape[1], chunk):
-            counts = np.clip(lengths - start, 0, chunk)
-            if not counts.any():
+            n_new = np.clip(lengths - start, 0, chunk)
+            if not n_new.any():
                 break
-            part = model.forward(ids[:, start:start + chunk], cache, n_tokens=counts, last_only=True)
+            part = model.forward(ids[:, start:start + chunk], cache, n_new=n_new, last_only=True)
             # A row's last prompt token lies in this chunk iff its remaining count is within the chunk.
             ends_here = (lengths - start >= 1) & (lengths - start <= chunk)
             logits[ends_here] = part[ends_here]
@@ -147,7 +147,7 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
         if cache is None:
             # Recompute: the whole sequence again, every step (the baseline a cache removes).
             full, full_lengths = _padded(history)
-            logits = model.forward(full, n_tokens=full_lengths, last_only=True)
+            logits = model.forward(full, n_new=full_lengths, last_only=True)
         else:
             logits = model.forward(tokens[:, None], cache, last_only=True)
         stats.decode_tokens += int((~finished).sum())

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import layers
 from .backend import Backend, get_backend
-from .cache import KVCache, make_cache
+from .cache import KVCache, KVView, make_cache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .errors import ConfigError, InvalidInputError, SequenceTooLongError
@@ -90,6 +90,8 @@ class Transformer:
     def _prepare(self) -> None:
         """Lay the weights out for the forward pass, once, on the backend's device."""
         cfg, w, dev = self.config, self.weights, self.backend.to_device
+        # Facts the forward pass asks every layer, read once (config properties are Python calls).
+        self.is_gpt2, self.uses_rope = cfg.family == "gpt2", cfg.uses_rope
 
         def get(name):
             return dev(w[name]) if name in w else None
@@ -123,37 +125,148 @@ class Transformer:
             # Every position's cos/sin, computed once: a step only gathers rows.
             cos, sin = cos_sin_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, self.dtype)
             self.rope_cos, self.rope_sin = dev(cos), dev(sin)
+        # Each layer's own attention window (None: full causal attention).
+        self.layer_windows = [cfg.sliding_window] * cfg.n_layers
 
     @property
     def n_parameters(self) -> int:
         return int(sum(w.size for w in self.weights.values()))
 
     # ------------------------------------------------------------ forward
-    def forward(self, token_ids, cache: Optional[KVCache] = None, positions=None, *, n_tokens=None,
+    def forward(self, token_ids, cache: Optional[KVCache] = None, positions=None, *, n_new=None,
                 window: Optional[int] = None, last_only: bool = False) -> np.ndarray:
         """Logits for ``token_ids`` (batch, seq): (batch, seq, vocab), NumPy on the host.
 
-        cache:     a KVCache: K/V of earlier positions come from it, and this call's are appended.
-                   None recomputes everything (the baseline).
-        positions: (batch, seq) positions; default: each sequence's cache length + 0, 1, 2, ...
-        n_tokens:  (batch,) how many leading tokens of each row are real (a right-padded ragged
+        cache:     a KVCache: this call's K/V are written into it and attention reads every K/V it
+                   holds. None recomputes everything (the baseline).
+        positions: (batch, seq) positions for RoPE / position embeddings; default: each sequence's
+                   cache length + 0, 1, 2, ...
+        n_new:     (batch,) how many leading tokens of each row are real (a right-padded ragged
                    batch); default: all of them.
-        window:    restrict attention to the last ``window`` positions (default: the config's
-                   sliding_window, if any).
+        window:    None: attention is as the model defines it (its config's sliding window, if any);
+                   an int W: additionally restrict every query to the last W positions.
         last_only: return only each row's last real position: (batch, vocab).
+
+        Every argument is checked here, once, before anything is written; after any exception
+        (KeyboardInterrupt included) the cache is exactly as it was.
         """
-        cfg, xp = self.config, self.backend.xp
+        ids, n_new, positions = self._check_forward(token_ids, cache, positions, n_new)
+        windows = self._layer_windows(window, cache)
+        if cache is None:
+            return self._forward(ids, positions, n_new, None, windows, last_only)
+        cache.reserve(n_new)                      # claim room before any layer writes (or CacheOverflowError)
+        try:
+            logits = self._forward(ids, positions, n_new, cache, windows, last_only)
+        except BaseException:
+            cache.rollback()                      # a failed call leaves the cache as it was
+            raise
+        cache.advance(n_new)                      # commit: lengths += n_new
+        return logits
+
+    __call__ = forward
+
+    def _forward(self, ids, positions, n_new, cache, windows, last_only):
+        """The forward pass itself, on checked inputs (the hot path: no checks in here)."""
+        cfg, backend = self.config, self.backend
+        batch, seq = ids.shape
+        # Activations are (tokens, d) rows: a 2-D matmul per projection (a decode step's is a BLAS
+        # matrix-vector product).
+        x = layers.embedding(self.embed, backend.to_device(ids.reshape(-1)))       # (batch*seq, d)
+        positions = backend.to_device(positions)
+        if self.pos_embed is not None:
+            x += self.pos_embed[positions.reshape(-1)]                              # (batch*seq, d)
+        cos = sin = None
+        if self.uses_rope:
+            # (batch, seq, head_dim/2) -> (batch, 1, seq, head_dim/2): broadcast over heads
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        no_cache_offset = np.zeros(batch, dtype=np.int64)
+        for index, layer in enumerate(self.layers):
+            h = self._norm(x, layer.attn_norm, layer.attn_norm_bias)
+            q, k, v = self._qkv(h, layer, batch, seq, cos, sin)     # (b, H, seq, hd), (b, KV, seq, hd) x 2
+            if cache is None:
+                view = KVView(k, v, no_cache_offset, n_new)          # attend over this call's tokens only
+            else:
+                view = cache.update(index, k, v)                     # write this step's K/V ...
+            out = self._attend(q, view, windows[index])              # ... then attend over everything held
+            # (b, H, seq, hd) -> (b, seq, H, hd) -> (b*seq, H*hd): the heads side by side again
+            out = out.transpose(0, 2, 1, 3).reshape(batch * seq, cfg.n_heads * cfg.head_dim)
+            x += layers.linear(out, layer.o, layer.o_bias)           # residual adds in place: no new array
+            h = self._norm(x, layer.mlp_norm, layer.mlp_norm_bias)
+            x += self._mlp(h, layer)
+        if last_only:
+            # (batch*seq, d) -> (batch, seq, d) -> each row's last real token: (batch, d)
+            x = x.reshape(batch, seq, -1)[backend.xp.arange(batch), backend.to_device(n_new - 1)]
+        x = self._norm(x, self.final_norm, self.final_norm_bias)
+        logits = backend.to_host(x @ self.lm_head)                   # (tokens, vocab)
+        return logits if last_only else logits.reshape(batch, seq, -1)
+
+    def _attend(self, q, view: KVView, window):
+        """Causal attention of q (batch, H, seq, hd) over every K/V of ``view``: softmax(q K^T / sqrt(hd)) V.
+
+        The one switch between prefill (many queries: the backend's attention algorithm) and decode
+        (one query per sequence: its split-K decode kernel), each reading a paged view through its
+        block table. Returns (batch, H, seq, hd)."""
+        backend = self.backend
+        if q.shape[2] == 1:
+            # Decode: each sequence's one query sits at position lengths[b] - 1 of the view.
+            if view.block_table is not None:
+                out, _ = backend.paged_decode_attention(q, view.k, view.v, view.block_table, view.lengths,
+                                                        window=window)
+            else:
+                out, _ = backend.decode_attention(q, view.k, view.v, view.lengths, window=window)
+        elif view.block_table is not None:
+            out, _ = backend.paged_attention(q, view.k, view.v, view.block_table, q_offset=view.q_offset,
+                                             lengths=view.lengths, window=window, algorithm=self.attention)
+        else:
+            out, _ = backend.attention(q, view.k, view.v, causal=True, q_offset=view.q_offset,
+                                       lengths=view.lengths, window=window, algorithm=self.attention)
+        return out
+
+    def _norm(self, x, weight, bias):
+        if self.is_gpt2:
+            return layers.layer_norm(x, weight, bias, self.config.norm_eps)
+        return layers.rms_norm(x, weight, self.config.norm_eps)
+
+    def _mlp(self, h, layer: LayerWeights):
+        hidden = layers.linear(h, layer.mlp_in, layer.mlp_in_bias)
+        if self.is_gpt2:
+            act = layers.gelu_tanh(hidden)
+        else:
+            # (tokens, 2 intermediate) = gate | up side by side
+            gate, up = hidden[..., :self.config.intermediate_size], hidden[..., self.config.intermediate_size:]
+            act = layers.swiglu(gate, up)
+        return layers.linear(act, layer.mlp_down, layer.mlp_down_bias)
+
+    def _qkv(self, h, layer: LayerWeights, batch: int, seq: int, cos, sin):
+        """h (batch*seq, d) -> q (batch, H, seq, hd), k and v (batch, KV, seq, hd), RoPE applied to q and k."""
+        cfg = self.config
+        n_q, n_kv = cfg.n_heads, cfg.n_kv_heads
+        qkv = layers.linear(h, layer.qkv, layer.qkv_bias)          # (batch*seq, (H + 2 KV) hd)
+        # The fused projection's columns are H query heads, then KV key heads, then KV value heads:
+        # (batch*seq, (H + 2 KV) hd) -> (batch, seq, H + 2 KV, hd) -> (batch, H + 2 KV, seq, hd)
+        heads = qkv.reshape(batch, seq, n_q + 2 * n_kv, cfg.head_dim).transpose(0, 2, 1, 3)
+        qk = heads[:, : n_q + n_kv]
+        if self.uses_rope:
+            # q and k heads sit side by side and share the positions: one rotation for both.
+            qk = self.backend.apply_rope(qk, cos, sin, cfg.rope_convention)
+        return qk[:, :n_q], qk[:, n_q:], heads[:, n_q + n_kv:]
+
+    # ------------------------------------------------------------ input checks (the door)
+    def _check_forward(self, token_ids, cache, positions, n_new):
+        """Every check of forward's arguments, before anything is written: (ids, n_new, positions),
+        ids and positions (batch, seq) int64, n_new (batch,) int64."""
+        cfg = self.config
         ids = self._check_ids(token_ids)
         batch, seq = ids.shape
-        n_new = np.full(batch, seq, dtype=np.int64) if n_tokens is None else self._check_counts(n_tokens, batch, seq)
-        starts = np.zeros(batch, dtype=np.int64) if cache is None else cache.lengths
+        n_new = np.full(batch, seq, dtype=np.int64) if n_new is None else self._check_n_new(n_new, batch, seq)
         if cache is not None:
             cache.check_compatible(cfg, batch)
+        q_offset = np.zeros(batch, dtype=np.int64) if cache is None else cache.lengths
         if positions is None:
             # Each row continues from its cache length: positions are >= 0 and the highest real one
-            # is starts + n_new - 1 (a decode step checks two numbers, not a mask).
-            positions = starts[:, None] + np.arange(seq)[None, :]
-            highest = int((starts + n_new - 1)[n_new > 0].max(initial=-1))
+            # is q_offset + n_new - 1 (a decode step checks two numbers, not a mask).
+            positions = q_offset[:, None] + np.arange(seq)[None, :]
+            highest = int((q_offset + n_new - 1)[n_new > 0].max(initial=-1))
         else:
             positions = np.asarray(positions)
             if positions.shape != (batch, seq) or positions.dtype.kind not in "iu":
@@ -170,73 +283,30 @@ class Transformer:
                 f"{cfg.max_position_embeddings} positions (max_position_embeddings); shorten the input to at most "
                 f"{cfg.max_position_embeddings} tokens"
             )
-        if cache is not None:
-            cache.check_capacity(n_new)        # raises before anything is written
         # Padding columns may run past the table: clamp them (their outputs are never used).
-        positions_dev = self.backend.to_device(np.minimum(positions, cfg.max_position_embeddings - 1))
-        window = cfg.sliding_window if window is None else window
+        return ids, n_new, np.minimum(positions, cfg.max_position_embeddings - 1).astype(np.int64, copy=False)
 
-        # Activations are (tokens, d) rows: a 2-D matmul per projection (a decode step's is a BLAS
-        # matrix-vector product, ~4% faster than the same product with batch and seq axes).
-        x = layers.embedding(self.embed, self.backend.to_device(ids.reshape(-1)))
-        if self.pos_embed is not None:
-            x += self.pos_embed[positions_dev.reshape(-1)]
-        cos = sin = None
-        if cfg.uses_rope:
-            # (batch, 1, seq, head_dim/2): broadcast over heads
-            cos, sin = self.rope_cos[positions_dev][:, None], self.rope_sin[positions_dev][:, None]
-        for index, layer in enumerate(self.layers):
-            h = self._norm(x, layer.attn_norm, layer.attn_norm_bias)
-            qkv = layers.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = self._split_heads(qkv, batch, seq, cos, sin)
-            if cache is None:
-                out, _ = self.backend.attention(q, k, v, causal=True, q_offset=0, lengths=n_new, window=window,
-                                                algorithm=self.attention)
-            else:
-                out = cache.attend(index, q, k, v, n_new, window=window, algorithm=self.attention)
-            out = out.transpose(0, 2, 1, 3).reshape(batch * seq, cfg.n_heads * cfg.head_dim)
-            x += layers.linear(out, layer.o, layer.o_bias)          # residual adds in place: no new array
-            h = self._norm(x, layer.mlp_norm, layer.mlp_norm_bias)
-            x += self._mlp(h, layer)
-        if cache is not None:
-            cache.advance(n_new)
-        if last_only:
-            x = x.reshape(batch, seq, -1)[xp.arange(batch), self.backend.to_device(n_new - 1)]
-        x = self._norm(x, self.final_norm, self.final_norm_bias)
-        logits = self.backend.to_host(x @ self.lm_head)
-        return logits if last_only else logits.reshape(batch, seq, -1)
+    def _layer_windows(self, window, cache) -> list:
+        """Each layer's attention window: the smallest of the model's own (config), the caller's
+        ``window`` and a sliding cache's ring (None everywhere means: no window)."""
+        if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
+                                   or window < 1):
+            raise InvalidInputError(f"window={window!r}; pass None (no extra window) or an int >= 1")
+        ring = getattr(cache, "window", None)
+        if window is None and ring is None:
+            return self.layer_windows
+        windows = []
+        for own in self.layer_windows:
+            limits = [w for w in (own, window, ring) if w is not None]
+            effective = int(min(limits)) if limits else None
+            if ring is not None and effective < ring:
+                # The ring hands its slots over in ring order, so it cannot mask a narrower window.
+                raise InvalidInputError(
+                    f"attention window {effective} is narrower than the sliding cache's ring of {ring}; build "
+                    f"the cache with model.new_cache('sliding', window={effective})")
+            windows.append(effective)
+        return windows
 
-    __call__ = forward
-
-    def _norm(self, x, weight, bias):
-        if self.config.family == "gpt2":
-            return layers.layer_norm(x, weight, bias, self.config.norm_eps)
-        return layers.rms_norm(x, weight, self.config.norm_eps)
-
-    def _mlp(self, h, layer: LayerWeights):
-        hidden = layers.linear(h, layer.mlp_in, layer.mlp_in_bias)
-        if self.config.family == "gpt2":
-            act = layers.gelu_tanh(hidden)
-        else:
-            gate, up = hidden[..., :self.config.intermediate_size], hidden[..., self.config.intermediate_size:]
-            act = layers.swiglu(gate, up)
-        return layers.linear(act, layer.mlp_down, layer.mlp_down_bias)
-
-    def _split_heads(self, qkv, batch: int, seq: int, cos, sin):
-        """(batch * seq, (H + 2 KV) hd) -> q (batch, H, seq, hd), k and v (batch, KV, seq, hd),
-        with RoPE applied to q and k when the model uses it."""
-        cfg = self.config
-        n_q, n_kv = cfg.n_heads, cfg.n_kv_heads
-        # The fused projection's columns are H query heads, then KV key heads, then KV value heads.
-        heads = qkv.reshape(batch, seq, n_q + 2 * n_kv, cfg.head_dim).transpose(0, 2, 1, 3)
-        qk = heads[:, : n_q + n_kv]
-        if cfg.uses_rope:
-            # q and k heads sit side by side and share the positions: one rotation for both
-            # (half the RoPE calls of rotating q and k apart).
-            qk = self.backend.apply_rope(qk, cos, sin, cfg.rope_convention)
-        return qk[:, :n_q], qk[:, n_q:], heads[:, n_q + n_kv:]
-
-    # ------------------------------------------------------------ input checks
     def _check_ids(self, token_ids) -> np.ndarray:
         if hasattr(token_ids, "__cuda_array_interface__"):
             token_ids = self.backend.to_host(token_ids)
@@ -244,7 +314,7 @@ class Transformer:
             ids = np.asarray(token_ids)
         except ValueError:
             raise InvalidInputError("token_ids rows have different lengths; right-pad them into one (batch, seq) "
-                                    "array and pass each row's real length as n_tokens") from None
+                                    "array and pass each row's real length as n_new") from None
         if ids.ndim == 1:
             ids = ids[None, :]
         if ids.ndim != 2:
@@ -264,11 +334,14 @@ class Transformer:
         return ids.astype(np.int64, copy=False)
 
     @staticmethod
-    def _check_counts(n_tokens, batch: int, seq: int) -> np.ndarray:
-        counts = np.asarray(n_tokens, dtype=np.int64).reshape(-1)
-        if counts.shape != (batch,) or counts.min() < 0 or counts.max() > seq:
-            raise InvalidInputError(f"n_tokens={counts.tolist()} must hold {batch} counts between 0 and {seq}")
-        return counts
+    def _check_n_new(n_new, batch: int, seq: int) -> np.ndarray:
+        values = np.asarray(n_new)
+        if values.dtype.kind not in "iu" or values.reshape(-1).shape != (batch,):
+            raise InvalidInputError(f"n_new={n_new!r} must hold {batch} integer counts between 0 and {seq}")
+        values = values.astype(np.int64).reshape(-1)
+        if values.min() < 0 or values.max() > seq:
+            raise InvalidInputError(f"n_new={values.tolist()} must hold {batch} counts between 0 and {seq}")
+        return values
 
     # ------------------------------------------------------------ caches and generation
     def new_cache(self, kind: str = "static", batch_size: int = 1, max_seq_len: Optional[int] = None,
@@ -279,8 +352,10 @@ class Transformer:
         halve the memory); options: block_size/num_blocks (paged), window (sliding)."""
         cfg = self.config
         max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
-        if kind == "sliding" and options.get("window") is None and cfg.sliding_window is not None:
-            options["window"] = cfg.sliding_window
+        if kind == "sliding" and cfg.sliding_window is not None:
+            # The ring never exceeds the model's own window: slots beyond it could never be attended to.
+            window = options.get("window")
+            options["window"] = cfg.sliding_window if window is None else min(window, cfg.sliding_window)
         return make_cache(kind, n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                           batch_size=batch_size, max_seq_len=max_seq_len, dtype=dtype or self.dtype.name,
                           backend=self.backend, **options)

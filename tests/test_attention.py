@@ -482,9 +482,13 @@ def test_zero_keys_is_legal_and_sees_nothing():
 
 
 def test_a_decode_step_over_a_full_cache_builds_no_mask(monkeypatch):
-    """One query per sequence, every sequence as long as the cache, no window: every key is visible,
-    so decode takes the unmasked softmax (the step the KV cache runs a thousand times) and never
-    builds a mask. A ragged batch must still build one, and both must equal naive attention."""
+    """The numpy backend's decode: one query per sequence, every sequence as long as the cache, no
+    window: every key is visible, so it takes the unmasked softmax (the step the KV cache runs a
+    thousand times) and never builds a mask. A ragged batch must still build one, and both must
+    equal naive attention (the reference ``attention.decode`` stays literal and always masks)."""
+    from minikv.backend import Backend
+
+    backend = Backend()
     rng = np.random.default_rng(7)
     q = rng.standard_normal((2, 4, 1, 8))
     k, v = rng.standard_normal((2, 2, 9, 8)), rng.standard_normal((2, 2, 9, 8))
@@ -492,9 +496,9 @@ def test_a_decode_step_over_a_full_cache_builds_no_mask(monkeypatch):
     real_visible = attention._visible
     monkeypatch.setattr(attention, "_visible", lambda *a: built.append(a) or real_visible(*a))
 
-    full = attention.decode(q, k, v, np.array([9, 9]), n_splits=1)
+    full, _ = backend.decode_attention(q, k, v, np.array([9, 9]))
     assert built == []
-    ragged = attention.decode(q, k, v, np.array([9, 5]), n_splits=1)
+    ragged, _ = backend.decode_attention(q, k, v, np.array([9, 5]))
     assert len(built) == 1
     np.testing.assert_allclose(full, naive(q, k, v, causal=True, q_offset=8), rtol=0, atol=1e-12)
     expected = naive(q, k, v, causal=True, q_offset=np.array([8, 4]), lengths=np.array([9, 5]))

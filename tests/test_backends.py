@@ -6,8 +6,8 @@ One suite, parametrised over ``minikv.available_backends()``: on a machine witho
 
 What is compared
 ----------------
-* each kernel of the protocol against the reference (``minikv.attention.naive``, the numpy
-  backend's split-K decode and paged decode, ``minikv.rope.apply_rope``) on random problems drawn
+* each kernel of the protocol against the reference (``minikv.attention.naive`` and ``decode``,
+  the latter through a gathered block table for paged decode, ``minikv.rope.apply_rope``) on random problems drawn
   by hypothesis: ragged ``lengths``, per-sequence ``q_offset`` arrays, sliding windows, GQA,
   shuffled paged block tables, float16 caches;
 * greedy generation on the Hugging Face fixture checkpoints (tests/fixtures/hf): the same tokens
@@ -42,7 +42,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import minikv
-from minikv.backend import Backend, write_rows
+from minikv.backend import Backend, gather_pages, write_rows
 from minikv.errors import BackendUnavailableError, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,7 +292,7 @@ def test_decode_attention_matches_the_reference(name):
     @given(problem=decode_problems(max_capacity=12 if simulated else 20, head_dims=head_dims(name)))
     def check(problem):
         q, k, v, lengths = problem["q"], problem["k"], problem["v"], problem["lengths"]
-        expected, expected_lse = REFERENCE.decode_attention(q, k, v, lengths, window=problem["window"])
+        expected, expected_lse = minikv.attention.decode(q, k, v, lengths, window=problem["window"], return_lse=True)
         dev = backend.to_device
         out, lse = backend.decode_attention(dev(q), dev(k), dev(v), lengths, window=problem["window"],
                                             n_splits=problem["n_splits"])
@@ -313,7 +313,8 @@ def test_paged_decode_attention_matches_the_reference(name):
     @given(problem=decode_problems(max_capacity=12 if simulated else 20, head_dims=head_dims(name), paged=True))
     def check(problem):
         q, k, v, lengths, table = (problem[key] for key in ("q", "k", "v", "lengths", "block_table"))
-        expected, expected_lse = REFERENCE.paged_decode_attention(q, k, v, table, lengths, window=problem["window"])
+        expected, expected_lse = minikv.attention.decode(q, gather_pages(k, table), gather_pages(v, table), lengths,
+                                                         window=problem["window"], return_lse=True)
         dev = backend.to_device
         out, lse = backend.paged_decode_attention(dev(q), dev(k), dev(v), dev(table), lengths,
                                                   window=problem["window"], n_splits=problem["n_splits"])

@@ -27,8 +27,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_fixtures import FIXTURE_ROOT, FIXTURES, cache_options, model_for, random_prompts
+from minikv import Transformer
 from minikv.backend import Backend
-from minikv.cache import PagedCache, StaticCache, load_cache, make_cache
+from minikv.cache import KVView, PagedCache, StaticCache, load_cache, make_cache
 from minikv.errors import CacheMismatchError, CacheOverflowError, CheckpointError, InvalidInputError
 
 KINDS = ("concat", "static", "paged", "sliding")
@@ -67,7 +68,7 @@ def check_cached_forward(model, cache, prompts, chunk_sizes, n_decode, *, refere
     last = [None] * len(prompts)
     for start, size in chunk_bounds(ids.shape[1], chunk_sizes):
         counts = np.clip(lengths - start, 0, size)
-        got = model.forward(ids[:, start:start + size], cache, n_tokens=counts)
+        got = model.forward(ids[:, start:start + size], cache, n_new=counts)
         for b, count in enumerate(counts):
             if count:
                 np.testing.assert_allclose(got[b, :count], references[b][start:start + count], rtol=0, atol=tol,
@@ -126,16 +127,16 @@ class SkipsASlotStaticCache(StaticCache):
 
     skip = 0
 
-    def attend(self, layer, q, k_new, v_new, n_new, *, window=None, algorithm=None):
-        if q.shape[2] == 1:
+    def update(self, layer, k_new, v_new):
+        if k_new.shape[2] == 1:
             self.skip = 1            # from the first decode step on, every write lands one slot late
-        starts = self.lengths + self.skip
-        ends = starts + n_new
-        self.backend.write_kv(self.k[layer], k_new, starts, n_new)
-        self.backend.write_kv(self.v[layer], v_new, starts, n_new)
-        width = int(ends.max())
-        return self._attend_contiguous(q, self.k[layer][:, :, :width], self.v[layer][:, :, :width],
-                                       starts, ends, window, algorithm)
+        n_new = self._n_new
+        q_offset = self.lengths + self.skip
+        self.backend.write_kv(self.k[layer], k_new, q_offset, n_new)
+        self.backend.write_kv(self.v[layer], v_new, q_offset, n_new)
+        lengths = q_offset + n_new
+        width = int(lengths.max())
+        return KVView(self.k[layer][:, :, :width], self.v[layer][:, :, :width], q_offset, lengths)
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -170,8 +171,9 @@ def test_sliding_cache_equals_windowed_recompute(name, window, prompt_lengths, c
     prompts = random_prompts(model, prompt_lengths, seed)
     total = max(prompt_lengths) + n_decode
     cache = model.new_cache("sliding", batch_size=len(prompts), max_seq_len=total, window=window)
-    assert cache.window == min(window, total)
+    # The ring never exceeds the model's own window: slots beyond it could never be attended to.
     effective = min(window, model.config.sliding_window or window)
+    assert cache.window == min(effective, total)
     check_cached_forward(model, cache, prompts, chunk_sizes, n_decode, reference_window=effective)
     # Memory stays window-sized however long the sequences got.
     assert cache.k[0].shape[2] == cache.window
@@ -189,7 +191,8 @@ def test_mistral_window_fixture_uses_its_config_window():
     assert sliding.nbytes == 2 * 2 * 2 * 4 * 2 * 8 * 8       # layers=2, batch=2, W=4, kv=2, hd=8, float64
     # The window really matters here: a full-attention recompute differs.
     seq = prompts[0] + [1, 2, 3]
-    assert np.abs(recompute(model, seq) - recompute(model, seq, window=64)).max() > 1e-3
+    full_attention = Transformer(model.config.replace(sliding_window=None), model.weights, dtype=model.dtype)
+    assert np.abs(recompute(model, seq) - recompute(full_attention, seq)).max() > 1e-3
     for kind in ("concat", "static", "paged"):
         check_cached_forward(model, model.new_cache(kind, batch_size=2, max_seq_len=30), prompts, [4, 6], 17)
 
@@ -233,7 +236,7 @@ def test_lengths_capacity_and_nbytes_formula(kind):
     np.testing.assert_array_equal(cache.lengths, [0, 0])
     prompts = random_prompts(model, [7, 11], seed=3)
     ids, lengths = padded(prompts)
-    model.forward(ids, cache, n_tokens=lengths)
+    model.forward(ids, cache, n_new=lengths)
     for step in range(1, 4):
         model.forward(np.array([[5], [6]]), cache)
         lengths = lengths + 1
@@ -253,7 +256,7 @@ def test_reset_reuses_the_cache_with_identical_results(kind):
     options = {"paged": {"block_size": 4}, "sliding": {"window": 6}}.get(kind, {})
     used = model.new_cache(kind, batch_size=2, max_seq_len=20, **options)
     ids, lengths = padded(random_prompts(model, [9, 5], seed=11))
-    model.forward(ids, used, n_tokens=lengths)
+    model.forward(ids, used, n_new=lengths)
     model.forward(np.array([[3], [4]]), used)
     used.reset()
     np.testing.assert_array_equal(used.lengths, [0, 0])
@@ -261,8 +264,8 @@ def test_reset_reuses_the_cache_with_identical_results(kind):
     if kind == "paged":
         assert used.blocks_in_use == 0 and used.nbytes == 0
     ids, lengths = padded(random_prompts(model, [4, 8], seed=12))
-    np.testing.assert_array_equal(model.forward(ids, used, n_tokens=lengths),
-                                  model.forward(ids, fresh, n_tokens=lengths))
+    np.testing.assert_array_equal(model.forward(ids, used, n_new=lengths),
+                                  model.forward(ids, fresh, n_new=lengths))
     for token in (7, 8, 9):
         np.testing.assert_array_equal(model.forward(np.full((2, 1), token), used),
                                       model.forward(np.full((2, 1), token), fresh))
@@ -276,7 +279,7 @@ def test_paged_free_returns_blocks_and_the_row_can_be_reused():
     assert cache.num_blocks == 2 * 8 and cache.nbytes == 0
     prompts = random_prompts(model, [7, 3], seed=5)
     ids, lengths = padded(prompts)
-    model.forward(ids, cache, n_tokens=lengths)
+    model.forward(ids, cache, n_new=lengths)
     assert cache.blocks_in_use == 2 + 1
     row0_blocks = {int(x) for x in cache.block_table[0] if x >= 0}
     cache.free(0)
@@ -288,7 +291,7 @@ def test_paged_free_returns_blocks_and_the_row_can_be_reused():
     new_prompt = random_prompts(model, [5], seed=6)[0]
     ids = np.zeros((2, 5), dtype=np.int64)
     ids[0] = new_prompt
-    got = model.forward(ids, cache, n_tokens=[5, 0])
+    got = model.forward(ids, cache, n_new=[5, 0])
     np.testing.assert_allclose(got[0], recompute(model, new_prompt), rtol=0, atol=EXACT)
     sequences = [new_prompt, prompts[1]]
     for token in (10, 11, 12, 13):
@@ -313,7 +316,7 @@ def test_float16_storage_halves_nbytes_and_stays_close(kind):
     full = model.new_cache(kind, batch_size=2, max_seq_len=32, **options)
     assert half.dtype == np.float16 and full.dtype == np.float32
     ids, lengths = padded(random_prompts(model, [10, 6], seed=21))
-    a, b = model.forward(ids, half, n_tokens=lengths), model.forward(ids, full, n_tokens=lengths)
+    a, b = model.forward(ids, half, n_new=lengths), model.forward(ids, full, n_new=lengths)
     tokens_half, tokens_full = [], []
     for step in range(12):
         assert a.dtype == np.float32
@@ -337,7 +340,7 @@ def test_save_and_load_continue_with_identical_logits(kind, cache_dtype, tmp_pat
     options = {"paged": {"block_size": 3}, "sliding": {"window": 5}}.get(kind, {})
     cache = model.new_cache(kind, batch_size=2, max_seq_len=24, dtype=cache_dtype, **options)
     ids, lengths = padded(random_prompts(model, [8, 5], seed=31))
-    model.forward(ids, cache, n_tokens=lengths)
+    model.forward(ids, cache, n_new=lengths)
     path = cache.save(tmp_path / f"{kind}.safetensors")
     loaded = load_cache(path, backend=model.backend)
     assert type(loaded) is type(cache)
@@ -369,11 +372,28 @@ def test_load_cache_refuses_a_file_that_is_not_a_cache(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 
+def visible_kv(cache):
+    """Every K/V slot a later query can read, per layer and sequence, copied: positions 0..length-1
+    (through the block table for paged; the ring's filled slots for sliding). Slots past a sequence's
+    length are free to hold anything: no query reads them."""
+    out = []
+    for layer in range(cache.n_layers):
+        for b, length in enumerate(cache.lengths.tolist()):
+            if isinstance(cache, PagedCache):
+                positions = np.arange(length)
+                blocks = cache.block_table[b, positions // cache.block_size]
+                for pool in (cache.k_pool[layer], cache.v_pool[layer]):
+                    out.append(pool[blocks, :, positions % cache.block_size].copy())
+            else:
+                filled = min(length, getattr(cache, "window", length))
+                out += [cache.k[layer][b, :, :filled].copy(), cache.v[layer][b, :, :filled].copy()]
+    return out
+
+
 def snapshot(cache):
     if isinstance(cache, PagedCache):
-        return ([a.copy() for a in cache.k_pool + cache.v_pool], cache.block_table.copy(), list(cache.free_blocks),
-                cache.lengths.copy())
-    return [a.copy() for a in cache.k + cache.v], cache.lengths.copy()
+        return visible_kv(cache), cache.block_table.copy(), list(cache.free_blocks), cache.lengths.copy()
+    return visible_kv(cache), cache.lengths.copy()
 
 
 def assert_same_state(before, after):
@@ -416,7 +436,7 @@ def test_paged_pool_exhaustion_raises_and_keeps_the_pool():
     model = model_for("llama_gqa")
     cache = model.new_cache("paged", batch_size=2, max_seq_len=16, block_size=4, num_blocks=3)
     ids, lengths = padded(random_prompts(model, [4, 4], seed=42))
-    model.forward(ids, cache, n_tokens=lengths)          # 2 of the 3 blocks
+    model.forward(ids, cache, n_new=lengths)          # 2 of the 3 blocks
     before = snapshot(cache)
     with pytest.raises(CacheOverflowError) as info:
         model.forward(np.array([[1], [2]]), cache)       # both rows cross into a new block: needs 2, 1 free
@@ -426,35 +446,72 @@ def test_paged_pool_exhaustion_raises_and_keeps_the_pool():
     assert_same_state(before, snapshot(cache))
     # Freeing a finished sequence is the other fix: then the remaining row fits.
     cache.free(0)
-    got = model.forward(np.array([[0], [2]]), cache, n_tokens=[0, 1])
+    got = model.forward(np.array([[0], [2]]), cache, n_new=[0, 1])
     np.testing.assert_allclose(got[1, 0], recompute(model, ids[1].tolist() + [2])[-1], rtol=0, atol=EXACT)
 
 
-def test_paged_blocks_reserved_by_a_failed_call_are_not_counted_as_free_room():
-    """check_capacity reserves blocks before the layers write; if the forward then fails, the blocks stay
-    with their sequence. Another sequence's request must still be checked against the truly free
-    blocks (a regression: the surplus was subtracted from the need, and the pool's pop then failed
-    with a bare IndexError), and the first sequence later reuses its reservation."""
+def test_paged_blocks_reserved_by_a_failed_call_go_back_to_the_pool():
+    """reserve takes blocks before the layers write; if the forward then fails, rollback gives them
+    back, so the pool is as before and another sequence's request is checked against all free blocks."""
     model = model_for("llama_gqa")
     cache = model.new_cache("paged", batch_size=2, max_seq_len=16, block_size=2, num_blocks=4)
     prompt = random_prompts(model, [6], seed=43)[0]
     ids = np.zeros((2, 6), dtype=np.int64)
     ids[0] = prompt
+    before = snapshot(cache)
 
-    def failing_attend(*args, **kwargs):
+    def failing_update(*args, **kwargs):
         raise RuntimeError("simulated kernel failure")
 
-    cache.attend = failing_attend
+    cache.update = failing_update
     with pytest.raises(RuntimeError, match="simulated"):
-        model.forward(ids, cache, n_tokens=[6, 0])
-    del cache.attend
-    np.testing.assert_array_equal(cache.lengths, [0, 0])
-    assert cache.blocks_in_use == 3                       # row 0's reservation survived the failure
-    with pytest.raises(CacheOverflowError, match="1 free; this step needs 2 more"):
-        model.forward(np.array([[5, 0, 0], [1, 2, 3]]), cache, n_tokens=[1, 3])
-    got = model.forward(ids, cache, n_tokens=[6, 0])      # row 0 uses the blocks it already holds
-    np.testing.assert_allclose(got[0], recompute(model, prompt), rtol=0, atol=EXACT)
-    assert cache.blocks_in_use == 3
+        model.forward(ids, cache, n_new=[6, 0])
+    del cache.update
+    assert_same_state(before, snapshot(cache))
+    assert cache.blocks_in_use == 0
+    got = model.forward(np.array([[5, 0, 0], [1, 2, 3]]), cache, n_new=[1, 3])     # 1 + 2 blocks of 4 free
+    np.testing.assert_allclose(got[1], recompute(model, [1, 2, 3]), rtol=0, atol=EXACT)
+
+
+class InjectedFailure(BaseException):
+    """Raised mid-forward by the tests below; a BaseException like KeyboardInterrupt."""
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_a_forward_that_fails_at_any_layer_leaves_the_cache_exactly_as_it_was(kind, data):
+    """Transactional writes: an exception injected after a random number of layers have written their
+    K/V (even a BaseException such as KeyboardInterrupt) leaves lengths, every slot, the block table
+    and the free list exactly as before the call, and the cache then continues as if it never happened.
+    The sliding ring is the hard case: its writes overwrite slots that are still visible."""
+    model = model_for(data.draw(st.sampled_from(FIXTURES), label="fixture"))
+    prompt_lengths = data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=2), label="prompt lengths")
+    n_fail = data.draw(st.integers(1, 6), label="tokens of the failing call")
+    fail_at = data.draw(st.integers(0, model.config.n_layers - 1), label="failing layer")
+    prompts = random_prompts(model, prompt_lengths, seed=data.draw(st.integers(0, 2**16), label="seed"))
+    options = {"paged": {"block_size": 3}, "sliding": {"window": 5}}.get(kind, {})
+    cache = model.new_cache(kind, batch_size=len(prompts), max_seq_len=32, **options)
+    ids, lengths = padded(prompts)
+    model.forward(ids, cache, n_new=lengths)
+    before = snapshot(cache)
+    real_update = cache.update
+
+    def update(layer, k_new, v_new):
+        view = real_update(layer, k_new, v_new)          # this layer has written
+        if layer == fail_at:
+            raise InjectedFailure
+        return view
+
+    cache.update = update
+    with pytest.raises(InjectedFailure):
+        model.forward(np.ones((len(prompts), n_fail), dtype=np.int64), cache)
+    del cache.update
+    assert_same_state(before, snapshot(cache))
+    got = model.forward(np.full((len(prompts), 1), 2, dtype=np.int64), cache, last_only=True)
+    for b, prompt in enumerate(prompts):
+        np.testing.assert_allclose(got[b], recompute(model, prompt + [2], getattr(cache, "window", None))[-1],
+                                   rtol=0, atol=EXACT)
 
 
 @pytest.mark.parametrize("change", ["n_layers", "n_kv_heads", "head_dim", "batch_size"])
@@ -486,51 +543,29 @@ def test_cache_of_another_checkpoint_is_refused():
 # ---------------------------------------------------------------------------------------------------
 
 
-class WriteOnlyBackend(Backend):
-    """The NumPy backend with attention replaced by a stub returning zeros of the query's shape.
-
-    Why measure this way: the attention kernel's score buffer (batch, heads, 1, t) grows with t for
-    every cache kind (it is the kernel's working memory, and the kernel is tested elsewhere). What a
-    *cache* decides is what its own bookkeeping and write path allocate per step, so that is what we
-    isolate: with this stub, ``cache.attend`` allocates only the cache's own memory plus one
-    (batch, heads, 1, head_dim) output."""
-
-    name = "write-only"
-
-    def attention(self, q, k, v, **_):
-        return np.zeros_like(q), None
-
-    def decode_attention(self, q, k_cache, v_cache, lengths, **_):
-        return np.zeros_like(q), None
-
-    def paged_decode_attention(self, q, k_pool, v_pool, block_table, lengths, **_):
-        return np.zeros_like(q), None
-
-
-N_LAYERS, N_HEADS, N_KV, HEAD_DIM = 2, 4, 2, 8
+N_LAYERS, N_KV, HEAD_DIM = 2, 2, 8
 
 
 def decode_step_peak_bytes(kind, length):
-    """tracemalloc peak of one decode step (check_capacity, attend on every layer, advance) of a cache
-    already holding ``length`` positions."""
+    """tracemalloc peak of one decode step's cache work (reserve, update on every layer, advance) of a
+    cache already holding ``length`` positions. Only the cache is measured: attention is the model's
+    (and its score buffer grows with t for every kind)."""
     options = {"paged": {"block_size": 16}, "sliding": {"window": 1024}}.get(kind, {})
     cache = make_cache(kind, n_layers=N_LAYERS, n_kv_heads=N_KV, head_dim=HEAD_DIM, batch_size=1, max_seq_len=1024,
-                       dtype="float64", backend=WriteOnlyBackend(), **options)
+                       dtype="float64", backend=Backend(), **options)
     rng = np.random.default_rng(0)
     prompt_k = rng.standard_normal((1, N_KV, length, HEAD_DIM))
-    q_prompt = np.zeros((1, N_HEADS, length, HEAD_DIM))
     n = np.array([length])
-    cache.check_capacity(n)
+    cache.reserve(n)
     for layer in range(N_LAYERS):
-        cache.attend(layer, q_prompt, prompt_k, prompt_k, n)
+        cache.update(layer, prompt_k, prompt_k)
     cache.advance(n)
-    q, k_new = np.zeros((1, N_HEADS, 1, HEAD_DIM)), np.ones((1, N_KV, 1, HEAD_DIM))
+    k_new = np.ones((1, N_KV, 1, HEAD_DIM))
     one = np.ones(1, dtype=np.int64)
-    step = [lambda: cache.check_capacity(one)] + [
-        (lambda layer=layer: cache.attend(layer, q, k_new, k_new, one)) for layer in range(N_LAYERS)
+    step = [lambda: cache.reserve(one)] + [
+        (lambda layer=layer: cache.update(layer, k_new, k_new)) for layer in range(N_LAYERS)
     ] + [lambda: cache.advance(one)]
-    step[0]()                         # warm up once (first-call caches, e.g. the paged device table)
-    for call in step[1:]:
+    for call in step:                 # warm up once (first-call caches, e.g. the paged device table)
         call()
     tracemalloc.start()
     try:
@@ -593,7 +628,7 @@ def test_float32_model_gives_float32_logits_through_every_cache(kind, name):
     assert cache.dtype == np.float32
     prompts = random_prompts(model, [6, 3], seed=51)
     ids, lengths = padded(prompts)
-    logits = model.forward(ids, cache, n_tokens=lengths)
+    logits = model.forward(ids, cache, n_new=lengths)
     assert logits.dtype == np.float32
     for token in (1, 2, 3):
         logits = model.forward(np.full((2, 1), token), cache)

@@ -4,7 +4,7 @@ No GPU is needed: ``numba.cuda.compile_ptx`` only needs the CUDA toolkit's compi
 (NVVM and NVRTC). The compilation runs in a subprocess because this test process may hold
 ``numba.cuda`` as the simulator (backend "cuda-sim" in tests/test_backends.py), and the choice
 between simulator and real target is made once per process. The subprocess runs
-``python -m minikv.backends.cuda.ptx_check --json`` (see that module).
+``python scripts/ptx_check.py --json`` (see that module).
 
 What is proven, per kernel (flash_attention, split_k_decode, merge_splits, rope), for head_dim 64
 with (q, cache) in float32/float32, float32/float16 and float16/float16, and head_dim 128 with a
@@ -38,7 +38,7 @@ KERNELS = ("flash_attention", "split_k_decode", "merge_splits", "rope")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    result = subprocess.run([sys.executable, "-m", "minikv.backends.cuda.ptx_check", "--json", "--cc", "9.0"],
+    result = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" / "ptx_check.py"), "--json", "--cc", "9.0"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout.strip().splitlines()[-1])

@@ -3,13 +3,13 @@
 What is proven here
 -------------------
 * Bad token ids (negative, >= vocab, non-integer floats, NaN, strings, bools), an empty sequence, a
-  badly shaped array, bad n_tokens / positions, and a sequence past max_position_embeddings (alone
+  badly shaped array, bad n_new / positions, and a sequence past max_position_embeddings (alone
   or after what a cache already holds) are each an InvalidInputError / SequenceTooLongError naming
   the value; the failed call leaves the cache untouched.
 * forward returns (batch, seq, vocab) in the model dtype (float32 and float64), and a float32 model
   computes every intermediate activation in float32 (no silent float64 promotion).
-* last_only is the last column; with n_tokens it is each row's last real token.
-* A right-padded ragged batch (n_tokens) gives each row the logits it gets alone, whatever the
+* last_only is the last column; with n_new it is each row's last real token.
+* A right-padded ragged batch (n_new) gives each row the logits it gets alone, whatever the
   padding ids are; a batch of identical rows gives identical rows of logits.
 * The attention algorithms "naive", "online" and "tiled" give the same logits (float64, 1e-12),
   through Transformer(attention=...) and minikv.load(..., attention=...), also on sequences long
@@ -129,10 +129,10 @@ def test_cache_overflow_before_max_position_leaves_cache_unchanged():
     assert cache.lengths.tolist() == [30]
 
 
-@pytest.mark.parametrize("n_tokens", [[3], [3, 3, 3], [-1, 2], [2, 8]])
-def test_bad_n_tokens(n_tokens):
-    with pytest.raises(InvalidInputError, match="n_tokens"):
-        model("llama_gqa").forward(np.ones((2, 7), dtype=np.int64), n_tokens=n_tokens)
+@pytest.mark.parametrize("n_new", [[3], [3, 3, 3], [-1, 2], [2, 8]])
+def test_bad_n_tokens(n_new):
+    with pytest.raises(InvalidInputError, match="n_new"):
+        model("llama_gqa").forward(np.ones((2, 7), dtype=np.int64), n_new=n_new)
 
 
 def test_bad_positions_shape():
@@ -241,8 +241,8 @@ def test_ragged_rows_equal_each_row_alone(name, lengths, seed):
     m = model(name)
     vocab, width = m.config.vocab_size, max(lengths)
     ids = random_ids(vocab, len(lengths), width, seed)  # the padding columns hold random ids
-    logits = m.forward(ids, n_tokens=lengths)
-    last = m.forward(ids, n_tokens=lengths, last_only=True)
+    logits = m.forward(ids, n_new=lengths)
+    last = m.forward(ids, n_new=lengths, last_only=True)
     for row, n in enumerate(lengths):
         alone = m.forward(ids[row:row + 1, :n])[0]
         assert max_diff(logits[row, :n], alone) <= TOL
@@ -255,7 +255,7 @@ def test_padding_ids_do_not_matter(name):
     ids = random_ids(m.config.vocab_size, 2, 8, seed=2)
     other = ids.copy()
     other[0, 5:] = (other[0, 5:] + 1) % m.config.vocab_size
-    a, b = m.forward(ids, n_tokens=[5, 8]), m.forward(other, n_tokens=[5, 8])
+    a, b = m.forward(ids, n_new=[5, 8]), m.forward(other, n_new=[5, 8])
     assert max_diff(a[0, :5], b[0, :5]) <= TOL and max_diff(a[1], b[1]) <= TOL
 
 
@@ -290,7 +290,7 @@ def test_attention_algorithms_agree_over_several_tiles(name):
     base = model(name)
     config = base.config.replace(max_position_embeddings=256)
     ids = random_ids(config.vocab_size, 2, 150, seed=5)
-    logits = {a: minikv.Transformer(config, base.weights, dtype="float64", attention=a).forward(ids, n_tokens=[150, 97])
+    logits = {a: minikv.Transformer(config, base.weights, dtype="float64", attention=a).forward(ids, n_new=[150, 97])
               for a in ALGORITHMS}
     for algorithm in ("online", "tiled"):
         assert max_diff(logits[algorithm][0], logits["naive"][0]) <= TOL, algorithm

@@ -391,5 +391,4 @@ class CudaBackend(_CudaKernelBackend):
     def synchronize(self):
         self.cupy.cuda.get_current_stream().synchronize()
 
-    def write_kv(self, cache, new, starts, counts):
-        write_rows(cache, new, starts, counts)
+    write_kv = staticmethod(write_rows)

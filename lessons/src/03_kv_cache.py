@@ -32,6 +32,45 @@ print(f"layers {config.n_layers}, kv heads {config.n_kv_heads}, head_dim {config
       f"max positions {config.max_position_embeddings}")
 
 # %% [markdown]
+# ## 0. Write, then attend
+#
+# A cache **stores**; it does not attend. Inside `model.forward`, every layer does two visible things: write
+# this step's K/V into the cache, then attend over everything the cache holds. Here they are, printed from
+# minikv's own source:
+
+# %%
+import inspect
+
+for line in inspect.getsource(minikv.Transformer._forward).splitlines():
+    if "cache.update" in line or "self._attend(" in line or "cache.reserve" in line:
+        print(line.strip())
+
+# %% [markdown]
+# The same loop by hand, for one layer with random K/V: `reserve` claims room (or raises
+# `CacheOverflowError` before anything is written), `update` writes and returns a **view** of every K/V
+# held, attention runs on the view, `advance` commits the new length. The view's `q_offset` is where this
+# step's queries sit, its `lengths` how many keys each sequence has: exactly `minikv.attention`'s arguments.
+
+# %%
+store = minikv.cache.make_cache("static", n_layers=1, n_kv_heads=2, head_dim=4, batch_size=1, max_seq_len=8,
+                                dtype="float64")
+rng = np.random.default_rng(0)
+all_k, all_v = [], []
+for step in range(4):
+    k_new, v_new = rng.standard_normal((2, 1, 2, 1, 4))       # (batch, kv_heads, 1 new position, head_dim)
+    q = rng.standard_normal((1, 4, 1, 4))                     # 4 query heads share 2 kv heads (GQA)
+    one = np.array([1])
+    store.reserve(one)
+    view = store.update(0, k_new, v_new)                     # write this step's K/V ...
+    out = minikv.attention.naive(q, view.k, view.v, q_offset=view.q_offset, lengths=view.lengths)  # ... attend
+    store.advance(one)
+    all_k.append(k_new); all_v.append(v_new)
+    recomputed = minikv.attention.naive(q, np.concatenate(all_k, 2), np.concatenate(all_v, 2), q_offset=step)
+    assert np.allclose(out, recomputed, rtol=0, atol=1e-12)
+    print(f"step {step}: view holds {view.k.shape[2]} positions, q_offset {view.q_offset.tolist()}, "
+          f"lengths {view.lengths.tolist()}: equal to attention over every K/V written")
+
+# %% [markdown]
 # ## 1. Same tokens, three ways
 #
 # `cache="none"` recomputes the whole sequence for every new token (the baseline); `"concat"` grows the

@@ -29,7 +29,7 @@ print(model)
 # %% [markdown]
 # ## 1. A ragged batch and its padding
 #
-# Four prompts of different lengths are right-padded to the longest. `model.forward(ids, n_tokens=...)`
+# Four prompts of different lengths are right-padded to the longest. `model.forward(ids, n_new=...)`
 # tells the model how many tokens of each row are real; each row keeps its own positions and its own
 # cache length. The padding still costs compute in the prefill matmuls.
 
@@ -80,7 +80,7 @@ ids = np.zeros((len(prompts), padded_width), dtype=np.int64)
 for b, p in enumerate(prompts):
     ids[b, :lengths[b]] = tokenizer.encode(p)
 
-logits = model.forward(ids, cache=cache, n_tokens=lengths, last_only=True)      # prefill, ragged
+logits = model.forward(ids, cache=cache, n_new=lengths, last_only=True)      # prefill, ragged
 for _ in range(12):                                                             # 12 greedy decode steps
     logits = model.forward(logits.argmax(-1)[:, None], cache=cache, last_only=True)
 
@@ -116,7 +116,7 @@ cache.free(1)
 new_prompt = tokenizer.encode("Why did the chicken cross the road?")
 new_ids = np.zeros((len(prompts), len(new_prompt)), dtype=np.int64)
 new_ids[1] = new_prompt
-model.forward(new_ids, cache=cache, n_tokens=np.array([0, len(new_prompt), 0, 0]))   # prefill row 1 only
+model.forward(new_ids, cache=cache, n_new=np.array([0, len(new_prompt), 0, 0]))   # prefill row 1 only
 draw_table(cache, "after free(1) and a new prompt in row 1")
 
 # %% [markdown]
@@ -130,6 +130,16 @@ block, offset = cache.block_table[b, p // block_size], p % block_size
 contiguous = gather_pages(cache.k_pool[layer], cache.block_table)     # (batch, kv_heads, positions, head_dim)
 assert np.array_equal(contiguous[b, :, p], cache.k_pool[layer][block, :, offset])
 print(f"position {p} of sequence {b}: pool block {block}, offset {offset}")
+
+# %% [markdown]
+# This is what the model gets from a paged cache at every layer: `view = cache.update(layer, k, v)` writes
+# the step's K/V into the blocks and returns the **pools and the block table** (not a copy): `view.k` is the
+# pool, `view.block_table` the columns that hold positions, `view.lengths` the keys per sequence. The
+# model then calls the backend's paged attention on it, and only there are the blocks read.
+
+# %%
+print(f"pool {cache.k_pool[0].shape} = (num_blocks, kv_heads, block_size, head_dim); "
+      f"table {cache.block_table.shape} = (batch, blocks_per_seq)")
 
 # %% [markdown]
 # ## 3. The sliding window as a ring buffer

@@ -218,9 +218,9 @@ print("exercise 1: correct")
 
 # %% [markdown]
 # **Exercise 2.** The `mistral_window` fixture has `sliding_window = 4` in its config: query `i` sees only
-# keys `i-3 .. i`. Show that the config field matters: run it with the window disabled (pass
-# `window=` larger than the sequence to `forward`) and measure the error against the stored logits;
-# then with the default (the config's window).
+# keys `i-3 .. i`. Show that the config field matters: run it with the window disabled (the same weights in
+# a `minikv.Transformer` whose config has `sliding_window=None`, via `config.replace`) and measure the
+# error against the stored logits; then with the default (the config's window).
 
 # %%
 name = "mistral_window"
@@ -230,7 +230,8 @@ print("sliding_window from config.json:", windowed.config.sliding_window)
 
 # --- your solution ---
 error_with_window = np.abs(windowed.forward(expected["input_ids"]) - expected["logits"]).max()
-error_without_window = np.abs(windowed.forward(expected["input_ids"], window=10_000) - expected["logits"]).max()
+no_window = minikv.Transformer(windowed.config.replace(sliding_window=None), windowed.weights, dtype="float64")
+error_without_window = np.abs(no_window.forward(expected["input_ids"]) - expected["logits"]).max()
 # --- check ---
 print(f"with the window: {error_with_window:.1e}; window ignored: {error_without_window:.1e}")
 assert error_with_window < 1e-10 < 1e-3 < error_without_window

@@ -1,8 +1,8 @@
 """The three GPU measurements of the CUDA backend (issue 5), in one run.
 
-    python -m minikv.backends.cuda.benchmark              # on a machine with an NVIDIA GPU
-    python -m minikv.backends.cuda.benchmark --quick      # fewer sizes and repeats
-    python -m minikv.backends.cuda.benchmark --dry-run    # no GPU: every step on backend "cuda-sim", tiny sizes
+    python -m benchmarks.cuda_kernels              # on a machine with an NVIDIA GPU
+    python -m benchmarks.cuda_kernels --quick      # fewer sizes and repeats
+    python -m benchmarks.cuda_kernels --dry-run    # no GPU: every step on backend "cuda-sim", tiny sizes
 
 1. Decode attention (split-K + merge) for batch 16, 8 heads, head_dim 64 and a cache of 128 ..
    4096 positions in float16 and float32 (q in float32): the GPU time per call, the host time per

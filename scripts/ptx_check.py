@@ -1,7 +1,7 @@
 """Compile every CUDA kernel to PTX ahead of time, without a GPU, and inspect it.
 
-    python -m minikv.backends.cuda.ptx_check            # a table
-    python -m minikv.backends.cuda.ptx_check --json     # what tests/test_cuda_ptx.py reads
+    python scripts/ptx_check.py            # a table
+    python scripts/ptx_check.py --json     # what tests/test_cuda_ptx.py reads
 
 For each kernel, head_dim and dtype combination the backends launch, ``numba.cuda.compile_ptx``
 translates the kernel to PTX for a target compute capability (default sm_90, H100) and we check:
