@@ -375,6 +375,18 @@ class NumbaBackend(SplitKDecode, Backend):
             merge_splits_kernel(part_out, part_lse, dtype.type(0), neg_inf, out, lse)
         return out, lse
 
+    # ---- the compiled decode step and quantized products (backends/numba_decode.py)
+    def prepare_decode(self, model):
+        from . import numba_decode
+
+        return numba_decode.prepare_decode(model)
+
+    def quantized_linear(self, x, weight, bias=None):
+        from . import numba_decode
+
+        y = numba_decode.quantized_linear(x, weight, bias)
+        return super().quantized_linear(x, weight, bias) if y is None else y
+
     # ---- RoPE
     def apply_rope(self, x, cos, sin, convention="half"):
         interleaved = rope_is_interleaved(convention)

@@ -16,7 +16,9 @@ supplies
   - ``paged_attention(q, k_pool, v_pool, block_table, q_offset, lengths, window, algorithm)``: prefill
     through a block table;
   - ``apply_rope(x, cos, sin, convention)``;
-  - ``write_kv(cache, new, q_offset, n_new)``: the cache write.
+  - ``write_kv(cache, new, q_offset, n_new)``: the cache write;
+  - ``quantized_linear(x, weight, bias)``: x @ W^T for a group-quantized weight (``minikv.quant``);
+  - optionally ``prepare_decode(model)``: a function that runs a whole batch-1 decode step (or None).
 
 The model checks its inputs once, at the door (``Transformer.forward``); these kernels trust them.
 
@@ -42,6 +44,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import attention as reference_attention
+from . import quant as reference_quant
 from . import rope as reference_rope
 from .errors import BackendUnavailableError, ConfigError
 
@@ -166,6 +169,10 @@ class Backend:
     def apply_rope(self, x, cos, sin, convention="half"):
         return reference_rope.apply_rope(x, cos, sin, convention)
 
+    def quantized_linear(self, x, weight, bias=None):
+        """y = x @ dequantize(W)^T (+ b) for a ``quant.QuantizedWeight``: the reference (dequantize, then BLAS)."""
+        return reference_quant.quantized_linear(x, weight, bias)
+
     # write_kv(cache, new, q_offset, n_new): the cache write, write_rows itself (no wrapper call per write).
     write_kv = staticmethod(write_rows)
 
@@ -189,13 +196,17 @@ def _mount_backends_package() -> None:
     """
     if BACKENDS_PACKAGE in sys.modules:
         return
+    folder = Path(__file__).resolve().parent.parent / "backends"
+    init = folder / "__init__.py"
+    # A source tree's own backends/ wins over an installed mapping: a second checkout (a git worktree)
+    # imported by PYTHONPATH must not run the kernels of the checkout that was pip-installed.
+    own_tree = init.is_file() and (folder / "numba_cpu.py").is_file()
     try:
-        if importlib.util.find_spec(BACKENDS_PACKAGE) is not None:
+        spec = importlib.util.find_spec(BACKENDS_PACKAGE)
+        if spec is not None and (not own_tree or Path(spec.origin or "").resolve().parent == folder):
             return
     except (ImportError, ValueError):
         pass
-    folder = Path(__file__).resolve().parent.parent / "backends"
-    init = folder / "__init__.py"
     if not init.is_file():
         return  # an installed minikv without its backends: get_backend reports what is missing
     spec = importlib.util.spec_from_file_location(BACKENDS_PACKAGE, init,

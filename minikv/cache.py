@@ -74,6 +74,8 @@ class KVView:
     q_offset: np.ndarray
     lengths: np.ndarray
     block_table: Any = None
+    k_scales: Any = None     # int8 caches: (batch, kv_heads, width) scale of each stored key row; else None
+    v_scales: Any = None
 
 
 class KVCache:

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import layers
+from . import quant
 from .backend import Backend, get_backend
 from .cache import KVCache, KVView, make_cache
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -65,16 +66,26 @@ class LayerWeights:
     mlp_in_bias: Any
     mlp_down: Any       # (intermediate, d)
     mlp_down_bias: Any
+    # With quantize="int8" / "int4", the four projections are instead ``quant.QuantizedWeight``s of the
+    # same fused matrices in (out, in) layout (groups run along ``in``); ``Transformer._linear`` dispatches.
 
 
 class Transformer:
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype="float32",
                  backend: Optional[str | Backend] = None, attention: Optional[str] = None,
-                 tokenizer=None, source: Optional[Path] = None):
+                 tokenizer=None, source: Optional[Path] = None, quantize: Optional[str] = None):
         dtype = model_dtype(dtype)
+        if quantize is not None and quantize not in quant.FORMATS:
+            raise ConfigError(f"quantize={quantize!r} is not a weight format; "
+                              f"choose None or one of {sorted(quant.FORMATS)}")
+        # None: float weights; "int8" / "int4": every projection (lm_head included) quantized group-wise.
+        self.quantize = quantize
         self.config = config
         self.dtype = dtype
         self.backend = get_backend(backend)
+        if quantize is not None and self.backend.xp is not np:
+            raise ConfigError(f"quantize={quantize!r} runs on the CPU backends only (numpy, numba), "
+                              f"not on {self.backend.name!r}; load without quantize there")
         if attention is not None and attention not in self.backend.attention_algorithms:
             raise ConfigError(f"attention={attention!r} is not available on backend {self.backend.name!r}; "
                               f"choose one of {self.backend.attention_algorithms}")
@@ -98,6 +109,9 @@ class Transformer:
 
         def fused(names):
             # (out, in) projections side by side as one (in, sum of outs) matrix.
+            if self.quantize is not None:
+                # Quantized: kept (sum of outs, in), the layout whose rows are the groups' runs.
+                return quant.quantize(np.concatenate([w[n] for n in names], axis=0), self.quantize)
             return dev(np.ascontiguousarray(np.concatenate([w[n] for n in names], axis=0).T))
 
         def fused_bias(names):
@@ -127,6 +141,10 @@ class Transformer:
             self.rope_cos, self.rope_sin = dev(cos), dev(sin)
         # Each layer's own attention window (None: full causal attention).
         self.layer_windows = [cfg.sliding_window] * cfg.n_layers
+        # A backend may run a whole batch-1 decode step itself (numba: compiled kernels per layer);
+        # None: every step takes the generic path below.
+        prepare = getattr(self.backend, "prepare_decode", None)
+        self._decode_step = prepare(self) if prepare is not None else None
 
     @property
     def n_parameters(self) -> int:
@@ -169,6 +187,11 @@ class Transformer:
         """The forward pass itself, on checked inputs (the hot path: no checks in here)."""
         cfg, backend = self.config, self.backend
         batch, seq = ids.shape
+        if seq == 1 and cache is not None and self._decode_step is not None:
+            # The backend's compiled decode step, where it supports this cache and batch (else None).
+            logits = self._decode_step(ids, positions, n_new, cache, windows, last_only)
+            if logits is not None:
+                return logits
         # Activations are (tokens, d) rows: a 2-D matmul per projection (a decode step's is a BLAS
         # matrix-vector product).
         x = layers.embedding(self.embed, backend.to_device(ids.reshape(-1)))       # (batch*seq, d)
@@ -190,14 +213,14 @@ class Transformer:
             out = self._attend(q, view, windows[index])              # ... then attend over everything held
             # (b, H, seq, hd) -> (b, seq, H, hd) -> (b*seq, H*hd): the heads side by side again
             out = out.transpose(0, 2, 1, 3).reshape(batch * seq, cfg.n_heads * cfg.head_dim)
-            x += layers.linear(out, layer.o, layer.o_bias)           # residual adds in place: no new array
+            x += self._linear(out, layer.o, layer.o_bias)           # residual adds in place: no new array
             h = self._norm(x, layer.mlp_norm, layer.mlp_norm_bias)
             x += self._mlp(h, layer)
         if last_only:
             # (batch*seq, d) -> (batch, seq, d) -> each row's last real token: (batch, d)
             x = x.reshape(batch, seq, -1)[backend.xp.arange(batch), backend.to_device(n_new - 1)]
         x = self._norm(x, self.final_norm, self.final_norm_bias)
-        logits = backend.to_host(x @ self.lm_head)                   # (tokens, vocab)
+        logits = backend.to_host(self._linear(x, self.lm_head, None))                   # (tokens, vocab)
         return logits if last_only else logits.reshape(batch, seq, -1)
 
     def _attend(self, q, view: KVView, window):
@@ -222,26 +245,32 @@ class Transformer:
                                        lengths=view.lengths, window=window, algorithm=self.attention)
         return out
 
+    def _linear(self, x, weight, bias):
+        """y = x @ W (+ b): a float (in, out) matrix through BLAS, or a QuantizedWeight through the backend."""
+        if isinstance(weight, quant.QuantizedWeight):
+            return self.backend.quantized_linear(x, weight, bias)
+        return layers.linear(x, weight, bias)
+
     def _norm(self, x, weight, bias):
         if self.is_gpt2:
             return layers.layer_norm(x, weight, bias, self.config.norm_eps)
         return layers.rms_norm(x, weight, self.config.norm_eps)
 
     def _mlp(self, h, layer: LayerWeights):
-        hidden = layers.linear(h, layer.mlp_in, layer.mlp_in_bias)
+        hidden = self._linear(h, layer.mlp_in, layer.mlp_in_bias)
         if self.is_gpt2:
             act = layers.gelu_tanh(hidden)
         else:
             # (tokens, 2 intermediate) = gate | up side by side
             gate, up = hidden[..., :self.config.intermediate_size], hidden[..., self.config.intermediate_size:]
             act = layers.swiglu(gate, up)
-        return layers.linear(act, layer.mlp_down, layer.mlp_down_bias)
+        return self._linear(act, layer.mlp_down, layer.mlp_down_bias)
 
     def _qkv(self, h, layer: LayerWeights, batch: int, seq: int, cos, sin):
         """h (batch*seq, d) -> q (batch, H, seq, hd), k and v (batch, KV, seq, hd), RoPE applied to q and k."""
         cfg = self.config
         n_q, n_kv = cfg.n_heads, cfg.n_kv_heads
-        qkv = layers.linear(h, layer.qkv, layer.qkv_bias)          # (batch*seq, (H + 2 KV) hd)
+        qkv = self._linear(h, layer.qkv, layer.qkv_bias)           # (batch*seq, (H + 2 KV) hd)
         # The fused projection's columns are H query heads, then KV key heads, then KV value heads:
         # (batch*seq, (H + 2 KV) hd) -> (batch, seq, H + 2 KV, hd) -> (batch, H + 2 KV, seq, hd)
         heads = qkv.reshape(batch, seq, n_q + 2 * n_kv, cfg.head_dim).transpose(0, 2, 1, 3)
@@ -379,7 +408,7 @@ class Transformer:
 
         weights, config = convert_rope_convention(self.weights, self.config, convention)
         return Transformer(config, weights, dtype=self.dtype, backend=self.backend, attention=self.attention,
-                           tokenizer=self.tokenizer)
+                           tokenizer=self.tokenizer, quantize=self.quantize)
 
     def save(self, path, dtype: Optional[str] = None) -> Path:
         """Write a Hugging Face checkpoint folder (config.json + model.safetensors)."""
@@ -396,12 +425,15 @@ BUNDLED_MODEL = Path(__file__).parent / "data" / "tiny-fortunes"
 
 
 def load(path=None, *, dtype: str = "float32", backend: Optional[str] = None,
-         attention: Optional[str] = None) -> Transformer:
-    """Load a Hugging Face checkpoint folder (default: the bundled tiny model)."""
+         attention: Optional[str] = None, quantize: Optional[str] = None) -> Transformer:
+    """Load a Hugging Face checkpoint folder (default: the bundled tiny model).
+
+    quantize: None (float weights), "int8" or "int4": every projection, the lm_head included, is
+    quantized group-wise at load (see minikv/quant.py); the embedding table and norms stay float."""
     from .tokenizer import tokenizer_for
 
     folder = BUNDLED_MODEL if path is None else Path(path)
     dtype = model_dtype(dtype)          # before reading any weights
     config, weights = load_checkpoint(folder, dtype=dtype)
     return Transformer(config, weights, dtype=dtype, backend=backend, attention=attention,
-                       tokenizer=tokenizer_for(folder, config.vocab_size), source=folder)
+                       tokenizer=tokenizer_for(folder, config.vocab_size), source=folder, quantize=quantize)

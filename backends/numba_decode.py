@@ -1,0 +1,369 @@
+"""The numba backend's compiled decode step: a batch-1 (or small-batch) step as two kernels per layer.
+
+At batch 1 a decode step is a string of matrix-vector products: every weight is read once and used
+for one multiply-add, so the step runs at the speed memory delivers weights, and every Python call,
+temporary array and thread wake-up between two of them is time the memory bus sits idle. The
+generic path (model.py) makes ~30 NumPy calls per layer; this one makes three:
+
+    decode_layer_in:   h = rms_norm(x); qkv = h W_qkv (+ b); RoPE on q and k        (kernel 1)
+    cache.update:      write k, v; get every K/V held                              (the cache seam, Python)
+    decode_layer_out:  attention over the view; x += o W_o; h = rms_norm(x);       (kernel 2)
+                       x += (silu(h W_gate) * h W_up) W_down
+
+and one more for the final norm and the lm_head. Each kernel opens one parallel region per
+matrix-vector product and one for attention (``prange``): 5 thread wake-ups per layer.
+
+The products (``project``), one per weight format, chosen when a kernel is compiled (``overload``
+on the weight's dtype):
+
+* float (in, out), the model's BLAS layout: each thread owns a block of output columns and sweeps
+  the rows, y[j0:j1] += x[i] W[i, j0:j1] (an axpy per row: vectorises without reordering a sum);
+* int8 (out, in) + scales (out, groups): y[j] = sum_g scale[j, g] sum_{i in g} x[i] q[j, i]: the
+  weight is converted to float inside the dot product; activations stay float32 (llama2.c's runq.c
+  also quantizes x to int8; keeping x in float32 makes the kernel equal to the reference
+  ``x @ dequantize(W).T`` up to round-off, and the step is memory-bound either way);
+* int4 (out, in / 2) nibble pairs: the same, each byte unpacked into two signed 4-bit values.
+
+Sums run with ``fastmath={"reassoc", "contract"}`` so LLVM may vectorise them (reordering additions
+only: inf and NaN keep IEEE meaning); results differ from the reference by float32 round-off, and
+the tests state the bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from minikv import quant
+
+_KERNEL = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
+_SERIAL = dict(parallel=False, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
+
+# Output columns per block of the float kernel: a block's accumulators (block x 4 bytes per row of x)
+# stay in L1 while the rows stream past.
+FLOAT_BLOCK = 512
+
+
+# --------------------------------------------------------------------------- matrix-vector products
+
+
+@njit(**_KERNEL)
+def project_float(w, x, y):
+    """y (rows, out) = x (rows, in) @ w (in, out): column blocks in parallel, axpy over the rows of w."""
+    n_in, n_out = w.shape
+    rows = x.shape[0]
+    n_blocks = (n_out + FLOAT_BLOCK - 1) // FLOAT_BLOCK
+    for block in prange(n_blocks):
+        j0 = block * FLOAT_BLOCK
+        width = min(FLOAT_BLOCK, n_out - j0)
+        acc = np.zeros((rows, width), dtype=y.dtype)
+        for i in range(n_in):
+            for r in range(rows):
+                xi = x[r, i]
+                for j in range(width):
+                    acc[r, j] += xi * w[i, j0 + j]
+        for r in range(rows):
+            for j in range(width):
+                y[r, j0 + j] = acc[r, j]
+
+
+@njit(**_KERNEL)
+def project_int8(q, scales, group, x, y):
+    """y (rows, out) = x (rows, in) @ dequantize(q, scales)^T, dequantizing inside the dot product."""
+    n_out, n_in = q.shape
+    rows = x.shape[0]
+    n_groups = scales.shape[1]
+    for j in prange(n_out):
+        for r in range(rows):
+            acc = np.float32(0.0)
+            for g in range(n_groups):
+                i0 = g * group
+                i1 = min(i0 + group, n_in)
+                s = np.float32(0.0)
+                for i in range(i0, i1):
+                    s += x[r, i] * np.float32(q[j, i])
+                acc += s * scales[j, g]
+            y[r, j] = acc
+
+
+@njit(**_KERNEL)
+def project_int4(packed, scales, group, x, y):
+    """The same for int4: byte b of a row holds elements 2b (low nibble) and 2b + 1 (high nibble).
+    x must have an even number of columns (the caller pads)."""
+    n_out = packed.shape[0]
+    n_in = x.shape[1]
+    rows = x.shape[0]
+    n_groups = scales.shape[1]
+    half_group = group // 2
+    for j in prange(n_out):
+        for r in range(rows):
+            acc = np.float32(0.0)
+            for g in range(n_groups):
+                b0 = g * half_group
+                b1 = min(b0 + half_group, (n_in + 1) // 2)
+                s = np.float32(0.0)
+                for b in range(b0, b1):
+                    byte = np.int32(packed[j, b])
+                    low = byte & 15
+                    high = byte >> 4
+                    low -= (low & 8) << 1          # 4-bit two's complement: 8..15 -> -8..-1
+                    high -= (high & 8) << 1
+                    s += x[r, 2 * b] * np.float32(low) + x[r, 2 * b + 1] * np.float32(high)
+                acc += s * scales[j, g]
+            y[r, j] = acc
+
+
+def project(weight, scales, group, x, y):
+    """y = x @ W for any weight format; resolved at compile time by the overload below."""
+    raise NotImplementedError("project() runs inside compiled kernels only")
+
+
+@overload(project)
+def _project_overload(weight, scales, group, x, y):
+    dtype = weight.dtype
+    if dtype == types.int8:
+        return lambda weight, scales, group, x, y: project_int8(weight, scales, group, x, y)
+    if dtype == types.uint8:
+        return lambda weight, scales, group, x, y: project_int4(weight, scales, group, x, y)
+    return lambda weight, scales, group, x, y: project_float(weight, x, y)
+
+
+# --------------------------------------------------------------------------- one layer in two kernels
+
+
+@njit(**_SERIAL)
+def rms_norm_rows(x, weight, eps, out):
+    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight (the reference's order: sum * (1/d))."""
+    rows, d = x.shape
+    inv_d = np.float32(1.0) / np.float32(d)
+    for r in range(rows):
+        total = np.float32(0.0)
+        for i in range(d):
+            total += x[r, i] * x[r, i]
+        inv = np.float32(1.0) / np.sqrt(total * inv_d + eps)
+        for i in range(d):
+            out[r, i] = x[r, i] * inv * weight[i]
+
+
+@njit(**_KERNEL)
+def decode_layer_in(x, norm, eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin, positions, interleaved,
+                    n_rope_heads, head_dim, h, qkv):
+    """h = rms_norm(x); qkv (rows, (H + 2 KV) hd) = h W_qkv (+ b); RoPE on the first n_rope_heads heads
+    (q and k) of each row at that row's position. cos, sin: the model's (max_pos, hd / 2) tables."""
+    rms_norm_rows(x, norm, eps, h)
+    project(w_qkv, s_qkv, g_qkv, h, qkv)
+    rows = x.shape[0]
+    half = head_dim // 2
+    for r in range(rows):
+        if has_bias:
+            for c in range(qkv.shape[1]):
+                qkv[r, c] += bias[c]
+        p = positions[r]
+        for head in range(n_rope_heads):
+            base = head * head_dim
+            for i in range(half):
+                if interleaved:
+                    a, b = base + 2 * i, base + 2 * i + 1
+                else:
+                    a, b = base + i, base + i + half
+                x1 = qkv[r, a]
+                x2 = qkv[r, b]
+                qkv[r, a] = x1 * cos[p, i] - x2 * sin[p, i]
+                qkv[r, b] = x1 * sin[p, i] + x2 * cos[p, i]
+
+
+@njit(**_KERNEL)
+def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_cache, v_cache, k_scales, v_scales, quantized_kv,
+                     lengths, window, w_o, s_o, g_o, mlp_norm, eps, w_in, s_in, g_in, w_down, s_down, g_down,
+                     intermediate, attn, h, hidden, act, y):
+    """Attention of each row's query heads (the first H heads of qkv) over the cache view, then
+    x += attn W_o; x += (silu(gate) * up) W_down with gate | up = rms_norm(x) W_in.
+
+    k_cache, v_cache (rows, KV, width, hd), float or int8 (then k_scales, v_scales (rows, KV, width)):
+    row r's query sits at position lengths[r] - 1 and sees keys max(0, lengths[r] - window) ..
+    lengths[r] - 1 (window 0: all)."""
+    rows = x.shape[0]
+    group = n_heads // n_kv_heads
+    scale = np.float32(1.0) / np.sqrt(np.float32(head_dim))
+    for task in prange(rows * n_heads):
+        r = task // n_heads
+        head = task % n_heads
+        kv = head // group
+        end = lengths[r]
+        start = 0
+        if window > 0:
+            start = max(0, end - window)
+        scores = np.empty(end - start, dtype=np.float32)
+        best = np.float32(-np.inf)
+        for t in range(start, end):
+            s = np.float32(0.0)
+            for d in range(head_dim):
+                s += qkv[r, head * head_dim + d] * np.float32(k_cache[r, kv, t, d])
+            if quantized_kv:
+                s *= k_scales[r, kv, t]
+            s *= scale
+            scores[t - start] = s
+            best = max(best, s)
+        total = np.float32(0.0)
+        for t in range(end - start):
+            scores[t] = np.exp(scores[t] - best)
+            total += scores[t]
+        for d in range(head_dim):
+            attn[r, head * head_dim + d] = np.float32(0.0)
+        for t in range(start, end):
+            p = scores[t - start]
+            if quantized_kv:
+                p *= v_scales[r, kv, t]
+            for d in range(head_dim):
+                attn[r, head * head_dim + d] += p * np.float32(v_cache[r, kv, t, d])
+        inv = np.float32(1.0) / total
+        for d in range(head_dim):
+            attn[r, head * head_dim + d] *= inv
+    project(w_o, s_o, g_o, attn, y)
+    for r in range(rows):
+        for i in range(x.shape[1]):
+            x[r, i] += y[r, i]
+    rms_norm_rows(x, mlp_norm, eps, h)
+    project(w_in, s_in, g_in, h, hidden)
+    one = np.float32(1.0)
+    for r in range(rows):
+        for i in range(intermediate):
+            gate = hidden[r, i]
+            act[r, i] = gate / (one + np.exp(-gate)) * hidden[r, intermediate + i]
+    project(w_down, s_down, g_down, act, y)
+    for r in range(rows):
+        for i in range(x.shape[1]):
+            x[r, i] += y[r, i]
+
+
+@njit(**_KERNEL)
+def decode_head(x, norm, eps, w_head, s_head, g_head, h, logits):
+    """logits = rms_norm(x) W_head."""
+    rms_norm_rows(x, norm, eps, h)
+    project(w_head, s_head, g_head, h, logits)
+
+
+# --------------------------------------------------------------------------- the plan: which models, which caches
+
+# Model types whose decode step is exactly the llama block (RMSNorm, RoPE, SwiGLU, optional qkv bias).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# LayerWeights fields the kernels read; a model with any other field set (a newer layer kind) is left
+# to the generic path.
+KNOWN_FIELDS = {"attn_norm", "attn_norm_bias", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "mlp_norm_bias",
+                "mlp_in", "mlp_in_bias", "mlp_down", "mlp_down_bias"}
+# Largest batch the step takes: each weight row is reused for every row of x while in cache; beyond
+# a few rows BLAS's blocked matmul (the generic path) wins.
+MAX_ROWS = 8
+NO_SCALES = np.zeros((1, 1), dtype=np.float32)        # the scales argument of a float weight (unused)
+NO_KV_SCALES = np.zeros((1, 1, 1), dtype=np.float32)
+
+
+def _weight_args(weight):
+    """(values, scales, group) as the kernels take them, for a float (in, out) matrix or a QuantizedWeight."""
+    if isinstance(weight, quant.QuantizedWeight):
+        return weight.values, weight.scales, weight.group
+    return weight, NO_SCALES, 0
+
+
+def _supported(model) -> bool:
+    cfg = model.config
+    if (cfg.model_type not in SUPPORTED_MODEL_TYPES or model.is_gpt2 or not model.uses_rope
+            or model.dtype != np.float32 or model.pos_embed is not None):
+        return False
+    for layer in model.layers:
+        for field in fields(layer):
+            value = getattr(layer, field.name)
+            if field.name not in KNOWN_FIELDS and value is not None:
+                return False
+        if layer.attn_norm_bias is not None or layer.o_bias is not None or layer.mlp_norm_bias is not None:
+            return False
+        if layer.mlp_in_bias is not None or layer.mlp_down_bias is not None:
+            return False
+        for weight in (layer.qkv, layer.o, layer.mlp_in, layer.mlp_down):
+            if isinstance(weight, quant.QuantizedWeight) and weight.format == "int4" and weight.shape[1] % 2:
+                return False      # the int4 kernel reads x in pairs
+    return model.final_norm_bias is None
+
+
+class DecodeStep:
+    """A model's compiled decode step: ``step(ids, positions, n_new, cache, windows, last_only)`` returns
+    the logits, or None where this step does not apply (then the model takes its generic path):
+    prefill, a paged or sliding cache, float16 caches, more than MAX_ROWS sequences, padding rows."""
+
+    CACHE_KINDS = ("static", "concat")
+
+    def __init__(self, model):
+        cfg = model.config
+        self.model = model
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.intermediate = cfg.intermediate_size
+        self.eps = np.float32(cfg.norm_eps)
+        self.interleaved = cfg.rope_convention == "interleaved"
+        self.layers = []
+        for layer in model.layers:
+            has_bias = layer.qkv_bias is not None
+            self.layers.append((layer.attn_norm, _weight_args(layer.qkv),
+                                layer.qkv_bias if has_bias else NO_SCALES[0], has_bias,
+                                _weight_args(layer.o), layer.mlp_norm, _weight_args(layer.mlp_in),
+                                _weight_args(layer.mlp_down)))
+        self.head = _weight_args(model.lm_head)
+
+    def __call__(self, ids, positions, n_new, cache, windows, last_only):
+        rows = ids.shape[0]
+        if (cache.kind not in self.CACHE_KINDS or rows > MAX_ROWS or (n_new != 1).any()
+                or cache.dtype.name not in ("float32", "int8")):
+            return None
+        model, n_heads, n_kv, head_dim = self.model, self.n_heads, self.n_kv, self.head_dim
+        d = model.config.hidden_size
+        x = np.ascontiguousarray(model.embed[ids[:, 0]])                  # (rows, d)
+        position = np.ascontiguousarray(positions[:, 0])                  # (rows,)
+        width = (n_heads + 2 * n_kv) * head_dim
+        h = np.empty((rows, d), dtype=np.float32)
+        qkv = np.empty((rows, width), dtype=np.float32)
+        attn = np.empty((rows, n_heads * head_dim), dtype=np.float32)
+        hidden = np.empty((rows, 2 * self.intermediate), dtype=np.float32)
+        act = np.empty((rows, self.intermediate), dtype=np.float32)
+        y = np.empty((rows, d), dtype=np.float32)
+        # (rows, (H + 2 KV) hd) -> (rows, H + 2 KV, 1, hd): this step's heads, as cache.update takes them
+        heads = qkv.reshape(rows, n_heads + 2 * n_kv, 1, head_dim)
+        for index, (norm, (w_qkv, s_qkv, g_qkv), bias, has_bias, (w_o, s_o, g_o), mlp_norm,
+                    (w_in, s_in, g_in), (w_down, s_down, g_down)) in enumerate(self.layers):
+            decode_layer_in(x, norm, self.eps, w_qkv, s_qkv, g_qkv, bias, has_bias, model.rope_cos, model.rope_sin,
+                            position, self.interleaved, n_heads + n_kv, head_dim, h, qkv)
+            view = cache.update(index, heads[:, n_heads:n_heads + n_kv], heads[:, n_heads + n_kv:])
+            quantized_kv = view.k_scales is not None
+            window = windows[index]
+            decode_layer_out(x, qkv, n_heads, n_kv, head_dim, view.k, view.v,
+                             view.k_scales if quantized_kv else NO_KV_SCALES,
+                             view.v_scales if quantized_kv else NO_KV_SCALES, quantized_kv, view.lengths,
+                             0 if window is None else int(window), w_o, s_o, g_o, mlp_norm, self.eps,
+                             w_in, s_in, g_in, w_down, s_down, g_down, self.intermediate, attn, h, hidden, act, y)
+        w_head, s_head, g_head = self.head
+        logits = np.empty((rows, model.config.vocab_size), dtype=np.float32)
+        decode_head(x, model.final_norm, self.eps, w_head, s_head, g_head, h, logits)
+        return logits if last_only else logits[:, None, :]
+
+
+def prepare_decode(model):
+    """The compiled decode step for ``model``, or None where its layers are not the llama block."""
+    return DecodeStep(model) if _supported(model) else None
+
+
+def quantized_linear(x, weight, bias=None):
+    """x (rows, in) @ dequantize(W)^T (+ b) by the compiled kernels for a few rows; None for more rows
+    (there dequantizing once and calling BLAS is faster) or a float64 x (the kernels are float32)."""
+    if x.ndim != 2 or x.shape[0] > MAX_ROWS or x.dtype != np.float32 or (
+            weight.format == "int4" and weight.shape[1] % 2):
+        return None
+    x = np.ascontiguousarray(x)
+    y = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+    if weight.format == "int8":
+        project_int8(weight.values, weight.scales, weight.group, x, y)
+    else:
+        project_int4(weight.values, weight.scales, weight.group, x, y)
+    if bias is not None:
+        y += bias
+    return y
