@@ -25,11 +25,11 @@ zeros gets scale 0 and q 0 (no 0/0). Denormal weights then quantize like any oth
 Formats (``FORMATS``):
 
 * ``int8``: group 64, one int8 per weight: 8 + 32/64 = 8.5 bits per weight.
-* ``int4``: group 32, values in [-8, 7] (only -7..7 are produced: symmetric), two per byte, the
-  element 2i in the low nibble and 2i+1 in the high nibble: 4 + 32/32 = 5 bits per weight.
+* ``int4``: group 32, values in [-8, 7] (only -7..7 are produced: symmetric), two per byte (see
+  ``pack_int4`` for the nibble order): 4 + 32/32 = 5 bits per weight.
 
 A row whose length is not a multiple of the group ends in a shorter last group (the bundled model's
-MLP has 608 inputs: 9 groups of 64 and one of 32); int4 pads an odd row with one zero nibble.
+MLP has 608 inputs: 9 groups of 64 and one of 32); int4 needs an even row length.
 
 The reference product ``quantized_linear(x, qw) = x @ dequantize(qw).T`` is slow (it rebuilds the
 float matrix on every call) but it is the definition: the numba backend's kernels dequantize
@@ -53,11 +53,11 @@ FORMATS = {"int8": (8, 127, 64), "int4": (4, 7, 32)}
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A quantized (out, in) matrix: ``values`` int8 (out, in) for int8, uint8 (out, ceil(in / 2))
-    nibble pairs for int4; ``scales`` float32 (out, n_groups); ``shape`` the float matrix's (out, in)."""
+    """A quantized (out, in) matrix: ``values`` the integers, ``scales`` float32 (out, n_groups),
+    ``shape`` the float matrix's (out, in)."""
 
     format: str
-    values: np.ndarray
+    values: np.ndarray      # int8 (out, in), or for int4 uint8 (out, in / 2)
     scales: np.ndarray
     group: int
     shape: tuple
@@ -100,8 +100,9 @@ def quantize(w, format: str = "int8", group: int | None = None) -> QuantizedWeig
     w = np.asarray(w)
     if w.ndim != 2 or w.size == 0:
         raise ConfigError(f"quantize: expected a non-empty (out, in) matrix, got shape {w.shape}")
-    if group < 1 or (format == "int4" and group % 2):
-        raise ConfigError(f"quantize: group={group} must be >= 1 (and even for int4)")
+    if group < 1 or (format == "int4" and (group % 2 or w.shape[1] % 2)):
+        raise ConfigError(f"quantize: group={group} must be >= 1; int4 needs an even group and an even number "
+                          f"of columns (the matrix has {w.shape[1]})")
     if not np.isfinite(w).all():
         raise ConfigError("quantize: the matrix holds inf or NaN; such weights cannot be scaled into integers")
     out_features, in_features = w.shape
@@ -113,31 +114,40 @@ def quantize(w, format: str = "int8", group: int | None = None) -> QuantizedWeig
     if bits == 8:
         values = q
     else:
-        values = pack_int4(q)
+        values = pack_int4(q, group)
     return QuantizedWeight(format, np.ascontiguousarray(values), scales, group, (out_features, in_features))
 
 
-def pack_int4(q: np.ndarray) -> np.ndarray:
-    """int8 values in [-8, 7], (out, in) -> uint8 (out, ceil(in / 2)): element 2i in the low nibble,
-    2i + 1 in the high nibble (two's complement in 4 bits)."""
+def pack_int4(q: np.ndarray, group: int) -> np.ndarray:
+    """int8 values in [-8, 7], (out, in) with ``in`` even -> uint8 (out, in / 2), stored as q + 8 in
+    [0, 15] (offset binary, like GGML's Q4_0). Within each group of L elements (the last may be
+    shorter), byte b holds element b in its low nibble and element b + L/2 in its high nibble: a
+    kernel then multiplies the low nibbles by x's first half-group and the high ones by its second,
+    both contiguous (pairs (2b, 2b + 1) would need strided reads of x)."""
     out_features, in_features = q.shape
-    if in_features % 2:
-        q = np.concatenate([q, np.zeros((out_features, 1), dtype=q.dtype)], axis=1)
-    nibbles = (q.astype(np.int16) & 0xF).astype(np.uint8)            # -3 -> 0b1101
-    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    nibbles = (q.astype(np.int16) + 8).astype(np.uint8)
+    packed = np.empty((out_features, in_features // 2), dtype=np.uint8)
+    for start in range(0, in_features, group):
+        half = (min(start + group, in_features) - start) // 2
+        low, high = nibbles[:, start:start + half], nibbles[:, start + half:start + 2 * half]
+        packed[:, start // 2:start // 2 + half] = low | (high << 4)
+    return packed
 
 
-def unpack_int4(packed: np.ndarray, in_features: int) -> np.ndarray:
-    """The inverse of pack_int4: uint8 (out, ceil(in / 2)) -> int8 (out, in)."""
-    low, high = packed & 0xF, packed >> 4
-    # (out, in/2) x 2 -> (out, in/2, 2) -> (out, in): low, high, low, high, ...
-    nibbles = np.stack([low, high], axis=-1).reshape(packed.shape[0], -1)[:, :in_features].astype(np.int8)
-    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)   # 4-bit two's complement
+def unpack_int4(packed: np.ndarray, in_features: int, group: int) -> np.ndarray:
+    """The inverse of pack_int4: uint8 (out, in / 2) -> int8 (out, in)."""
+    values = np.empty((packed.shape[0], in_features), dtype=np.int8)
+    for start in range(0, in_features, group):
+        half = (min(start + group, in_features) - start) // 2
+        block = packed[:, start // 2:start // 2 + half]
+        values[:, start:start + half] = (block & 0xF).astype(np.int8) - 8
+        values[:, start + half:start + 2 * half] = (block >> 4).astype(np.int8) - 8
+    return values
 
 
 def integer_values(qw: QuantizedWeight) -> np.ndarray:
     """The integers q (out, in) as int8, whatever the packing."""
-    return qw.values if qw.format == "int8" else unpack_int4(qw.values, qw.shape[1])
+    return qw.values if qw.format == "int8" else unpack_int4(qw.values, qw.shape[1], qw.group)
 
 
 def dequantize(qw: QuantizedWeight, dtype=np.float32) -> np.ndarray:
