@@ -39,6 +39,8 @@ from numba.extending import overload
 
 from minikv import quant
 
+from .numba_cpu import numba_threads, threads_for
+
 _KERNEL = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
 _SERIAL = dict(parallel=False, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
 
@@ -322,6 +324,11 @@ class DecodeStep:
                                 _weight_args(layer.o), layer.mlp_norm, _weight_args(layer.mlp_in),
                                 _weight_args(layer.mlp_down)))
         self.head = _weight_args(model.lm_head)
+        # Multiply-adds of one layer's products: below numba_cpu.PARALLEL_MIN_WORK the kernels run on the
+        # calling thread (waking the pool costs more than it saves; see threads_for).
+        d = cfg.hidden_size
+        self.layer_work = d * ((self.n_heads + 2 * self.n_kv) * self.head_dim + 2 * self.intermediate) + (
+            self.n_heads * self.head_dim + self.intermediate) * d
 
     def __call__(self, ids, positions, n_new, cache, windows, last_only):
         rows = ids.shape[0]
@@ -341,6 +348,12 @@ class DecodeStep:
         y = np.empty((rows, d), dtype=np.float32)
         # (rows, (H + 2 KV) hd) -> (rows, H + 2 KV, 1, hd): this step's heads, as cache.update takes them
         heads = qkv.reshape(rows, n_heads + 2 * n_kv, 1, head_dim)
+        with numba_threads(threads_for(rows * self.layer_work)):
+            return self._layers(x, position, cache, windows, last_only, h, qkv, heads, attn, hidden, act, y)
+
+    def _layers(self, x, position, cache, windows, last_only, h, qkv, heads, attn, hidden, act, y):
+        model, n_heads, n_kv, head_dim = self.model, self.n_heads, self.n_kv, self.head_dim
+        rows = x.shape[0]
         for index, (norm, (w_qkv, s_qkv, g_qkv), bias, has_bias, (w_o, s_o, g_o), mlp_norm,
                     (w_in, s_in, g_in), (w_down, s_down, g_down)) in enumerate(self.layers):
             decode_layer_in(x, norm, self.eps, w_qkv, s_qkv, g_qkv, bias, has_bias, model.rope_cos, model.rope_sin,

@@ -12,7 +12,7 @@ float32 scale and its weights become small integers::
     q[j, i]     = round(W[j, i] / scale[j, g])    an integer in [-qmax, qmax]
     W[j, i]    ~= q[j, i] * scale[j, g]           (dequantize)
 
-Symmetric (no zero point): 0 stays exactly 0, and the largest weight of a group is exact.
+Symmetric (no zero point): 0 stays exactly 0, and the largest weight of a group maps to +-qmax.
 Rounding to the nearest integer misses by at most half a step, so every element obeys
 
     |W - dequantize(quantize(W))| <= scale / 2                            (the format's bound)

@@ -1,0 +1,238 @@
+"""Quantized weights (minikv/quant.py) and the numba backend's compiled decode step.
+
+Properties
+----------
+* quantize -> dequantize misses every element by at most half a quantization step:
+  |w - deq| <= scale / 2 + ulp(deq) / 2 (the float32 rounding of q * scale), for random groups
+  with zeros, all-zero groups, outliers, denormals, short last groups; and |q| <= qmax.
+* int4 packing round-trips every integer in [-8, 7].
+* the numba kernels (float32, int8, int4) equal the reference product x @ dequantize(W)^T.
+* the compiled decode step equals the numpy reference's step (float32, int8, int4 weights), and
+  greedy tokens of quantized models equal their numpy-reference twins.
+
+Tolerances (float32)
+--------------------
+A matrix-vector product sums n = in_features terms; any two summation orders differ by at most
+~n * eps * sum_i |x_i w_i| (eps = 2^-24 ~ 6e-8). With n <= 608 that is 3.6e-5 * (|x| @ |W|^T);
+in practice errors partly cancel, and we allow 2e-5 * (|x| @ |W|^T) per output (a wrong scale, a
+swapped nibble or a skipped group is off by O(1) relative to that sum and fails). Logits of a whole
+step pass through 6 layers: atol = rtol = 1e-4 (observed differences ~1e-6 on logits of size ~10).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+import minikv
+from minikv import quant
+from minikv.errors import ConfigError
+
+HAS_NUMBA = "numba" in minikv.available_backends()
+needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba backend not available")
+
+FLOAT32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+BIG = float(np.float32(1e30))                 # outliers (exactly representable bounds, as hypothesis wants)
+DENORMAL = float(np.float32(1e-38))           # below float32's smallest normal (1.18e-38)
+
+
+def _ulp(x):
+    return np.spacing(np.abs(x).astype(np.float32))
+
+
+def _matrices(max_rows=4, max_cols=80):
+    """float32 matrices mixing ordinary values, zeros, outliers and denormals; even columns (int4)."""
+    element = st.one_of(
+        st.floats(-1.0, 1.0, width=32),
+        st.just(0.0),
+        st.floats(-BIG, BIG, width=32),
+        st.floats(-DENORMAL, DENORMAL, width=32),                  # denormals (below float32's smallest normal)
+        st.sampled_from([FLOAT32_TINY, -FLOAT32_TINY, 3 * FLOAT32_TINY]),
+    )
+    shape = st.tuples(st.integers(1, max_rows), st.integers(1, max_cols // 2).map(lambda n: 2 * n))
+    return shape.flatmap(lambda s: hnp.arrays(np.float32, s, elements=element))
+
+
+def _expanded_scales(qw):
+    return np.repeat(qw.scales, qw.group, axis=1)[:, :qw.shape[1]]
+
+
+@pytest.mark.parametrize("format", ["int8", "int4"])
+@settings(max_examples=60, deadline=None)
+@given(w=_matrices(), group_choice=st.sampled_from([None, 2, 6, 16]))
+def test_dequantize_error_within_half_a_step(format, w, group_choice):
+    qw = quant.quantize(w, format, group=group_choice)
+    q = quant.integer_values(qw)
+    qmax = quant.FORMATS[format][1]
+    assert q.shape == w.shape and qw.scales.dtype == np.float32
+    assert np.abs(q.astype(np.int16)).max() <= qmax
+    deq = quant.dequantize(qw)
+    assert deq.dtype == np.float32
+    scale = _expanded_scales(qw).astype(np.float64)
+    error = np.abs(w.astype(np.float64) - deq.astype(np.float64))
+    bound = scale / 2 + _ulp(deq).astype(np.float64) / 2
+    assert (error <= bound).all(), float((error - bound).max())
+    # All-zero groups are exactly zero; so is every zero weight.
+    assert (deq[w == 0] == 0).all()
+
+
+def test_a_wrong_scale_breaks_the_bound():
+    """The bound above is tight enough to catch a broken dequantization (scales shifted by one group)."""
+    w = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32) * np.linspace(0.01, 3, 256)
+    qw = quant.quantize(w, "int8")
+    broken = quant.QuantizedWeight("int8", qw.values, np.roll(qw.scales, 1, axis=1), qw.group, qw.shape)
+    error = np.abs(w - quant.dequantize(broken))
+    assert (error > _expanded_scales(qw) / 2 + _ulp(w)).any()
+
+
+@settings(max_examples=30, deadline=None)
+@given(q=st.tuples(st.integers(1, 3), st.integers(1, 40).map(lambda n: 2 * n)).flatmap(
+    lambda s: hnp.arrays(np.int8, s, elements=st.integers(-8, 7))), group=st.sampled_from([2, 4, 32]))
+def test_int4_packing_round_trips(q, group):
+    packed = quant.pack_int4(q, group)
+    assert packed.dtype == np.uint8 and packed.shape == (q.shape[0], q.shape[1] // 2)
+    assert np.array_equal(quant.unpack_int4(packed, q.shape[1], group), q)
+
+
+def test_scales_follow_the_formula_rounded_up():
+    w = np.array([[0.5, -2.0, 1.0, 0.25], [0.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    qw = quant.quantize(w, "int8", group=4)
+    nearest = np.float32(2.0 / 127)
+    # fl(2/127) * 127 < 2 here, so the scale is the next float32 up (the largest weight maps to -127).
+    assert float(nearest) * 127 < 2.0 and qw.scales[0, 0] == np.nextafter(nearest, np.float32(1))
+    assert qw.scales[1, 0] == 0
+    # 1.0 / scale is just below 63.5 (the scale was rounded up), so it rounds to 63, not 64
+    assert quant.integer_values(qw)[0].tolist() == [32, -127, 63, 16]
+    assert quant.integer_values(qw)[1].tolist() == [0, 0, 0, 0]
+
+
+def test_quantize_refuses_bad_input():
+    with pytest.raises(ConfigError, match="inf or NaN"):
+        quant.quantize(np.array([[1.0, np.nan]], dtype=np.float32))
+    with pytest.raises(ConfigError, match="even"):
+        quant.quantize(np.ones((2, 3), dtype=np.float32), "int4")
+    with pytest.raises(ConfigError, match="int3"):
+        quant.quantize(np.ones((2, 4), dtype=np.float32), "int3")
+    with pytest.raises(ConfigError, match="quantize="):
+        minikv.load(quantize="int3")
+
+
+def test_kv_rows_quantize_within_half_a_step():
+    x = np.random.default_rng(1).standard_normal((2, 3, 5, 16)).astype(np.float32)
+    x[0, 0, 0] = 0.0
+    q, scales = quant.quantize_rows(x)
+    assert q.dtype == np.int8 and scales.shape == (2, 3, 5)
+    deq = quant.dequantize_rows(q, scales)
+    assert (np.abs(x - deq) <= scales[..., None] / 2 + _ulp(deq) / 2).all()
+    assert (deq[0, 0, 0] == 0).all()
+
+
+def test_quantized_model_uses_quantized_projections_only():
+    model = minikv.load(quantize="int8")
+    layer = model.layers[0]
+    assert isinstance(layer.qkv, quant.QuantizedWeight) and isinstance(model.lm_head, quant.QuantizedWeight)
+    assert model.embed.dtype == np.float32 and layer.attn_norm.dtype == np.float32
+    logits = model.forward(np.array([[1, 2, 3]]))
+    assert logits.dtype == np.float32
+
+
+# ------------------------------------------------------------------ numba kernels and the decode step
+
+
+def _close_to_product(y, x, dense):
+    bound = 2e-5 * (np.abs(x).astype(np.float64) @ np.abs(dense).astype(np.float64).T) + 1e-30
+    return np.abs(y.astype(np.float64) - (x.astype(np.float64) @ dense.astype(np.float64).T)) <= bound
+
+
+@needs_numba
+@pytest.mark.parametrize("format", ["float32", "int8", "int4"])
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 3), out_features=st.integers(1, 70), in_half=st.integers(1, 80),
+       seed=st.integers(0, 2**16))
+def test_numba_projection_equals_dequantized_product(format, rows, out_features, in_half, seed):
+    from minikv.backends import numba_decode
+
+    rng = np.random.default_rng(seed)
+    in_features = 2 * in_half
+    w = (rng.standard_normal((out_features, in_features)) * rng.exponential(1, (1, in_features))).astype(np.float32)
+    x = rng.standard_normal((rows, in_features)).astype(np.float32)
+    y = np.full((rows, out_features), np.nan, dtype=np.float32)
+    if format == "float32":
+        numba_decode.project_float(np.ascontiguousarray(w.T), x, y)
+        dense = w
+    else:
+        qw = quant.quantize(w, format)
+        kernel = numba_decode.project_int8 if format == "int8" else numba_decode.project_int4
+        kernel(qw.values, qw.scales, qw.group, x, y)
+        dense = quant.dequantize(qw)
+        # The backend's quantized_linear is the same kernel and equals the reference function.
+        reference = quant.quantized_linear(x, qw)
+        assert _close_to_product(minikv.get_backend("numba").quantized_linear(x, qw), x, dense).all()
+        assert _close_to_product(reference, x, dense).all()
+    assert _close_to_product(y, x, dense).all()
+
+
+def _decode_logits(model, prompts, steps, cache_dtype=None):
+    """Prefill ``prompts`` (a right-padded batch) into a static cache, then ``steps`` decode steps
+    feeding fixed tokens; returns each step's logits (batch, vocab)."""
+    lengths = np.array([len(p) for p in prompts])
+    ids = np.zeros((len(prompts), lengths.max()), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = p
+    cache = model.new_cache("static", batch_size=len(prompts), max_seq_len=64, dtype=cache_dtype)
+    model.forward(ids, cache=cache, n_new=lengths)
+    out = []
+    for step in range(steps):
+        token = np.array([[(7 * step + 3 * b + 1) % model.config.vocab_size] for b in range(len(prompts))])
+        out.append(model.forward(token, cache=cache, last_only=True))
+    return np.stack(out)
+
+
+@needs_numba
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_compiled_decode_step_equals_numpy_reference(quantize):
+    reference = minikv.load(quantize=quantize)
+    compiled = minikv.load(quantize=quantize, backend="numba")
+    assert compiled._decode_step is not None
+    calls = []
+    step = compiled._decode_step
+    compiled._decode_step = lambda *args: calls.append(1) or step(*args)
+    prompts = [[10, 20, 30, 40, 50], [60, 70, 80]]          # ragged: the two rows sit at different positions
+    expected = _decode_logits(reference, prompts, 4)
+    got = _decode_logits(compiled, prompts, 4)
+    assert len(calls) == 4                                # every decode step took the compiled path
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_numba
+def test_compiled_decode_step_broken_variant_is_caught():
+    """The comparison above fails for a step that skips the newest key (lengths - 1)."""
+    from minikv.backends import numba_decode
+
+    reference = minikv.load()
+    compiled = minikv.load(backend="numba")
+    original = numba_decode.decode_layer_out
+
+    def skip_newest_key(*args):
+        args = list(args)
+        args[10] = args[10] - 1                              # lengths
+        return original(*args)
+
+    numba_decode.decode_layer_out = skip_newest_key
+    try:
+        got = _decode_logits(compiled, [[10, 20, 30]], 2)
+    finally:
+        numba_decode.decode_layer_out = original
+    expected = _decode_logits(reference, [[10, 20, 30]], 2)
+    assert not np.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_numba
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_greedy_tokens_of_quantized_models_equal_their_numpy_twin(quantize):
+    prompt = "The cat"
+    reference = minikv.load(quantize=quantize).generate(prompt, max_new_tokens=24, temperature=0.0)
+    compiled = minikv.load(quantize=quantize, backend="numba").generate(prompt, max_new_tokens=24, temperature=0.0)
+    assert compiled.tokens == reference.tokens
