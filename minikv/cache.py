@@ -49,6 +49,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .backend import Backend, get_backend
+from .quant import quantize_rows
 from .errors import CacheMismatchError, CacheOverflowError, CacheRewindError, ConfigError, InvalidInputError
 
 CACHE_KINDS = ("none", "concat", "static", "paged", "sliding")
@@ -82,6 +83,7 @@ class KVCache:
     """The interface; subclasses decide where K and V live (see the module docstring for the protocol)."""
 
     kind = "base"
+    quantized_dtypes: tuple[str, ...] = ()   # kinds that can store int8 K/V (with per-row scales) list "int8"
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, batch_size: int, max_seq_len: int,
                  dtype="float32", backend: Optional[Backend] = None):
@@ -95,9 +97,14 @@ class KVCache:
             self.dtype = np.dtype(dtype)
         except TypeError:
             raise ConfigError(f"cache dtype={dtype!r} is not a dtype; choose float16, float32 or float64") from None
-        if self.dtype.name not in ("float16", "float32", "float64"):
-            raise ConfigError(f"cache dtype={self.dtype.name!r} must be float16, float32 or float64")
+        if self.dtype.name not in ("float16", "float32", "float64") + self.quantized_dtypes:
+            raise ConfigError(f"cache dtype={self.dtype.name!r} must be float16, float32 or float64"
+                              + (" (int8: the static cache only)" if self.dtype.name == "int8" else ""))
         self.backend = get_backend(backend)
+        # int8: K and V rows quantized on write, one float32 scale per (sequence, head, position).
+        self.quantized = self.dtype.name == "int8"
+        if self.quantized and self.backend.xp is not np:
+            raise ConfigError(f"cache dtype='int8' runs on the CPU backends only, not on {self.backend.name!r}")
         self.xp = self.backend.xp
         # Positions held per sequence, on the host: every kernel reads it, Python indexes with it.
         self.lengths = np.zeros(self.batch_size, dtype=np.int64)
@@ -121,12 +128,12 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """2 * layers * batch * positions_held * kv_heads * head_dim * itemsize."""
-        return (2 * self.n_layers * self.batch_size * self.positions_held * self.n_kv_heads
-                * self.head_dim * self.dtype.itemsize)
+        """2 * layers * batch * positions_held * kv_heads * head_dim * itemsize (int8: + a float32 scale per row)."""
+        return self.batch_size * self.positions_held * self.bytes_per_position()
 
     def bytes_per_position(self) -> int:
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.dtype.itemsize
+        row = self.head_dim * self.dtype.itemsize + (4 if self.quantized else 0)
+        return 2 * self.n_layers * self.n_kv_heads * row
 
     def check_compatible(self, config, batch_size: int) -> None:
         """Refuse a cache built for another model or batch, naming what differs. Changes nothing."""
@@ -242,16 +249,25 @@ class _PerLayerArrays(KVCache):
         shape = (self.batch_size, self.n_kv_heads, slots, self.head_dim)
         self.k = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
         self.v = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
+        if self.quantized:
+            # (batch, kv_heads, slots): the scale of each stored key / value row
+            self.k_scales = [self.xp.zeros(shape[:3], dtype=np.float32) for _ in range(self.n_layers)]
+            self.v_scales = [self.xp.zeros(shape[:3], dtype=np.float32) for _ in range(self.n_layers)]
 
     def _tensors(self):
         out = {}
         for i in range(self.n_layers):
             out[f"k.{i}"], out[f"v.{i}"] = self.k[i], self.v[i]
+            if self.quantized:
+                out[f"k_scales.{i}"], out[f"v_scales.{i}"] = self.k_scales[i], self.v_scales[i]
         return out
 
     def _restore(self, tensors):
         self.k = [self.backend.to_device(tensors[f"k.{i}"]) for i in range(self.n_layers)]
         self.v = [self.backend.to_device(tensors[f"v.{i}"]) for i in range(self.n_layers)]
+        if self.quantized:
+            self.k_scales = [self.backend.to_device(tensors[f"k_scales.{i}"]) for i in range(self.n_layers)]
+            self.v_scales = [self.backend.to_device(tensors[f"v_scales.{i}"]) for i in range(self.n_layers)]
 
 
 class StaticCache(_PerLayerArrays):
@@ -261,6 +277,7 @@ class StaticCache(_PerLayerArrays):
     only there) needs no undo, and truncating is just lowering the lengths."""
 
     kind = "static"
+    quantized_dtypes = ("int8",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -273,10 +290,19 @@ class StaticCache(_PerLayerArrays):
     def update(self, layer, k_new, v_new):
         q_offset, n_new = self.lengths, self._n_new
         lengths = q_offset + n_new
+        width = int(lengths.max())
+        if self.quantized:
+            # int8: each new (token, head) row becomes q int8 (hd,) and one scale (minikv.quant.quantize_rows)
+            for new, store, scales in ((k_new, self.k[layer], self.k_scales[layer]),
+                                       (v_new, self.v[layer], self.v_scales[layer])):
+                q, scale = quantize_rows(new)                  # (b, kv, seq, hd) int8, (b, kv, seq) float32
+                self.backend.write_kv(store, q, q_offset, n_new)
+                self.backend.write_kv(scales, scale, q_offset, n_new)
+            return KVView(self.k[layer][:, :, :width], self.v[layer][:, :, :width], q_offset, lengths,
+                          k_scales=self.k_scales[layer][:, :, :width], v_scales=self.v_scales[layer][:, :, :width])
         # k[b, :, q_offset[b] : lengths[b]] = k_new[b, :, :n_new[b]]: llama2.c's one-line cache write
         self.backend.write_kv(self.k[layer], k_new, q_offset, n_new)
         self.backend.write_kv(self.v[layer], v_new, q_offset, n_new)
-        width = int(lengths.max())
         # A view of the filled prefix, not a copy: (batch, kv_heads, width, head_dim)
         return KVView(self.k[layer][:, :, :width], self.v[layer][:, :, :width], q_offset, lengths)
 

@@ -230,6 +230,10 @@ class Transformer:
         (one query per sequence: its split-K decode kernel), each reading a paged view through its
         block table. Returns (batch, H, seq, hd)."""
         backend = self.backend
+        if view.k_scales is not None:
+            # An int8 cache: attention reads K = q_k * scale_k, V = q_v * scale_v (one scale per row).
+            view = KVView(quant.dequantize_rows(view.k, view.k_scales, q.dtype),
+                          quant.dequantize_rows(view.v, view.v_scales, q.dtype), view.q_offset, view.lengths)
         if q.shape[2] == 1:
             # Decode: each sequence's one query sits at position lengths[b] - 1 of the view.
             if view.block_table is not None:
@@ -378,7 +382,7 @@ class Transformer:
         """A KV cache shaped for this model. kind: "none", "concat", "static", "paged", "sliding".
 
         max_seq_len defaults to the model's maximum position; dtype to the model's (or "float16" to
-        halve the memory); options: block_size/num_blocks (paged), window (sliding)."""
+        halve the memory, or "int8" (static only) to store K/V as int8 with a scale per token and head); options: block_size/num_blocks (paged), window (sliding)."""
         cfg = self.config
         max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
         if kind == "sliding" and cfg.sliding_window is not None:

@@ -28,6 +28,7 @@ from hypothesis.extra import numpy as hnp
 
 import minikv
 from minikv import quant
+from minikv.cache import StaticCache
 from minikv.errors import ConfigError
 
 HAS_NUMBA = "numba" in minikv.available_backends()
@@ -236,3 +237,81 @@ def test_greedy_tokens_of_quantized_models_equal_their_numpy_twin(quantize):
     reference = minikv.load(quantize=quantize).generate(prompt, max_new_tokens=24, temperature=0.0)
     compiled = minikv.load(quantize=quantize, backend="numba").generate(prompt, max_new_tokens=24, temperature=0.0)
     assert compiled.tokens == reference.tokens
+
+
+# ------------------------------------------------------------------ int8 KV cache
+
+
+class RoundingCache(StaticCache):
+    """A float32 static cache that stores every K/V row rounded exactly as the int8 cache rounds it:
+    dequantize(quantize(row)). Attention over it is attention over the int8 cache's values."""
+
+    def update(self, layer, k_new, v_new):
+        k = quant.dequantize_rows(*quant.quantize_rows(k_new))
+        v = quant.dequantize_rows(*quant.quantize_rows(v_new))
+        return super().update(layer, k, v)
+
+
+def _decode_with(model, ids, prompt_len, cache):
+    model.forward(ids[:, :prompt_len], cache=cache)
+    return np.stack([model.forward(ids[:, t:t + 1], cache=cache, last_only=True)
+                     for t in range(prompt_len, ids.shape[1])])
+
+
+def _rounding_cache(model, max_seq_len=32):
+    cfg = model.config
+    return RoundingCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, 1, max_seq_len, backend=model.backend)
+
+
+@pytest.mark.parametrize("backend", ["numpy"] + (["numba"] if HAS_NUMBA else []))
+@settings(max_examples=4, deadline=None)
+@given(ids=hnp.arrays(np.int64, (1, 9), elements=st.integers(0, 255)), prompt_len=st.integers(1, 6))
+def test_int8_kv_cache_equals_attention_over_the_same_rounding(backend, ids, prompt_len):
+    """Prefill + decode through the int8 cache equals the same steps through a float32 cache holding
+    the identically rounded K/V (on numba, the int8 one is read by the compiled step, which
+    dequantizes inside its dot products). Comparing against a fresh prefill of each prefix instead is
+    not exact: K computed by another kernel may differ by an ulp and round to a neighbouring integer."""
+    model = _bundled(backend)
+    int8_cache = model.new_cache("static", batch_size=1, max_seq_len=32, dtype="int8")
+    got = _decode_with(model, ids, prompt_len, int8_cache)
+    expected = _decode_with(model, ids, prompt_len, _rounding_cache(model))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_kv_cache_rounds_for_real():
+    """The broken variant: against a float32 cache (no rounding) the same comparison fails, and the
+    int8 cache holds about a quarter of the bytes."""
+    model = _bundled("numpy")
+    ids = np.array([[5, 80, 99, 101, 32, 7, 64]])
+    cached = _decode_with(model, ids, 3, model.new_cache("static", batch_size=1, max_seq_len=32, dtype="int8"))
+    float_cache = model.new_cache("static", batch_size=1, max_seq_len=32)
+    exact = _decode_with(model, ids, 3, float_cache)
+    assert not np.allclose(cached, exact, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cached, exact, atol=0.5)          # ... and the rounding stays small
+    int8_cache = model.new_cache("static", batch_size=1, max_seq_len=32, dtype="int8")
+    assert int8_cache.nbytes * 32 == float_cache.nbytes * (32 + 4) // 4   # (hd + 4) bytes per row vs 4 hd, hd = 32
+
+
+def test_int8_kv_cache_saves_and_loads(tmp_path):
+    model = _bundled("numpy")
+    cache = model.new_cache("static", batch_size=1, max_seq_len=16, dtype="int8")
+    model.forward(np.array([[1, 2, 3]]), cache=cache)
+    restored = minikv.load_cache(cache.save(tmp_path / "c.safetensors"))
+    a = model.forward(np.array([[4]]), cache=cache)
+    b = model.forward(np.array([[4]]), cache=restored)
+    assert np.array_equal(a, b)
+
+
+def test_int8_kv_cache_only_where_supported():
+    model = _bundled("numpy")
+    with pytest.raises(ConfigError, match="static cache only"):
+        model.new_cache("paged", batch_size=1, max_seq_len=16, dtype="int8")
+
+
+_MODELS = {}
+
+
+def _bundled(backend):
+    if backend not in _MODELS:
+        _MODELS[backend] = minikv.load(backend=backend)
+    return _MODELS[backend]
