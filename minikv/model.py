@@ -220,7 +220,9 @@ class Transformer:
             # (batch*seq, d) -> (batch, seq, d) -> each row's last real token: (batch, d)
             x = x.reshape(batch, seq, -1)[backend.xp.arange(batch), backend.to_device(n_new - 1)]
         x = self._norm(x, self.final_norm, self.final_norm_bias)
-        logits = backend.to_host(self._linear(x, self.lm_head, None))                   # (tokens, vocab)
+        head = self.lm_head
+        logits = backend.to_host(backend.quantized_linear(x, head) if isinstance(head, quant.QuantizedWeight)
+                                 else x @ head)                   # (tokens, vocab)
         return logits if last_only else logits.reshape(batch, seq, -1)
 
     def _attend(self, q, view: KVView, window):
