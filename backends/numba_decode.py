@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -348,7 +349,8 @@ class DecodeStep:
         y = np.empty((rows, d), dtype=np.float32)
         # (rows, (H + 2 KV) hd) -> (rows, H + 2 KV, 1, hd): this step's heads, as cache.update takes them
         heads = qkv.reshape(rows, n_heads + 2 * n_kv, 1, head_dim)
-        with numba_threads(threads_for(rows * self.layer_work)):
+        # At most the caller's numba.get_num_threads() (a benchmark or server may have lowered it).
+        with numba_threads(min(threads_for(rows * self.layer_work), numba.get_num_threads())):
             return self._layers(x, position, cache, windows, last_only, h, qkv, heads, attn, hidden, act, y)
 
     def _layers(self, x, position, cache, windows, last_only, h, qkv, heads, attn, hidden, act, y):

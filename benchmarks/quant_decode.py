@@ -1,0 +1,191 @@
+"""Decode tokens/s per weight format on ``mid``: minikv numpy / numba float32 / int8 / int4 against
+transformers float32 and its dynamic int8 quantization, same run, same weights.
+
+    python -m benchmarks.quant_decode [--threads 1,2] [--new 64] [--repeats 3] [--no-peer] [--out DIR]
+
+For each thread count (NumPy's BLAS, Numba and torch all get that many), every engine generates
+``--new`` tokens greedily after a 19-token prompt from the same random ``mid`` checkpoint
+(benchmarks/common.py: 8 layers, d 512, GQA 8/2, vocab 32000, 221 MB float32), static cache for
+minikv, transformers' default dynamic cache. Repeats run every engine once in a rotated order; the
+table shows medians. Effective GB/s = bytes a step must read (its format's projection matrices and
+lm_head, the norms, one embedding row, the K/V at the mean position) x tokens/s.
+
+The int8 peer: ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)``
+(int8 weights per output channel, activations quantized per call; fbgemm/x86 kernels). It
+quantizes every nn.Linear, the lm_head included, like minikv's int8.
+
+Tokens: minikv numba int8/int4 are compared with their numpy-reference twins (the same quantized
+weights through ``quant.quantized_linear``), numba float32 with numpy float32. A random model's
+near-tied logits can flip a greedy token under float32 reordering; the tests compare on the trained
+bundled model, where they are equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import minikv
+
+from .common import (MODELS, RESULTS_DIR, blas_threads, kv_bytes_per_position, machine_info, machine_line,
+                     make_checkpoint, md_table, median, prompt_ids)
+from .peer import minikv_generate, tokens_summary
+
+PROMPT = 19
+
+
+def step_bytes(model, mean_positions: float) -> float:
+    """Bytes one batch-1 decode step reads: projections + lm_head (as stored), norms, one embedding row, K/V."""
+    total = sum(w.nbytes for layer in model.layers for w in (layer.qkv, layer.o, layer.mlp_in, layer.mlp_down))
+    total += model.lm_head.nbytes
+    total += sum(layer.attn_norm.nbytes + layer.mlp_norm.nbytes for layer in model.layers)
+    total += model.embed.shape[1] * model.embed.itemsize
+    return total + mean_positions * kv_bytes_per_position(model.config)
+
+
+def blas_info() -> list[dict]:
+    from threadpoolctl import threadpool_info
+
+    return [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "threading_layer")}
+            for d in threadpool_info()]
+
+
+def engines_for(path: Path, peer: bool):
+    """name -> (run(prompt, n_new) -> timing dict, bytes per step function, reference engine for tokens)."""
+    import numba
+
+    minikv_models = {
+        "minikv numpy float32": minikv.load(path),
+        "minikv numba float32": minikv.load(path, backend="numba"),
+        "minikv numba int8": minikv.load(path, backend="numba", quantize="int8"),
+        "minikv numba int4": minikv.load(path, backend="numba", quantize="int4"),
+    }
+    engines = {}
+    for name, model in minikv_models.items():
+        engines[name] = ((lambda m: lambda p, n: minikv_generate(m, p, n, cache="static"))(model),
+                         (lambda m: lambda pos: step_bytes(m, pos))(model))
+    hf_models = {}
+    if peer:
+        import torch
+
+        from .peer import hf_generate, load_hf
+
+        hf = load_hf(path, "float32")
+        hf_int8 = torch.ao.quantization.quantize_dynamic(load_hf(path, "float32"), {torch.nn.Linear},
+                                                         dtype=torch.qint8)
+        f32_bytes = lambda pos: step_bytes(minikv_models["minikv numpy float32"], pos)   # noqa: E731
+        # qint8 per-channel: 1 byte per weight + a float scale and zero point per output row (~ int8 minikv)
+        int8_bytes = lambda pos: step_bytes(minikv_models["minikv numba int8"], pos)    # noqa: E731
+        engines["transformers float32"] = ((lambda p, n: hf_generate(hf, p, n, "dynamic")), f32_bytes)
+        engines["transformers dynamic int8"] = ((lambda p, n: hf_generate(hf_int8, p, n, "dynamic")), int8_bytes)
+        hf_models = {"float32": hf, "int8": hf_int8}
+    return engines, minikv_models, hf_models, numba
+
+
+def run(args) -> dict:
+    config = MODELS["mid"]
+    path = make_checkpoint("mid", Path(args.work))
+    engines, minikv_models, hf_models, numba = engines_for(path, args.peer)
+    prompt = prompt_ids(config, PROMPT)
+    mean_positions = PROMPT + args.new / 2
+    report = {"model": "mid", "prompt": PROMPT, "new_tokens": args.new, "repeats": args.repeats, "by_threads": {}}
+    for threads in args.threads:
+        if args.peer:
+            import torch
+
+            torch.set_num_threads(threads)
+        previous = numba.get_num_threads()
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        with blas_threads(threads):
+            for name, (engine, _) in engines.items():          # warm-up (compilation, first-call costs)
+                engine(prompt_ids(config, 8), 4)
+            runs = {name: [] for name in engines}
+            names = list(engines)
+            for r in range(args.repeats):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    runs[name].append(engines[name][0](prompt, args.new))
+                    print(f"  {threads} thread(s) {name}: {runs[name][-1]['decode_tokens_per_s']:.1f} tok/s",
+                          flush=True)
+        numba.set_num_threads(previous)
+        rows = {}
+        for name, results in runs.items():
+            tps = median([x["decode_tokens_per_s"] for x in results])
+            rows[name] = {"decode_tokens_per_s": tps, "all": [x["decode_tokens_per_s"] for x in results],
+                          "median_step_ms": median([x["median_step_ms"] for x in results]),
+                          "step_bytes": engines[name][1](mean_positions),
+                          "effective_GBps": engines[name][1](mean_positions) * tps / 1e9,
+                          "tokens": results[0]["tokens"]}
+        best_hf = max([rows[n]["decode_tokens_per_s"] for n in rows if n == "transformers float32"] or [np.nan])
+        for name, row in rows.items():
+            row["vs_transformers_float32"] = row["decode_tokens_per_s"] / best_hf
+            row["vs_minikv_numba_float32"] = row["decode_tokens_per_s"] / rows["minikv numba float32"][
+                "decode_tokens_per_s"]
+            row["vs_minikv_numpy_float32"] = row["decode_tokens_per_s"] / rows["minikv numpy float32"][
+                "decode_tokens_per_s"]
+        report["by_threads"][str(threads)] = rows
+    # Token checks (one thread: only the tokens matter): numba vs its numpy twin, same weights.
+    twins = {"minikv numba float32": minikv_models["minikv numpy float32"],
+             "minikv numba int8": minikv.load(path, quantize="int8"),
+             "minikv numba int4": minikv.load(path, quantize="int4")}
+    checks = {}
+    with blas_threads(1):
+        for name, twin in twins.items():
+            expected = minikv_generate(twin, prompt, args.new, cache="static")["tokens"]
+            checks[name] = tokens_summary(expected, report["by_threads"][str(args.threads[0])][name]["tokens"])
+    report["tokens_vs_numpy_twin"] = checks
+    report["blas"] = blas_info()
+    return report
+
+
+def markdown(report: dict, info: dict) -> str:
+    out = ["## Decode tokens/s per weight format (`mid`, batch 1, CPU)",
+           f"Machine: {machine_line(info)}. **Shared machine** (other jobs running: see the load average): "
+           "absolute figures are noisy; the ratios are measured in the same run, engines interleaved.",
+           f"BLAS: {json.dumps(report['blas'])}",
+           "",
+           f"Prompt {report['prompt']} + {report['new_tokens']} new tokens, greedy, median of "
+           f"{report['repeats']} repeats.", ""]
+    header = ["threads", "engine", "tok/s", "median step ms", "bytes/step", "effective GB/s",
+              "vs transformers float32", "vs minikv numba float32"]
+    rows = []
+    for threads, engines in report["by_threads"].items():
+        for name, r in engines.items():
+            rows.append([threads, name, f"{r['decode_tokens_per_s']:.1f}", f"{r['median_step_ms']:.2f}",
+                         f"{r['step_bytes'] / 1e6:.1f} MB", f"{r['effective_GBps']:.1f}",
+                         f"{r['vs_transformers_float32']:.2f}x", f"{r['vs_minikv_numba_float32']:.2f}x"])
+    out.append(md_table(header, rows))
+    out.append("Greedy tokens vs the numpy-reference twin (same weights): " + ", ".join(
+        f"{name}: {'equal' if c['equal'] else 'first difference at ' + str(c['first_difference'])}"
+        for name, c in report["tokens_vs_numpy_twin"].items()) + "\n")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2")
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-peer", dest="peer", action="store_false")
+    parser.add_argument("--work", default="/tmp/minikv-bench")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    args.threads = [int(t) for t in args.threads.split(",")]
+    info = machine_info()
+    report = run(args)
+    report["machine"] = info
+    for rows in report["by_threads"].values():
+        for row in rows.values():
+            row.pop("tokens")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quant_decode.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    text = markdown(report, info)
+    (args.out / "quant_decode.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
