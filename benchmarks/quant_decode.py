@@ -22,18 +22,25 @@ bundled model, where they are equal.
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# Both OpenMP runtimes (Numba's pool, torch's intra-op pool) sleep between parallel regions instead of
+# spinning: on a shared machine spinning workers make every multi-threaded engine erratic (see the note
+# in backends/numba_cpu.py). Set before numba or torch loads libgomp; the same policy for both engines.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
+import numpy as np  # noqa: E402
 
-import minikv
+import minikv  # noqa: E402
 
 from .common import (MODELS, RESULTS_DIR, blas_threads, kv_bytes_per_position, machine_info, machine_line,
                      make_checkpoint, md_table, median, prompt_ids)
-from .peer import minikv_generate, tokens_summary
+from .peer import minikv_generate, tokens_summary  # noqa: E402
 
 PROMPT = 19
 
@@ -138,6 +145,7 @@ def run(args) -> dict:
             checks[name] = tokens_summary(expected, report["by_threads"][str(args.threads[0])][name]["tokens"])
     report["tokens_vs_numpy_twin"] = checks
     report["blas"] = blas_info()
+    report["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     return report
 
 
@@ -145,7 +153,8 @@ def markdown(report: dict, info: dict) -> str:
     out = ["## Decode tokens/s per weight format (`mid`, batch 1, CPU)",
            f"Machine: {machine_line(info)}. **Shared machine** (other jobs running: see the load average): "
            "absolute figures are noisy; the ratios are measured in the same run, engines interleaved.",
-           f"BLAS: {json.dumps(report['blas'])}",
+           f"BLAS and OpenMP runtimes (threadpoolctl): {json.dumps(report['blas'])}; "
+           f"OMP_WAIT_POLICY={report.get('omp_wait_policy')}",
            "",
            f"Prompt {report['prompt']} + {report['new_tokens']} new tokens, greedy, median of "
            f"{report['repeats']} repeats.", ""]
