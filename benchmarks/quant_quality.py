@@ -140,9 +140,9 @@ def main(argv=None) -> None:
     report = run(args.windows)
     report["machine"] = info
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantization_quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "quantization.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report, info)
-    (args.out / "quantization_quality.md").write_text(text)
+    (args.out / "quantization.md").write_text(text)
     print(text)
 
 

@@ -119,7 +119,7 @@ for fmt in ("int8", "int4"):
 # ## 4. What it costs in quality
 #
 # Perplexity on a few held-out-style sentences (the full measurement on the model's validation split is in
-# `benchmarks/results/quantization_quality.md`), and the mean KL divergence from the float32 model's
+# `benchmarks/results/quantization.md`), and the mean KL divergence from the float32 model's
 # next-byte distribution.
 
 # %%
