@@ -125,6 +125,8 @@ def run(args) -> dict:
                           "median_step_ms": median([x["median_step_ms"] for x in results]),
                           "step_bytes": engines[name][1](mean_positions),
                           "effective_GBps": engines[name][1](mean_positions) * tps / 1e9,
+                          "effective_GBps_median_step": engines[name][1](mean_positions) / (
+                              median([x["median_step_ms"] for x in results]) / 1e3) / 1e9,
                           "tokens": results[0]["tokens"]}
         best_hf = max([rows[n]["decode_tokens_per_s"] for n in rows if n == "transformers float32"] or [np.nan])
         for name, row in rows.items():
@@ -144,9 +146,24 @@ def run(args) -> dict:
             expected = minikv_generate(twin, prompt, args.new, cache="static")["tokens"]
             checks[name] = tokens_summary(expected, report["by_threads"][str(args.threads[0])][name]["tokens"])
     report["tokens_vs_numpy_twin"] = checks
+    report["summary"] = summary(report)
     report["blas"] = blas_info()
     report["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     return report
+
+
+def summary(report: dict) -> dict:
+    """The issue's targets, each engine at its best thread count (and the peer at its best)."""
+    def best(name):
+        return max(rows[name]["decode_tokens_per_s"] for rows in report["by_threads"].values() if name in rows)
+
+    out = {name: best(name) for name in next(iter(report["by_threads"].values()))}
+    if "transformers float32" in out:
+        out["numba_float32_vs_best_transformers_float32"] = out["minikv numba float32"] / out["transformers float32"]
+    out["numba_int8_vs_numba_float32"] = out["minikv numba int8"] / out["minikv numba float32"]
+    out["numba_int4_vs_numba_float32"] = out["minikv numba int4"] / out["minikv numba float32"]
+    out["numba_float32_vs_numpy_float32"] = out["minikv numba float32"] / out["minikv numpy float32"]
+    return out
 
 
 def markdown(report: dict, info: dict) -> str:
@@ -158,15 +175,26 @@ def markdown(report: dict, info: dict) -> str:
            "",
            f"Prompt {report['prompt']} + {report['new_tokens']} new tokens, greedy, median of "
            f"{report['repeats']} repeats.", ""]
-    header = ["threads", "engine", "tok/s", "median step ms", "bytes/step", "effective GB/s",
-              "vs transformers float32", "vs minikv numba float32"]
+    header = ["threads", "engine", "tok/s", "median step ms", "bytes/step", "effective GB/s (tok/s)",
+              "GB/s at the median step", "vs transformers float32", "vs minikv numba float32"]
     rows = []
     for threads, engines in report["by_threads"].items():
         for name, r in engines.items():
             rows.append([threads, name, f"{r['decode_tokens_per_s']:.1f}", f"{r['median_step_ms']:.2f}",
                          f"{r['step_bytes'] / 1e6:.1f} MB", f"{r['effective_GBps']:.1f}",
+                         f"{r['effective_GBps_median_step']:.1f}",
                          f"{r['vs_transformers_float32']:.2f}x", f"{r['vs_minikv_numba_float32']:.2f}x"])
     out.append(md_table(header, rows))
+    s = report["summary"]
+    best = ["Each engine at its best thread count: " + ", ".join(
+        f"{name} {s[name]:.1f} tok/s" for name in s if not name.startswith("numba_"))]
+    if "numba_float32_vs_best_transformers_float32" in s:
+        best.append(f"numba float32 / best transformers float32 = **{s['numba_float32_vs_best_transformers_float32']:.2f}x** "
+                    "(target 2.0x)")
+    best.append(f"numba int8 / numba float32 = **{s['numba_int8_vs_numba_float32']:.2f}x** (target 1.5x); "
+                f"int4 / float32 = {s['numba_int4_vs_numba_float32']:.2f}x; "
+                f"numba float32 / numpy float32 = {s['numba_float32_vs_numpy_float32']:.2f}x")
+    out.append("; ".join(best) + ".\n")
     out.append("Greedy tokens vs the numpy-reference twin (same weights): " + ", ".join(
         f"{name}: {'equal' if c['equal'] else 'first difference at ' + str(c['first_difference'])}"
         for name, c in report["tokens_vs_numpy_twin"].items()) + "\n")
