@@ -194,14 +194,17 @@ def decode_layer_in(x, norm, eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin,
 
 
 @njit(**_KERNEL)
-def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_cache, v_cache, k_scales, v_scales, quantized_kv,
-                     lengths, window, w_o, s_o, g_o, mlp_norm, eps, w_in, s_in, g_in, w_down, s_down, g_down,
-                     intermediate, attn, h, hidden, act, y):
-    """Attention of each row's query heads (the first H heads of qkv) over the cache view, then
+def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_scales, v_scales, quantized_kv,
+                     block_table, block_size, lengths, window, w_o, s_o, g_o, mlp_norm, eps, w_in, s_in, g_in,
+                     w_down, s_down, g_down, intermediate, attn, h, hidden, act, y):
+    """Attention of each row's query heads (the first H heads of qkv) over the cache, then
     x += attn W_o; x += (silu(gate) * up) W_down with gate | up = rms_norm(x) W_in.
 
-    k_cache, v_cache (rows, KV, width, hd), float or int8 (then k_scales, v_scales (rows, KV, width)):
-    row r's query sits at position lengths[r] - 1 and sees keys max(0, lengths[r] - window) ..
+    The cache is read through a block table, as the paged cache stores it: key t of row r lives in
+    block block_table[r, t // block_size] at row t % block_size of k_pool, v_pool (blocks, KV,
+    block_size, hd), float or int8 (then k_scales, v_scales (blocks, KV, block_size)). A contiguous
+    cache (rows, KV, width, hd) is one block per row: block_size = width, block_table[r] = [r].
+    Row r's query sits at position lengths[r] - 1 and sees keys max(0, lengths[r] - window) ..
     lengths[r] - 1 (window 0: all)."""
     rows = x.shape[0]
     group = n_heads // n_kv_heads
@@ -210,36 +213,47 @@ def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_cache, v_cache, k_
         r = task // n_heads
         head = task % n_heads
         kv = head // group
+        q = qkv[r, head * head_dim:(head + 1) * head_dim]
+        out = attn[r, head * head_dim:(head + 1) * head_dim]
         end = lengths[r]
         start = 0
         if window > 0:
             start = max(0, end - window)
         scores = np.empty(end - start, dtype=np.float32)
         best = np.float32(-np.inf)
-        for t in range(start, end):
-            s = np.float32(0.0)
-            for d in range(head_dim):
-                s += qkv[r, head * head_dim + d] * np.float32(k_cache[r, kv, t, d])
-            if quantized_kv:
-                s *= k_scales[r, kv, t]
-            s *= scale
-            scores[t - start] = s
-            best = max(best, s)
+        # Walk the blocks that hold keys start..end-1 (no division per key).
+        for blk in range(start // block_size, (end + block_size - 1) // block_size):
+            block = block_table[r, blk]
+            t0 = blk * block_size
+            for t in range(max(start, t0), min(end, t0 + block_size)):
+                key = k_pool[block, kv, t - t0]
+                s = np.float32(0.0)
+                for d in range(head_dim):
+                    s += q[d] * np.float32(key[d])
+                if quantized_kv:
+                    s *= k_scales[block, kv, t - t0]
+                s *= scale
+                scores[t - start] = s
+                best = max(best, s)
         total = np.float32(0.0)
         for t in range(end - start):
             scores[t] = np.exp(scores[t] - best)
             total += scores[t]
         for d in range(head_dim):
-            attn[r, head * head_dim + d] = np.float32(0.0)
-        for t in range(start, end):
-            p = scores[t - start]
-            if quantized_kv:
-                p *= v_scales[r, kv, t]
-            for d in range(head_dim):
-                attn[r, head * head_dim + d] += p * np.float32(v_cache[r, kv, t, d])
+            out[d] = np.float32(0.0)
+        for blk in range(start // block_size, (end + block_size - 1) // block_size):
+            block = block_table[r, blk]
+            t0 = blk * block_size
+            for t in range(max(start, t0), min(end, t0 + block_size)):
+                value = v_pool[block, kv, t - t0]
+                p = scores[t - start]
+                if quantized_kv:
+                    p *= v_scales[block, kv, t - t0]
+                for d in range(head_dim):
+                    out[d] += p * np.float32(value[d])
         inv = np.float32(1.0) / total
         for d in range(head_dim):
-            attn[r, head * head_dim + d] *= inv
+            out[d] *= inv
     project(w_o, s_o, g_o, attn, y)
     for r in range(rows):
         for i in range(x.shape[1]):
@@ -306,9 +320,10 @@ def _supported(model) -> bool:
 class DecodeStep:
     """A model's compiled decode step: ``step(ids, positions, n_new, cache, windows, last_only)`` returns
     the logits, or None where this step does not apply (then the model takes its generic path):
-    prefill, a paged or sliding cache, float16 caches, more than MAX_ROWS sequences, padding rows."""
+    prefill, a sliding cache (its ring is not in position order), float16 caches, more than MAX_ROWS
+    sequences, padding rows."""
 
-    CACHE_KINDS = ("static", "concat")
+    CACHE_KINDS = ("static", "concat", "paged")
 
     def __init__(self, model):
         cfg = model.config
@@ -330,6 +345,10 @@ class DecodeStep:
         d = cfg.hidden_size
         self.layer_work = d * ((self.n_heads + 2 * self.n_kv) * self.head_dim + 2 * self.intermediate) + (
             self.n_heads * self.head_dim + self.intermediate) * d
+
+    @staticmethod
+    def _contiguous_table(rows):
+        return np.arange(rows, dtype=np.int32)[:, None]
 
     def __call__(self, ids, positions, n_new, cache, windows, last_only):
         rows = ids.shape[0]
@@ -363,10 +382,15 @@ class DecodeStep:
             view = cache.update(index, heads[:, n_heads:n_heads + n_kv], heads[:, n_heads + n_kv:])
             quantized_kv = view.k_scales is not None
             window = windows[index]
+            if view.block_table is None:
+                # contiguous (rows, KV, width, hd): one block of `width` positions per row
+                table, block_size = self._contiguous_table(rows), view.k.shape[2]
+            else:
+                table, block_size = np.ascontiguousarray(view.block_table), view.k.shape[2]   # (rows, blocks) int32
             decode_layer_out(x, qkv, n_heads, n_kv, head_dim, view.k, view.v,
                              view.k_scales if quantized_kv else NO_KV_SCALES,
-                             view.v_scales if quantized_kv else NO_KV_SCALES, quantized_kv, view.lengths,
-                             0 if window is None else int(window), w_o, s_o, g_o, mlp_norm, self.eps,
+                             view.v_scales if quantized_kv else NO_KV_SCALES, quantized_kv, table, block_size,
+                             view.lengths, 0 if window is None else int(window), w_o, s_o, g_o, mlp_norm, self.eps,
                              w_in, s_in, g_in, w_down, s_down, g_down, self.intermediate, attn, h, hidden, act, y)
         w_head, s_head, g_head = self.head
         logits = np.empty((rows, model.config.vocab_size), dtype=np.float32)

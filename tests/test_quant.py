@@ -175,14 +175,15 @@ def test_numba_projection_equals_dequantized_product(format, rows, out_features,
     assert _close_to_product(y, x, dense).all()
 
 
-def _decode_logits(model, prompts, steps, cache_dtype=None):
-    """Prefill ``prompts`` (a right-padded batch) into a static cache, then ``steps`` decode steps
-    feeding fixed tokens; returns each step's logits (batch, vocab)."""
+def _decode_logits(model, prompts, steps, cache_dtype=None, kind="static"):
+    """Prefill ``prompts`` (a right-padded batch) into a cache, then ``steps`` decode steps feeding
+    fixed tokens; returns each step's logits (batch, vocab)."""
     lengths = np.array([len(p) for p in prompts])
     ids = np.zeros((len(prompts), lengths.max()), dtype=np.int64)
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = p
-    cache = model.new_cache("static", batch_size=len(prompts), max_seq_len=64, dtype=cache_dtype)
+    options = dict(block_size=4) if kind == "paged" else {}     # several blocks per sequence
+    cache = model.new_cache(kind, batch_size=len(prompts), max_seq_len=64, dtype=cache_dtype, **options)
     model.forward(ids, cache=cache, n_new=lengths)
     out = []
     for step in range(steps):
@@ -192,8 +193,9 @@ def _decode_logits(model, prompts, steps, cache_dtype=None):
 
 
 @needs_numba
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
-def test_compiled_decode_step_equals_numpy_reference(quantize):
+@pytest.mark.parametrize("quantize, kind", [(None, "static"), ("int8", "static"), ("int4", "static"),
+                                            (None, "paged"), (None, "concat")])
+def test_compiled_decode_step_equals_numpy_reference(quantize, kind):
     reference = minikv.load(quantize=quantize)
     compiled = minikv.load(quantize=quantize, backend="numba")
     assert compiled._decode_step is not None
@@ -201,8 +203,8 @@ def test_compiled_decode_step_equals_numpy_reference(quantize):
     step = compiled._decode_step
     compiled._decode_step = lambda *args: calls.append(1) or step(*args)
     prompts = [[10, 20, 30, 40, 50], [60, 70, 80]]          # ragged: the two rows sit at different positions
-    expected = _decode_logits(reference, prompts, 4)
-    got = _decode_logits(compiled, prompts, 4)
+    expected = _decode_logits(reference, prompts, 4, kind=kind)
+    got = _decode_logits(compiled, prompts, 4, kind=kind)
     assert len(calls) == 4                                # every decode step took the compiled path
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -218,7 +220,7 @@ def test_compiled_decode_step_broken_variant_is_caught():
 
     def skip_newest_key(*args):
         args = list(args)
-        args[10] = args[10] - 1                              # lengths
+        args[12] = args[12] - 1                              # lengths
         return original(*args)
 
     numba_decode.decode_layer_out = skip_newest_key
