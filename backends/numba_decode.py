@@ -60,12 +60,15 @@ def project_float(w, x, y):
     vectorises without reordering a sum, reading four contiguous row segments at once)."""
     n_in, n_out = w.shape
     rows = x.shape[0]
-    n_blocks = (n_out + FLOAT_BLOCK - 1) // FLOAT_BLOCK
+    # Blocks of at most FLOAT_BLOCK columns, and at least two per thread (multiples of 16 columns).
+    per_thread = (n_out + 2 * numba.get_num_threads() - 1) // (2 * numba.get_num_threads())
+    block_width = min(FLOAT_BLOCK, max(16, (per_thread + 15) // 16 * 16))
+    n_blocks = (n_out + block_width - 1) // block_width
     for task in prange(n_blocks * rows):
         block = task // rows
         r = task % rows
-        j0 = block * FLOAT_BLOCK
-        j1 = min(j0 + FLOAT_BLOCK, n_out)
+        j0 = block * block_width
+        j1 = min(j0 + block_width, n_out)
         width = j1 - j0
         xr = x[r]
         acc = np.zeros(width, dtype=y.dtype)

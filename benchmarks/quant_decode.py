@@ -152,6 +152,10 @@ def run(args) -> dict:
     return report
 
 
+def _ratio(value: float) -> str:
+    return "n/a" if not np.isfinite(value) else f"{value:.2f}x"
+
+
 def summary(report: dict) -> dict:
     """The issue's targets, each engine at its best thread count (and the peer at its best)."""
     def best(name):
@@ -183,7 +187,7 @@ def markdown(report: dict, info: dict) -> str:
             rows.append([threads, name, f"{r['decode_tokens_per_s']:.1f}", f"{r['median_step_ms']:.2f}",
                          f"{r['step_bytes'] / 1e6:.1f} MB", f"{r['effective_GBps']:.1f}",
                          f"{r['effective_GBps_median_step']:.1f}",
-                         f"{r['vs_transformers_float32']:.2f}x", f"{r['vs_minikv_numba_float32']:.2f}x"])
+                         _ratio(r['vs_transformers_float32']), _ratio(r['vs_minikv_numba_float32'])])
     out.append(md_table(header, rows))
     s = report["summary"]
     best = ["Each engine at its best thread count: " + ", ".join(
