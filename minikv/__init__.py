@@ -6,7 +6,7 @@
     print(out.text, out.stats)
 """
 
-from . import attention, cache, layers, rope, sampling
+from . import attention, cache, layers, quant, rope, sampling
 from .backend import Backend, available_backends, get_backend
 from .cache import CACHE_KINDS, KVCache, load_cache
 from .config import ModelConfig
@@ -21,7 +21,7 @@ from .tokenizer import ByteTokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "cache", "layers", "rope", "sampling",
+    "attention", "cache", "layers", "quant", "rope", "sampling",
     "Backend", "available_backends", "get_backend", "CACHE_KINDS", "KVCache", "load_cache", "ModelConfig",
     "MinikvError", "ConfigError", "CheckpointError", "CacheOverflowError", "CacheMismatchError", "CacheRewindError",
     "BackendUnavailableError", "InvalidInputError", "SequenceTooLongError", "SamplingError",

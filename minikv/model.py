@@ -422,9 +422,10 @@ class Transformer:
 
     def __repr__(self) -> str:
         c = self.config
+        quantized = f", {self.quantize} weights" if self.quantize else ""
         return (f"<minikv Transformer {c.model_type}: {c.n_layers} layers, d={c.hidden_size}, heads {c.n_heads}/"
                 f"{c.n_kv_heads} kv, vocab {c.vocab_size}, {self.n_parameters / 1e6:.2f}M params, "
-                f"{self.dtype.name}, backend {self.backend.name!r}>")
+                f"{self.dtype.name}{quantized}, backend {self.backend.name!r}>")
 
 
 BUNDLED_MODEL = Path(__file__).parent / "data" / "tiny-fortunes"

@@ -188,17 +188,3 @@ def quantize_rows(x):
 def dequantize_rows(q, scales, dtype=np.float32):
     """q (..., d) int8, scales (...) -> q * scale in ``dtype`` (the product in float32)."""
     return (q.astype(np.float32) * scales[..., None].astype(np.float32)).astype(dtype, copy=False)
-
-
-# ------------------------------------------------------------------ model weights
-
-# Which projections ``quantize_weights`` quantizes: every matrix a decode step multiplies by, the
-# lm_head included (as llama2.c's runq.c does); never the embedding table (a row lookup reads one row)
-# nor the norm gains and biases (a few KB).
-def is_projection(name: str) -> bool:
-    return name.endswith(".weight") and (".attn." in name or ".mlp." in name)
-
-
-def weight_bytes(weights) -> int:
-    """Bytes held by a mapping of float arrays and QuantizedWeights."""
-    return int(sum(w.nbytes for w in weights))
