@@ -384,7 +384,8 @@ class Transformer:
         """A KV cache shaped for this model. kind: "none", "concat", "static", "paged", "sliding".
 
         max_seq_len defaults to the model's maximum position; dtype to the model's (or "float16" to
-        halve the memory, or "int8" (static only) to store K/V as int8 with a scale per token and head); options: block_size/num_blocks (paged), window (sliding)."""
+        halve the memory, or "int8" (static only) to store K/V as int8 with a scale per token and head);
+        options: block_size/num_blocks (paged), window (sliding)."""
         cfg = self.config
         max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
         if kind == "sliding" and cfg.sliding_window is not None:
