@@ -83,6 +83,7 @@ __all__ = [
     "merge_partials",
     "visible_mask",
     "masked_softmax_times_v",
+    "CORES",
     "naive_softmax",
     "stable_softmax",
 ]
@@ -119,12 +120,15 @@ def _check_inputs(q, k, v):
             f"k (batch, n_kv_heads, seq_k, head_dim={head_dim}) and v (batch, n_kv_heads, seq_k, d_v)"
         )
     n_kv_heads, seq_k = k.shape[1], k.shape[2]
-    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
-        raise InvalidInputError(
-            f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads} "
-            f"(GQA needs n_heads % n_kv_heads == 0)"
-        )
+    check_gqa(n_heads, n_kv_heads)
     return q, k, v, (batch, n_kv_heads, n_heads // n_kv_heads, seq_q, seq_k, head_dim)
+
+
+def check_gqa(n_heads: int, n_kv_heads: int) -> None:
+    """GQA: query head h reads kv head h // (n_heads // n_kv_heads), so n_heads must be a multiple."""
+    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
+        raise InvalidInputError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads} "
+                                f"(GQA needs n_heads % n_kv_heads == 0)")
 
 
 def _scale_for(dtype, head_dim, scale):
@@ -180,6 +184,29 @@ def _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtyp
     (offsets (batch,), lengths (batch,), window or None, scale in the input dtype)."""
     return (_as_offsets(q_offset, batch), _as_lengths(lengths, batch, seq_k), _check_window(window),
             _scale_for(dtype, head_dim, scale))
+
+
+def _door(q, k, v, q_offset, lengths, window, scale):
+    """The public functions' one check: (q, k, v in q's dtype, offsets, lengths, window, scale)."""
+    q, k, v, (batch, _, _, _, seq_k, head_dim) = _check_inputs(q, k, v)
+    k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)
+    return (q, k, v) + _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, q.dtype)
+
+
+def trusted_args(q, k, v, q_offset, lengths, window, scale=None):
+    """The same normalisation as the public door, for callers that checked already (the model's
+    forward, through a backend): no validation, only the conversions the cores need."""
+    dtype = q.dtype
+    offsets = np.broadcast_to(np.asarray(q_offset, dtype=np.int64), (q.shape[0],))
+    lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
+    return (q, k.astype(dtype, copy=False), v.astype(dtype, copy=False), offsets, lengths, window,
+            _scale_for(dtype, q.shape[-1], scale))
+
+
+def _dims(q, k):
+    """(batch, n_kv_heads, group, seq_q, seq_k, head_dim) of checked q, k."""
+    batch, n_heads, seq_q, head_dim = q.shape
+    return batch, k.shape[1], n_heads // k.shape[1], seq_q, k.shape[2], head_dim
 
 
 def _visible(query_pos, key_pos, lengths, window, causal):
@@ -295,19 +322,16 @@ def naive(q, k, v, causal=True, q_offset=0, lengths=None, window=None, scale=Non
     Memory O(batch * n_heads * seq_q * seq_k): 1 GiB of float32 scores for 4
     heads at 8k tokens.  Everything else in this module is tested against it.
     """
-    q, k, v, (batch, n_kv, group, seq_q, seq_k, head_dim) = _check_inputs(q, k, v)
-    dtype = q.dtype
-    k = k.astype(dtype, copy=False)
-    v = v.astype(dtype, copy=False)
-    offsets, lengths_arr, window, scale = _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtype)
+    return _naive(*_door(q, k, v, q_offset, lengths, window, scale), causal=causal, return_lse=return_lse)
 
+
+def _naive(q, k, v, offsets, lengths, window, scale, *, causal, return_lse):
+    batch, n_kv, group, seq_q, seq_k, head_dim = _dims(q, k)
     q_grouped = _group_queries(q, n_kv, group, scale)  # (b, kv, group*seq_q, d)
     # S = (scale * Q) K^T: one matmul per (batch, kv head) serves all `group` query heads
     scores = np.matmul(q_grouped, k.swapaxes(-1, -2)).reshape(batch, n_kv, group, seq_q, seq_k)
-
     query_pos = offsets[:, None] + np.arange(seq_q, dtype=np.int64)[None, :]
-    visible = _visible(query_pos, np.arange(seq_k, dtype=np.int64), lengths_arr, window, causal)
-
+    visible = _visible(query_pos, np.arange(seq_k, dtype=np.int64), lengths, window, causal)
     out, lse = masked_softmax_times_v(scores, visible, v)
     return _ungroup(out, lse, q.shape[1], return_lse)
 
@@ -339,9 +363,12 @@ def online(q, k, v, causal=True, q_offset=0, lengths=None, window=None, scale=No
 
     The loop runs over keys only; batch, heads and queries are vectorised.
     """
-    q, k, v, (batch, n_kv, group, seq_q, seq_k, head_dim) = _check_inputs(q, k, v)
+    return _online(*_door(q, k, v, q_offset, lengths, window, scale), causal=causal, return_lse=return_lse)
+
+
+def _online(q, k, v, offsets, lengths_arr, window, scale, *, causal, return_lse):
+    batch, n_kv, group, seq_q, seq_k, head_dim = _dims(q, k)
     dtype = q.dtype
-    offsets, lengths_arr, window, scale = _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtype)
     neg_inf = dtype.type(-np.inf)
 
     q_grouped = _group_queries(q, n_kv, group, scale)  # (b, kv, group*seq_q, d)
@@ -428,12 +455,16 @@ def tiled(
     Python's per-call overhead is small; see benchmarks/results/attention.md.
     A GPU kernel would use far smaller tiles (64 x 64) sized to on-chip memory.
     """
-    q, k, v, (batch, n_kv, group, seq_q, seq_k, head_dim) = _check_inputs(q, k, v)
-    if int(block_q) < 1 or int(block_k) < 1:
-        raise InvalidInputError(f"block_q={block_q}, block_k={block_k}; both must be >= 1")
-    block_q, block_k = int(block_q), int(block_k)
+    if isinstance(block_q, bool) or isinstance(block_k, bool) or int(block_q) < 1 or int(block_k) < 1:
+        raise InvalidInputError(f"block_q={block_q}, block_k={block_k}; both must be ints >= 1")
+    return _tiled(*_door(q, k, v, q_offset, lengths, window, scale), causal=causal, return_lse=return_lse,
+                  block_q=int(block_q), block_k=int(block_k), stats=stats)
+
+
+def _tiled(q, k, v, offsets, lengths_arr, window, scale, *, causal, return_lse, block_q=256, block_k=256,
+           stats=None):
+    batch, n_kv, group, seq_q, seq_k, head_dim = _dims(q, k)
     dtype = q.dtype
-    offsets, lengths_arr, window, scale = _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtype)
     neg_inf = dtype.type(-np.inf)
     d_v = v.shape[-1]
 
@@ -609,3 +640,8 @@ def stable_softmax(x, axis=-1):
     m = x.max(axis=axis, keepdims=True)
     e = np.exp(x - m)
     return e / e.sum(axis=axis, keepdims=True)
+
+
+# The algorithms' cores on checked, normalised arguments (see trusted_args): what a backend calls
+# on the model's hot path, where the arguments were checked once at the door of forward.
+CORES = {"naive": _naive, "online": _online, "tiled": _tiled}

@@ -101,9 +101,10 @@ class Backend:
             # Measured (benchmarks/results/prefill.md): naive wins below ~512 keys, tiled above, and
             # tiled's memory stays O(seq * block) where naive's scores grow O(seq^2).
             algorithm = "tiled" if k.shape[2] >= self.tiled_from_keys else self.default_attention
-        kernel = getattr(reference_attention, algorithm)
-        k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)
-        return kernel(q, k, v, causal=causal, q_offset=q_offset, lengths=lengths, window=window, return_lse=True)
+        # Trusted inside: the model checked its inputs at the door, so the algorithm's core runs directly.
+        core = reference_attention.CORES[algorithm]
+        return core(*reference_attention.trusted_args(q, k, v, q_offset, lengths, window), causal=causal,
+                    return_lse=True)
 
     # Split-K pays where the splits run in parallel (GPU blocks); NumPy runs them one after another,
     # so one split saves three chunks' worth of Python and a merge per layer per step.
