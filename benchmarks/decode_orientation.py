@@ -11,23 +11,16 @@ benchmarks/results/decode_orientation.md with the BLAS in use.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .common import RESULTS_DIR, machine_info, machine_line
+from .attention import timings
+from .common import RESULTS_DIR, machine_info, machine_line, median
 
 
-def best_us(fn, repeats: int = 300) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e6 * sorted(times)[len(times) // 2]
+def median_us(fn, repeats: int = 300) -> float:
+    return 1e6 * median(timings(fn, repeats))
 
 
 def main(out: Path = RESULTS_DIR) -> int:
@@ -40,8 +33,8 @@ def main(out: Path = RESULTS_DIR) -> int:
         q = rng.standard_normal((kv, group, hd)).astype(np.float32)
         k = rng.standard_normal((kv, keys, hd)).astype(np.float32)
         q_columns = np.ascontiguousarray(q.swapaxes(-1, -2))
-        textbook = best_us(lambda: np.matmul(q, k.swapaxes(-1, -2)))
-        transposed = best_us(lambda: np.ascontiguousarray(np.matmul(k, q_columns).swapaxes(-1, -2)))
+        textbook = median_us(lambda: np.matmul(q, k.swapaxes(-1, -2)))
+        transposed = median_us(lambda: np.ascontiguousarray(np.matmul(k, q_columns).swapaxes(-1, -2)))
         np.testing.assert_allclose(np.matmul(q, k.swapaxes(-1, -2)), np.matmul(k, q_columns).swapaxes(-1, -2),
                                    rtol=1e-5, atol=1e-5)
         lines.append(f"| {keys} | {textbook:.1f} | {transposed:.1f} | {textbook / transposed:.2f}x |")
