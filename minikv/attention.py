@@ -75,18 +75,8 @@ import numpy as np
 
 from minikv.errors import InvalidInputError
 
-__all__ = [
-    "naive",
-    "online",
-    "tiled",
-    "decode",
-    "merge_partials",
-    "visible_mask",
-    "masked_softmax_times_v",
-    "CORES",
-    "naive_softmax",
-    "stable_softmax",
-]
+__all__ = ["naive", "online", "tiled", "decode", "merge_partials", "visible_mask", "masked_softmax_times_v",
+           "CORES", "naive_softmax", "stable_softmax"]
 
 
 # ---------------------------------------------------------------------------
@@ -98,27 +88,19 @@ def _check_inputs(q, k, v):
     """Validate shapes/dtypes; return (batch, n_kv_heads, group, seq_q, seq_k, head_dim)."""
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise InvalidInputError(
-            f"attention expects 4-D arrays q (batch, n_heads, seq_q, head_dim) and k, v "
-            f"(batch, n_kv_heads, seq_k, head_dim); got q.ndim={q.ndim}, k.ndim={k.ndim}, "
-            f"v.ndim={v.ndim} (reshape your inputs)"
-        )
+        raise InvalidInputError(f"attention expects 4-D arrays q (batch, n_heads, seq_q, head_dim) and k, v "
+                                f"(batch, n_kv_heads, seq_k, head_dim); got q.ndim={q.ndim}, k.ndim={k.ndim}, "
+                                f"v.ndim={v.ndim} (reshape your inputs)")
     if q.dtype not in (np.float32, np.float64):
-        raise InvalidInputError(
-            f"q has dtype {q.dtype}; attention computes in float32 or float64 "
-            f"(pass q.astype(np.float32))"
-        )
+        raise InvalidInputError(f"q has dtype {q.dtype}; attention computes in float32 or float64 "
+                                f"(pass q.astype(np.float32))")
     for name, arr in (("k", k), ("v", v)):
         if arr.dtype.kind != "f":
-            raise InvalidInputError(
-                f"{name} has dtype {arr.dtype}; pass a floating-point array"
-            )
+            raise InvalidInputError(f"{name} has dtype {arr.dtype}; pass a floating-point array")
     batch, n_heads, seq_q, head_dim = q.shape
     if k.shape[:3] != v.shape[:3] or k.shape[0] != batch or k.shape[3] != head_dim:
-        raise InvalidInputError(
-            f"shapes do not fit together: q {q.shape}, k {k.shape}, v {v.shape}; need "
-            f"k (batch, n_kv_heads, seq_k, head_dim={head_dim}) and v (batch, n_kv_heads, seq_k, d_v)"
-        )
+        raise InvalidInputError(f"shapes do not fit together: q {q.shape}, k {k.shape}, v {v.shape}; need "
+                                f"k (batch, n_kv_heads, seq_k, head_dim={head_dim}) and v (batch, n_kv_heads, seq_k, d_v)")
     n_kv_heads, seq_k = k.shape[1], k.shape[2]
     check_gqa(n_heads, n_kv_heads)
     return q, k, v, (batch, n_kv_heads, n_heads // n_kv_heads, seq_q, seq_k, head_dim)
@@ -145,9 +127,7 @@ def _as_offsets(q_offset, batch):
         raise InvalidInputError(f"q_offset must be an int or an int array; got {q_offset!r}")
     offsets = np.broadcast_to(offsets.astype(np.int64), (batch,)) if offsets.ndim == 0 else offsets
     if offsets.shape != (batch,):
-        raise InvalidInputError(
-            f"q_offset has shape {offsets.shape}; pass an int or an array of shape ({batch},)"
-        )
+        raise InvalidInputError(f"q_offset has shape {offsets.shape}; pass an int or an array of shape ({batch},)")
     return offsets.astype(np.int64)
 
 
@@ -161,13 +141,9 @@ def _as_lengths(lengths, batch, seq_k):
     if lengths_arr.ndim == 0:
         lengths_arr = np.broadcast_to(lengths_arr, (batch,))
     if lengths_arr.shape != (batch,):
-        raise InvalidInputError(
-            f"lengths has shape {lengths_arr.shape}; pass one length per sequence, shape ({batch},)"
-        )
+        raise InvalidInputError(f"lengths has shape {lengths_arr.shape}; pass one length per sequence, shape ({batch},)")
     if lengths_arr.size and (lengths_arr.min() < 0 or lengths_arr.max() > seq_k):
-        raise InvalidInputError(
-            f"lengths {lengths_arr.tolist()} must lie in [0, seq_k={seq_k}] (the keys present)"
-        )
+        raise InvalidInputError(f"lengths {lengths_arr.tolist()} must lie in [0, seq_k={seq_k}] (the keys present)")
     return lengths_arr.astype(np.int64)
 
 
@@ -404,20 +380,8 @@ def _online(q, k, v, offsets, lengths_arr, window, scale, *, causal, return_lse)
 # ---------------------------------------------------------------------------
 
 
-def tiled(
-    q,
-    k,
-    v,
-    causal=True,
-    q_offset=0,
-    lengths=None,
-    window=None,
-    scale=None,
-    return_lse=False,
-    block_q=256,
-    block_k=256,
-    stats=None,
-):
+def tiled(q, k, v, causal=True, q_offset=0, lengths=None, window=None, scale=None, return_lse=False,
+          block_q=256, block_k=256, stats=None):
     """Flash attention forward: the online softmax over tiles of queries and keys.
 
     For each block of ``block_q`` queries, walk the key blocks of ``block_k``
@@ -558,10 +522,8 @@ def merge_partials(outs, lses):
     outs = np.stack([np.asarray(o) for o in outs])
     lses = np.stack([np.asarray(x) for x in lses])
     if outs.shape[:-1] != lses.shape:
-        raise InvalidInputError(
-            f"merge_partials: outs {outs.shape} and lses {lses.shape} disagree; "
-            f"each lse must have its out's shape without the last axis"
-        )
+        raise InvalidInputError(f"merge_partials: outs {outs.shape} and lses {lses.shape} disagree; "
+                                f"each lse must have its out's shape without the last axis")
     dtype = np.result_type(outs.dtype, lses.dtype)
     outs, lses = outs.astype(dtype, copy=False), lses.astype(dtype, copy=False)[..., None]
     m = lses.max(axis=0)                                   # (..., 1)
