@@ -3,6 +3,7 @@
     minikv generate "Once upon a time" --max-new-tokens 80 --cache static
     minikv bench                      # every cache kind vs recompute, on the bundled model
     minikv info                       # the config, parameter count, KV bytes per token, backends
+    minikv chat --model PATH_OR_HUB_ID    # multi-turn chat with the checkpoint's template; the KV cache is kept
 
 Bad arguments and bad paths print one line on stderr and exit with status 2; no traceback.
 """
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
 
     def model_args(p):
-        p.add_argument("--model", default=None, help="Hugging Face checkpoint folder (default: the bundled tiny model)")
+        p.add_argument("--model", default=None, help="Hugging Face checkpoint folder or Hub id such as Org/name "
+                       "(default: the bundled tiny model)")
         p.add_argument("--backend", default=None, help="numpy (default), numba, cuda, cuda-sim")
         p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
 
@@ -74,7 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="the model's config, size, KV bytes per token, and the backends here")
     model_args(info)
+
+    chat = sub.add_parser("chat", help="an interactive multi-turn chat that keeps its KV cache across turns")
+    model_args(chat)
+    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=256, help="per reply (default 256)")
+    chat.add_argument("--max-seq-len", type=_positive_int, default=None,
+                      help="positions the conversation's cache holds (default: the model's maximum, at most 4096)")
+    sampling_args(chat, defaults="the checkpoint's generation_config.json, else greedy")
     return parser
+
+
+def sampling_args(p, defaults: str) -> None:
+    """Sampling flags that default to None: a flag not given is not passed, so the model's
+    generation_config.json (then minikv's default) decides."""
+    p.add_argument("--temperature", type=_float, default=None, help=f"0 = greedy (default: {defaults})")
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-p", type=_float, default=None)
+    p.add_argument("--min-p", type=_float, default=None)
+    p.add_argument("--repetition-penalty", type=_float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _given_sampling(args) -> dict:
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _load(args):
@@ -155,7 +181,15 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "info": cmd_info}
+def cmd_chat(args) -> int:
+    from .chat import run_repl
+
+    model = _load(args)
+    return run_repl(model, sys.stdin, sys.stdout, sys.stderr, system=args.system, max_seq_len=args.max_seq_len,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, **_given_sampling(args))
+
+
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "info": cmd_info, "chat": cmd_chat}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -155,6 +155,39 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
     stats.decode_ms = (time.perf_counter() - decode_start) * 1e3
 
 
+class _Default:
+    """The default of a sampling option: the checkpoint's generation_config.json, else LIBRARY_DEFAULTS.
+    (A sentinel, not None: ``top_k=None`` passed explicitly means "no top-k" even when the file sets one.)"""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = _Default()
+LIBRARY_DEFAULTS = {"max_new_tokens": 50, "temperature": 0.0, "top_k": None, "top_p": None, "min_p": None,
+                    "repetition_penalty": 1.0}
+
+
+def resolve_options(model, **given) -> dict:
+    """Each generation option: the value passed, else the checkpoint's generation_config.json, else
+    minikv's default (greedy, 50 new tokens). Stop tokens: those passed, else generation_config.json's
+    eos_token_id, else config.json's."""
+    checkpoint = model.generation_config.defaults() if getattr(model, "generation_config", None) else {}
+    resolved = {}
+    for name, value in given.items():
+        unset = value is DEFAULT or (value is None and name in ("max_new_tokens", "stop_tokens"))
+        if not unset:
+            resolved[name] = value
+        elif name in checkpoint:
+            resolved[name] = checkpoint[name]
+        elif name == "stop_tokens":
+            config = model.config
+            resolved[name] = list(config.eos_token_ids) or ([] if config.eos_token_id is None else [config.eos_token_id])
+        else:
+            resolved[name] = LIBRARY_DEFAULTS[name]
+    return resolved
+
+
 # Which cache kind each keyword option of generate/stream configures.
 _CACHE_OPTIONS = {"block_size": "paged", "num_blocks": "paged", "window": "sliding"}
 
@@ -162,12 +195,16 @@ _CACHE_OPTIONS = {"block_size": "paged", "num_blocks": "paged", "window": "slidi
 class Stream:
     """An iterator of ``TokenEvent``s; after it is exhausted, ``.output`` holds the GenerationOutput."""
 
-    def __init__(self, model, prompt, max_new_tokens: int = 50, *, cache: Union[str, KVCache, None] = "static",
-                 temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 min_p: Optional[float] = None, repetition_penalty: float = 1.0, seed: Optional[int] = 0,
+    def __init__(self, model, prompt, max_new_tokens: Optional[int] = None, *,
+                 cache: Union[str, KVCache, None] = "static", temperature=DEFAULT, top_k=DEFAULT, top_p=DEFAULT,
+                 min_p=DEFAULT, repetition_penalty=DEFAULT, seed: Optional[int] = 0,
                  rng: Optional[np.random.Generator] = None, stop_tokens: Optional[Sequence[int]] = None,
                  prefill_chunk: Optional[int] = None, max_seq_len: Optional[int] = None,
                  cache_dtype: Optional[str] = None, **cache_options):
+        options = resolve_options(model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                  stop_tokens=stop_tokens)
+        max_new_tokens, stop_tokens = options.pop("max_new_tokens"), options.pop("stop_tokens")
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
         if prefill_chunk is not None and (not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1):
@@ -175,12 +212,8 @@ class Stream:
         self.model = model
         self.prompts, self._single = _prompts_to_ids(model, prompt)
         _check_prompts(model, self.prompts)
-        self.params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                     repetition_penalty=repetition_penalty)
+        self.params = SamplingParams(**options)
         self.rng = rng if rng is not None else np.random.default_rng(seed)
-        if stop_tokens is None:
-            config = model.config
-            stop_tokens = list(config.eos_token_ids) or ([] if config.eos_token_id is None else [config.eos_token_id])
         self.stop_tokens = np.asarray(list(stop_tokens), dtype=np.int64)
         self.max_new_tokens = int(max_new_tokens)
         self.prefill_chunk = prefill_chunk
@@ -269,20 +302,24 @@ class Stream:
         self.output = GenerationOutput(tokens=generated, text=text, stats=self.stats, finish_reasons=reasons)
 
 
-def stream(model, prompt, max_new_tokens: int = 50, **kwargs) -> Stream:
+def stream(model, prompt, max_new_tokens: Optional[int] = None, **kwargs) -> Stream:
     """Generate lazily: iterate to get ``TokenEvent``s as they are made; ``.output`` at the end."""
     return Stream(model, prompt, max_new_tokens, **kwargs)
 
 
-def generate(model, prompt, max_new_tokens: int = 50, *, stream: bool = False, **kwargs):
+def generate(model, prompt, max_new_tokens: Optional[int] = None, *, stream: bool = False, **kwargs):
     """Prefill then decode. Returns a GenerationOutput (or a Stream when ``stream=True``).
 
     prompt:          a str, a list of str, token ids, or a list of token-id lists (a ragged batch)
     cache:           "none" (recompute), "concat", "static" (default), "paged", "sliding", or a KVCache
                      (e.g. one loaded with minikv.load_cache: generation continues after what it holds)
-    temperature:     0.0 (default) = greedy; top_k, top_p, min_p, repetition_penalty: see minikv.sampling
+    max_new_tokens:  how many tokens to generate at most (default: generation_config.json's, else 50)
+    temperature:     0.0 = greedy; top_k, top_p, min_p, repetition_penalty: see minikv.sampling. Each
+                     defaults to the checkpoint's generation_config.json (do_sample false or no file:
+                     greedy); an argument passed explicitly always wins (see minikv.generation_config)
     seed / rng:      all randomness comes from one numpy Generator (same seed, same text)
-    stop_tokens:     ids that end a sequence (default: the config's eos_token_id(s), if any)
+    stop_tokens:     ids that end a sequence (default: generation_config.json's eos_token_id(s), else
+                     config.json's, if any)
     prefill_chunk:   prefill the prompt N tokens at a time (same logits, less peak memory)
     max_seq_len, cache_dtype ("float16" halves the cache), block_size / num_blocks (paged), window (sliding)
 
