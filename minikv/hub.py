@@ -4,7 +4,7 @@
 'minikv[hub]'``) for the checkpoint, in this order:
 
 1. the local Hugging Face cache (``HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``): no network,
-   the same files ``transformers`` and ``huggingface-cli download`` put there;
+   the same files ``transformers`` and ``hf download`` put there;
 2. a download into that cache, unless ``HF_HUB_OFFLINE=1`` or the network is unreachable.
 
 Only the files minikv reads are fetched (safetensors, never pickle). When neither way works the
@@ -35,8 +35,9 @@ def resolve_checkpoint(path) -> Path:
 
 def hub_snapshot(repo_id: str) -> Path:
     """The local snapshot folder of a Hub repository: from the cache, else downloaded."""
-    both_ways = (f"either download it once (`huggingface-cli download {repo_id}`, or run minikv.load with the "
-                 "network on) or pass the path of a checkpoint folder holding config.json and model.safetensors")
+    both_ways = (f"either download it once (`hf download {repo_id}`, huggingface_hub's command, or minikv.load "
+                 "with the network on) or pass the path of a checkpoint folder holding config.json and "
+                 "model.safetensors")
     try:
         from huggingface_hub import constants, snapshot_download
     except ImportError:
@@ -48,7 +49,7 @@ def hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
     except Exception as exc:      # not cached (LocalEntryNotFoundError), or an id the Hub refuses
-        cached_error = f"{type(exc).__name__}: {exc}"
+        cached_error = _one_line(exc)
     where = f"the local Hugging Face cache ({constants.HF_HUB_CACHE})"
     if constants.HF_HUB_OFFLINE:
         raise CheckpointError(
@@ -60,5 +61,10 @@ def hub_snapshot(repo_id: str) -> Path:
     except Exception as exc:      # no network, no such repository, a gated one without a token...
         raise CheckpointError(
             f"{repo_id!r} is not a folder here and not in {where}, and downloading it failed "
-            f"({type(exc).__name__}: {exc}); {both_ways}"
+            f"({_one_line(exc)}); {both_ways}"
         ) from None
+
+
+def _one_line(exc: Exception) -> str:
+    """huggingface_hub's messages span lines; an error of ours is one line."""
+    return f"{type(exc).__name__}: " + " ".join(str(exc).split())
