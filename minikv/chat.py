@@ -76,6 +76,10 @@ def _compile(template: str):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise BackendUnavailableError("rendering a chat template needs jinja2: pip install 'minikv[chat]'") from None
+    if tuple(int(x) for x in jinja2.__version__.split(".")[:3] if x.isdigit()) < (3, 1, 6):
+        # Templates come from the internet; older jinja2 sandboxes have known escapes (as transformers refuses).
+        raise BackendUnavailableError(f"jinja2 {jinja2.__version__} has known sandbox escapes; chat templates need "
+                                      "jinja2>=3.1.6: pip install -U 'minikv[chat]'")
 
     class GenerationBlock(Extension):
         """``{% generation %}...{% endgeneration %}`` marks the assistant's text for training masks;
@@ -225,6 +229,10 @@ class ChatSession:
                  chat_template_kwargs: Optional[dict] = None, **generate_options):
         if getattr(model.tokenizer, "chat_template", None) is None:
             render_chat(model.tokenizer, [{"role": "user", "content": ""}])     # raises the no-template error
+        for option in ("cache", "stream"):
+            if option in generate_options:
+                raise InvalidInputError(f"{option}= is not an option of a ChatSession: it keeps its own static "
+                                        "cache (size it with max_seq_len=)")
         self.model = model
         self.system = system
         self.template_kwargs = dict(chat_template_kwargs or {})

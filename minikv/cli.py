@@ -61,12 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(gen)
     gen.add_argument("--max-new-tokens", type=_positive_int, default=120)
     gen.add_argument("--cache", default="static", choices=CACHE_KINDS)
-    gen.add_argument("--temperature", type=_float, default=0.8, help="0 = greedy (default 0.8)")
-    gen.add_argument("--top-k", type=_positive_int, default=None)
-    gen.add_argument("--top-p", type=_float, default=0.95)
-    gen.add_argument("--min-p", type=_float, default=None)
-    gen.add_argument("--repetition-penalty", type=_float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    sampling_args(gen, defaults="the checkpoint's generation_config.json, else temperature 0.8 and top-p 0.95")
 
     bench = sub.add_parser("bench", help="decode tokens/s of every cache kind vs recompute")
     model_args(bench)
@@ -111,9 +106,12 @@ def _load(args):
 
 def cmd_generate(args) -> int:
     model = _load(args)
-    stream = model.stream(args.prompt, max_new_tokens=args.max_new_tokens, cache=args.cache,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+    options = _given_sampling(args)
+    if model.generation_config is None or "do_sample" not in model.generation_config.raw:
+        # The checkpoint does not say how to sample it: the command's own defaults.
+        options = {"temperature": 0.8, "top_p": 0.95, **options}
+    stream = model.stream(args.prompt, max_new_tokens=args.max_new_tokens, cache=args.cache, seed=args.seed,
+                          **options)
     out = sys.stdout
     out.write(args.prompt)
     out.flush()

@@ -331,6 +331,12 @@ def test_a_template_that_rewrites_history_rebuilds_and_says_so(bytes_model):
     assert list(session.messages[-1]["content"].encode()) == fresh_reply(bytes_model, history, max_new_tokens=8)
 
 
+@pytest.mark.parametrize("option", ["cache", "stream"])
+def test_a_session_refuses_cache_options_it_owns(bytes_model, option):
+    with pytest.raises(InvalidInputError, match=option):
+        ChatSession(bytes_model, **{option: "static"})
+
+
 def test_a_turn_that_does_not_fit_changes_nothing(bytes_model):
     session = ChatSession(bytes_model, max_new_tokens=8, max_seq_len=64)
     run_turns(session, ["Hi"])
@@ -379,6 +385,17 @@ def test_minikv_chat_command_keeps_the_cache_across_turns():
     assert result.stdout.count("assistant> ") == 2
     turns = [line for line in result.stderr.splitlines() if line.startswith("[turn")]
     assert len(turns) == 2 and "tok/s" in turns[1]
+
+
+def test_minikv_generate_samples_as_the_generation_config_says():
+    # chatml's generation_config.json: do_sample false -> greedy, although no --temperature is given
+    # (the command's own default, 0.8, would sample).
+    record = expected("chatml")["generate"][2]
+    tokenizer = HFTokenizer(CHAT / "chatml")
+    assert tokenizer.encode("The cache") == record["prompt_ids"]
+    result = run_cli("generate", "The cache", "--model", str(CHAT / "chatml"), "--max-new-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "The cache" + tokenizer.decode(record["ids"]) + "\n"
 
 
 def test_minikv_chat_without_a_template_is_one_line_and_exit_2():
