@@ -242,6 +242,7 @@ class ChatSession:
         self.messages: list[dict] = []
         self.cached_ids: list[int] = []     # the tokens whose K/V the cache holds, in order
         self.last_turn: Optional[TurnStats] = None
+        self.last_tokens: list[int] = []    # the last reply's token ids (a stop token excluded)
         self.turns = 0
         self.reset()
 
@@ -288,6 +289,7 @@ class ChatSession:
         self.cached_ids = ids + (tokens if reason == "stop" else tokens[:-1])
         reply = self.model.tokenizer.decode(tokens, skip_special_tokens=True)
         self.messages = messages + [{"role": "assistant", "content": reply}]
+        self.last_tokens = tokens
         self.turns += 1
         self.last_turn = TurnStats(
             turn=self.turns, reused=held if reuse else 0, prefilled=out.stats.prefill_tokens,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import minikv
 from minikv.chat import ChatSession, apply_chat_template, render_chat, run_repl
@@ -299,8 +300,32 @@ def test_each_turn_prefills_only_the_new_tokens_and_equals_a_fresh_generation(by
             assert stats.reused > 0 and stats.prefilled < len(prompt_ids)
         assert int(session.cache.lengths[0]) == len(session.cached_ids) == stats.cache_positions
         expected_tokens = fresh_reply(bytes_model, history + [{"role": "user", "content": text}], max_new_tokens=12)
-        assert list(reply.encode()) == expected_tokens
+        assert session.last_tokens == expected_tokens
         assert session.messages[-1] == {"role": "assistant", "content": reply}
+
+
+_bundled = {}
+
+
+@settings(max_examples=8, deadline=None)
+@given(texts=st.lists(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=12),
+                      min_size=1, max_size=3),
+       max_new_tokens=st.integers(1, 6))
+def test_property_every_turn_equals_a_fresh_generation_of_the_whole_conversation(texts, max_new_tokens):
+    if "model" not in _bundled:
+        _bundled["model"] = minikv.load()
+        _bundled["model"].tokenizer = TemplatedBytes()
+    model = _bundled["model"]
+    session = ChatSession(model, max_new_tokens=max_new_tokens, max_seq_len=256)
+    for text in texts:
+        history = session.messages + [{"role": "user", "content": text}]
+        reply = "".join(session.send(text))
+        assert session.last_tokens == fresh_reply(model, history, max_new_tokens=max_new_tokens)
+        assert reply == model.tokenizer.decode(session.last_tokens)
+        assert int(session.cache.lengths[0]) == len(session.cached_ids)
+        # every sampled token but the last was fed back (no stop ids: each reply runs to max_new_tokens)
+        assert session.cached_ids == model.apply_chat_template(history, True) + session.last_tokens[:-1]
+        assert not session.last_turn.rebuilt
 
 
 def test_the_kept_cache_gives_the_full_prompt_logits_and_a_broken_variant_that_forgets_it_does_not(bytes_model):
@@ -328,7 +353,7 @@ def test_a_template_that_rewrites_history_rebuilds_and_says_so(bytes_model):
     assert not first.rebuilt and second.rebuilt and second.reused == 0
     assert "after a rebuild" in str(second)
     history = session.messages[:-1]
-    assert list(session.messages[-1]["content"].encode()) == fresh_reply(bytes_model, history, max_new_tokens=8)
+    assert session.last_tokens == fresh_reply(bytes_model, history, max_new_tokens=8)
 
 
 @pytest.mark.parametrize("option", ["cache", "stream"])
@@ -356,6 +381,7 @@ def test_session_with_a_real_tokenizer_equals_fresh_generation():
         history = list(session.messages)
         "".join(session.send(text))
         fresh = fresh_reply(model, history + [{"role": "user", "content": text}], max_new_tokens=6)
+        assert session.last_tokens == fresh
         assert session.messages[-1]["content"] == model.tokenizer.decode(fresh, skip_special_tokens=True)
         assert session.last_turn.reused + session.last_turn.prefilled == len(
             model.apply_chat_template(history + [{"role": "user", "content": text}], True))
