@@ -229,7 +229,7 @@ class ChatSession:
                  chat_template_kwargs: Optional[dict] = None, **generate_options):
         if getattr(model.tokenizer, "chat_template", None) is None:
             render_chat(model.tokenizer, [{"role": "user", "content": ""}])     # raises the no-template error
-        for option in ("cache", "stream"):
+        for option in ("cache", "stream", "cached_tokens"):
             if option in generate_options:
                 raise InvalidInputError(f"{option}= is not an option of a ChatSession: it keeps its own static "
                                         "cache (size it with max_seq_len=)")
@@ -269,7 +269,8 @@ class ChatSession:
         if rebuilt:
             self.cache.reset()
         try:
-            stream = self.model.stream([ids[held:] if reuse else ids], cache=self.cache, **self.options)
+            stream = self.model.stream([ids[held:] if reuse else ids], cache=self.cache,
+                                       cached_tokens=[self.cached_ids if reuse else []], **self.options)
         except MinikvError:
             self.cache.lengths = saved_lengths        # a static cache's data is untouched: restored exactly
             raise

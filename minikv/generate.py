@@ -107,10 +107,13 @@ def _padded(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, lengths
 
 
-def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, prefill_chunk, stats) -> Iterator[np.ndarray]:
+def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, prefill_chunk, stats,
+           cached_tokens=None) -> Iterator[np.ndarray]:
     """The generation loop; yields one (batch,) array of new tokens per step."""
     batch = len(prompts)
     history = [list(p) for p in prompts]          # prompt + generated, for recompute and the penalty
+    # The repetition penalty sees the whole sequence, including what a given cache already holds.
+    context = [list(c) for c in cached_tokens] if cached_tokens is not None else [[] for _ in range(batch)]
     ids, lengths = _padded(prompts)
     sync = model.backend.synchronize
 
@@ -136,7 +139,8 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
     finished = np.zeros(batch, dtype=bool)
     decode_start = time.perf_counter()
     for step in range(max_new_tokens):
-        previous = [np.asarray(h, dtype=np.int64) for h in history] if params.repetition_penalty != 1.0 else None
+        previous = ([np.asarray(c + h, dtype=np.int64) for c, h in zip(context, history)]
+                    if params.repetition_penalty != 1.0 else None)
         tokens = sample(logits, params, rng, previous)
         for b in range(batch):
             history[b].append(int(tokens[b]))
@@ -200,7 +204,8 @@ class Stream:
                  min_p=DEFAULT, repetition_penalty=DEFAULT, seed: Optional[int] = 0,
                  rng: Optional[np.random.Generator] = None, stop_tokens: Optional[Sequence[int]] = None,
                  prefill_chunk: Optional[int] = None, max_seq_len: Optional[int] = None,
-                 cache_dtype: Optional[str] = None, **cache_options):
+                 cache_dtype: Optional[str] = None, cached_tokens: Optional[Sequence[Sequence[int]]] = None,
+                 **cache_options):
         options = resolve_options(model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                   stop_tokens=stop_tokens)
@@ -219,6 +224,7 @@ class Stream:
         self.prefill_chunk = prefill_chunk
         self.cache = self._make_cache(cache, max_seq_len, cache_dtype, cache_options)
         self._check_room()
+        self.cached_tokens = self._check_cached_tokens(cached_tokens)
         self.stats = GenerationStats(batch_size=len(self.prompts),
                                      cache_kind="none" if self.cache is None else self.cache.kind)
         self.output: Optional[GenerationOutput] = None
@@ -252,6 +258,17 @@ class Stream:
         return self.model.new_cache(cache, batch_size=len(self.prompts), max_seq_len=max_seq_len,
                                     dtype=cache_dtype, **options)
 
+    def _check_cached_tokens(self, cached_tokens):
+        """The ids a given cache holds, one list per sequence (only the repetition penalty reads them)."""
+        if cached_tokens is None:
+            return None
+        held = self.cache.lengths.tolist() if self.cache is not None else None
+        rows = [list(c) for c in cached_tokens] if isinstance(cached_tokens, (list, tuple)) else None
+        if held is None or rows is None or [len(r) for r in rows] != held:
+            raise InvalidInputError(f"cached_tokens must hold, per sequence, the ids the given cache holds "
+                                    f"({held if held is not None else 'no cache given'} of them)")
+        return rows
+
     def _check_room(self) -> None:
         """Fail before any work, not after tokens were already streamed: the last position must fit
         the model's position table and the cache's capacity."""
@@ -283,7 +300,7 @@ class Stream:
         decoders = [model.tokenizer.stream_decoder() if model.tokenizer else None for _ in range(batch)]
         done = np.zeros(batch, dtype=bool)
         for tokens in _steps(model, self.prompts, self.max_new_tokens, self.cache, self.params, self.rng,
-                             self.stop_tokens, self.prefill_chunk, self.stats):
+                             self.stop_tokens, self.prefill_chunk, self.stats, self.cached_tokens):
             for b in range(batch):
                 if done[b]:
                     continue
@@ -321,6 +338,8 @@ def generate(model, prompt, max_new_tokens: Optional[int] = None, *, stream: boo
     stop_tokens:     ids that end a sequence (default: generation_config.json's eos_token_id(s), else
                      config.json's, if any)
     prefill_chunk:   prefill the prompt N tokens at a time (same logits, less peak memory)
+    cached_tokens:   with a given cache, the ids it already holds per sequence, so that the repetition
+                     penalty counts them as a run over the whole sequence would (minikv.chat passes them)
     max_seq_len, cache_dtype ("float16" halves the cache), block_size / num_blocks (paged), window (sliding)
 
     Before any work, a generation that cannot fit is refused: prompt + max_new_tokens - 1 positions

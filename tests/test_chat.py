@@ -328,6 +328,24 @@ def test_property_every_turn_equals_a_fresh_generation_of_the_whole_conversation
         assert not session.last_turn.rebuilt
 
 
+def test_a_repetition_penalty_counts_the_cached_turns_as_a_fresh_run_does(bytes_model):
+    session = ChatSession(bytes_model, max_new_tokens=16, max_seq_len=512, repetition_penalty=1.5)
+    for text in ["Hello there", "Tell me more"]:
+        history = session.messages + [{"role": "user", "content": text}]
+        "".join(session.send(text))
+        assert session.last_tokens == fresh_reply(bytes_model, history, max_new_tokens=16, repetition_penalty=1.5)
+    assert session.last_turn.reused > 0
+
+
+def test_cached_tokens_must_match_what_the_cache_holds(bytes_model):
+    cache = bytes_model.new_cache("static", max_seq_len=64)
+    bytes_model.forward(np.array([[72, 105]]), cache=cache)
+    with pytest.raises(InvalidInputError, match="cached_tokens"):
+        bytes_model.stream([[33]], cache=cache, cached_tokens=[[72]], max_new_tokens=2)
+    with pytest.raises(InvalidInputError, match="no cache given"):
+        bytes_model.stream([[33]], cache="none", cached_tokens=[[]], max_new_tokens=2)
+
+
 def test_the_kept_cache_gives_the_full_prompt_logits_and_a_broken_variant_that_forgets_it_does_not(bytes_model):
     session = ChatSession(bytes_model, max_new_tokens=12, max_seq_len=512)
     run_turns(session, ["Hello there"])
@@ -356,7 +374,7 @@ def test_a_template_that_rewrites_history_rebuilds_and_says_so(bytes_model):
     assert session.last_tokens == fresh_reply(bytes_model, history, max_new_tokens=8)
 
 
-@pytest.mark.parametrize("option", ["cache", "stream"])
+@pytest.mark.parametrize("option", ["cache", "stream", "cached_tokens"])
 def test_a_session_refuses_cache_options_it_owns(bytes_model, option):
     with pytest.raises(InvalidInputError, match=option):
         ChatSession(bytes_model, **{option: "static"})
