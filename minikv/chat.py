@@ -23,8 +23,9 @@ whole conversation and, when the new ids *extend* the cached ones, prefills only
     new[:len(cached)] == cached  ->  prefill new[len(cached):] only  # the prefix is reused
 
 When it does not (a template that rewrites earlier turns, e.g. one that drops past "thinking", or a
-reply that tokenizes differently when re-read) the session says so and prefills the whole conversation
-again: the tokens are the same either way, only the work differs.
+reply that tokenizes differently when re-read) the session rewinds the cache (``cache.truncate``) to the
+longest common prefix, says so, and prefills from there: the tokens are the same either way, only the
+work differs.
 """
 
 from __future__ import annotations
@@ -198,17 +199,18 @@ class TurnStats:
     turn: int
     reused: int              # prompt tokens whose K/V the cache already held
     prefilled: int           # prompt tokens this turn computed
+    rewound: int             # cached tokens the new prompt did not share (re-rendered differently): dropped
     generated: int
     prefill_ms: float
     decode_tokens_per_s: float
-    rebuilt: bool            # the cached ids were not a prefix of the new prompt: everything re-prefilled
     cache_positions: int
     cache_capacity: int
 
     def __str__(self) -> str:
         rate = "n/a" if np.isnan(self.decode_tokens_per_s) else f"{self.decode_tokens_per_s:.1f}"
         return (f"turn {self.turn}: {self.reused} tokens reused from the cache, {self.prefilled} prefilled "
-                f"({self.prefill_ms:.1f} ms){' after a rebuild' if self.rebuilt else ''} | {self.generated} "
+                f"({self.prefill_ms:.1f} ms){f', {self.rewound} cached tokens rewound' if self.rewound else ''} | "
+                f"{self.generated} "
                 f"generated at {rate} tok/s | cache {self.cache_positions}/{self.cache_capacity} positions")
 
 
@@ -260,19 +262,20 @@ class ChatSession:
             raise InvalidInputError(f"a chat message must be a str, not {type(text).__name__}")
         messages = self.messages + [{"role": "user", "content": text}]
         ids = apply_chat_template(self.model.tokenizer, messages, add_generation_prompt=True, **self.template_kwargs)
+        # Reuse the longest common prefix of what the cache holds and the new prompt (all of it when the
+        # template only appended the new turn), keeping at least one token to prefill.
         held = len(self.cached_ids)
-        reuse = 0 < held < len(ids) and ids[:held] == self.cached_ids
-        rebuilt = held > 0 and not reuse
-        # Refuse a turn that cannot fit before the cache changes (Stream checks the room against what
-        # the cache holds, so a rebuild empties it first and restores its length if refused).
+        limit = min(held, len(ids) - 1)
+        differ = np.flatnonzero(np.asarray(self.cached_ids[:limit]) != np.asarray(ids[:limit]))
+        common = int(differ[0]) if differ.size else limit
         saved_lengths = self.cache.lengths.copy()
-        if rebuilt:
-            self.cache.reset()
+        self.cache.truncate(np.array([common]))      # rewind past what the new prompt does not share
         try:
-            stream = self.model.stream([ids[held:] if reuse else ids], cache=self.cache,
-                                       cached_tokens=[self.cached_ids if reuse else []], **self.options)
+            stream = self.model.stream([ids[common:]], cache=self.cache, cached_tokens=[ids[:common]], **self.options)
         except MinikvError:
-            self.cache.lengths = saved_lengths        # a static cache's data is untouched: restored exactly
+            # Refused before any work (no room, a bad option): a static cache's truncation only lowered
+            # its length, so restoring the length restores the cache exactly.
+            self.cache.lengths = saved_lengths
             raise
         finished = False
         try:
@@ -293,9 +296,9 @@ class ChatSession:
         self.last_tokens = tokens
         self.turns += 1
         self.last_turn = TurnStats(
-            turn=self.turns, reused=held if reuse else 0, prefilled=out.stats.prefill_tokens,
+            turn=self.turns, reused=common, prefilled=out.stats.prefill_tokens, rewound=held - common,
             generated=len(tokens), prefill_ms=out.stats.prefill_ms, decode_tokens_per_s=out.stats.decode_tokens_per_s,
-            rebuilt=rebuilt, cache_positions=int(self.cache.lengths[0]), cache_capacity=self.cache.capacity)
+            cache_positions=int(self.cache.lengths[0]), cache_capacity=self.cache.capacity)
 
 
 def run_repl(model, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr, *,
@@ -339,8 +342,8 @@ def run_repl(model, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, stde
             continue
         stdout.write("\n")
         stdout.flush()
-        if session.last_turn.rebuilt:
-            stderr.write("[the new prompt does not extend the cached one (the template re-rendered earlier "
-                         "turns differently): re-prefilled the whole conversation]\n")
+        if session.last_turn.rewound:
+            stderr.write(f"[the new prompt does not extend the cached one (the template re-rendered earlier turns "
+                         f"differently): {session.last_turn.rewound} cached tokens dropped and re-prefilled]\n")
         stderr.write(f"[{session.last_turn} | {time.perf_counter() - started:.2f} s]\n")
         stderr.flush()

@@ -294,7 +294,7 @@ def test_each_turn_prefills_only_the_new_tokens_and_equals_a_fresh_generation(by
         prompt_ids = bytes_model.apply_chat_template(history + [{"role": "user", "content": text}], True)
         reply = "".join(session.send(text))
         stats = session.last_turn
-        assert stats.turn == turn and not stats.rebuilt
+        assert stats.turn == turn and stats.rewound == 0
         assert stats.reused + stats.prefilled == len(prompt_ids)
         if turn > 1:
             assert stats.reused > 0 and stats.prefilled < len(prompt_ids)
@@ -325,7 +325,7 @@ def test_property_every_turn_equals_a_fresh_generation_of_the_whole_conversation
         assert int(session.cache.lengths[0]) == len(session.cached_ids)
         # every sampled token but the last was fed back (no stop ids: each reply runs to max_new_tokens)
         assert session.cached_ids == model.apply_chat_template(history, True) + session.last_tokens[:-1]
-        assert not session.last_turn.rebuilt
+        assert session.last_turn.rewound == 0
 
 
 def test_a_repetition_penalty_counts_the_cached_turns_as_a_fresh_run_does(bytes_model):
@@ -359,7 +359,7 @@ def test_the_kept_cache_gives_the_full_prompt_logits_and_a_broken_variant_that_f
     assert np.abs(forgetful - full).max() > 1e-2
 
 
-def test_a_template_that_rewrites_history_rebuilds_and_says_so(bytes_model):
+def test_a_template_that_rewrites_history_rewinds_to_the_common_prefix_and_says_so(bytes_model):
     class Rewriting(ByteTokenizer):
         # Only the last user message is shown in full: earlier turns re-render differently.
         chat_template = ("{% for m in messages %}{% if loop.last %}<{{ m.role }}>{{ m.content }}\n"
@@ -367,11 +367,33 @@ def test_a_template_that_rewrites_history_rebuilds_and_says_so(bytes_model):
 
     bytes_model.tokenizer = Rewriting()
     session = ChatSession(bytes_model, max_new_tokens=8, max_seq_len=512)
-    first, second = run_turns(session, ["Hello there", "Again"])
-    assert not first.rebuilt and second.rebuilt and second.reused == 0
-    assert "after a rebuild" in str(second)
-    history = session.messages[:-1]
+    first, = run_turns(session, ["Hello there"])
+    held = list(session.cached_ids)
+    history = session.messages + [{"role": "user", "content": "Again"}]
+    ids = bytes_model.apply_chat_template(history, True)
+    common = next(i for i, (a, b) in enumerate(zip(held, ids)) if a != b)
+    assert common == len(b"<user>")
+    second, = run_turns(session, ["Again"])
+    assert first.rewound == 0 and (second.reused, second.rewound) == (common, len(held) - common)
+    assert second.prefilled == len(ids) - common
+    assert f"{len(held) - common} cached tokens rewound" in str(second)
     assert session.last_tokens == fresh_reply(bytes_model, history, max_new_tokens=8)
+
+
+def test_a_refused_turn_that_would_rewind_changes_nothing(bytes_model):
+    class Rewriting(ByteTokenizer):
+        chat_template = ("{% for m in messages %}{% if loop.last %}<{{ m.role }}>{{ m.content }}\n"
+                         "{% else %}<{{ m.role }}>.\n{% endif %}{% endfor %}<assistant>")
+
+    bytes_model.tokenizer = Rewriting()
+    session, control = (ChatSession(bytes_model, max_new_tokens=8, max_seq_len=64) for _ in range(2))
+    run_turns(session, ["Hello there"])
+    run_turns(control, ["Hello there"])
+    with pytest.raises(CacheOverflowError):
+        "".join(session.send("y" * 70))                      # would rewind, then does not fit
+    assert session.cached_ids == control.cached_ids and (session.cache.lengths == control.cache.lengths).all()
+    a, b = run_turns(session, ["Again"])[0], run_turns(control, ["Again"])[0]
+    assert session.last_tokens == control.last_tokens and (a.reused, a.rewound) == (b.reused, b.rewound)
 
 
 @pytest.mark.parametrize("option", ["cache", "stream", "cached_tokens"])
