@@ -175,6 +175,13 @@ def cmd_info(args) -> int:
     per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * model.dtype.itemsize
     print(f"KV cache      {per_token:,} bytes per token = 2 * {cfg.n_layers} layers * {cfg.n_kv_heads} kv heads * "
           f"{cfg.head_dim} * {model.dtype.itemsize} bytes")
+    tok = model.tokenizer
+    kind = "none (token ids only)" if tok is None else f"{type(tok).__name__}, vocabulary {tok.vocab_size}"
+    print(f"tokenizer     {kind}; chat template: {'yes' if getattr(tok, 'chat_template', None) else 'no'}")
+    gen = model.generation_config
+    if gen is not None:
+        sampling = ", ".join(f"{k} {v}" for k, v in gen.defaults().items() if v is not None and k != "stop_tokens")
+        print(f"generation    stop ids {list(gen.eos_token_ids)}; defaults: {sampling} (generation_config.json)")
     print(f"backends      {', '.join(available_backends())} (this machine)")
     return 0
 

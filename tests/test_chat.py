@@ -464,6 +464,15 @@ def test_minikv_generate_samples_as_the_generation_config_says():
     assert result.stdout == "The cache" + tokenizer.decode(record["ids"]) + "\n"
 
 
+def test_minikv_info_shows_the_tokenizer_template_and_generation_config():
+    result = run_cli("info", "--model", str(CHAT / "llama3"))
+    assert result.returncode == 0, result.stderr
+    stops = list(model_for("llama3").generation_config.eos_token_ids)
+    assert "chat template: yes" in result.stdout and f"stop ids {stops}" in result.stdout
+    assert "temperature 0.6" in result.stdout and "top_p 0.9" in result.stdout
+    assert "chat template: no" in run_cli("info").stdout
+
+
 def test_minikv_chat_without_a_template_is_one_line_and_exit_2():
     result = run_cli("chat", stdin="hi\n")
     assert result.returncode == 2 and "Traceback" not in result.stderr
