@@ -39,6 +39,21 @@ class GenerationStats:
     batch_size: int = 1
     cache_kind: str = "none"
     cache_bytes: int = 0
+    # Speculative decoding (minikv/speculative.py): proposals made and kept, and verification forwards
+    # counted once per sequence; all 0 for plain decoding.
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    verification_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """accepted_tokens / proposed_tokens: the share of proposals the model kept."""
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else float("nan")
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Proposals kept per sequence per verification forward (each forward also makes one token of its own)."""
+        return self.accepted_tokens / self.verification_steps if self.verification_steps else float("nan")
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -49,9 +64,13 @@ class GenerationStats:
         return self.prefill_tokens / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else float("nan")
 
     def __str__(self) -> str:
-        return (f"prefill {self.prefill_ms:.1f} ms ({self.prefill_tokens} tokens) | decode "
+        text = (f"prefill {self.prefill_ms:.1f} ms ({self.prefill_tokens} tokens) | decode "
                 f"{self.decode_tokens_per_s:.1f} tokens/s ({self.tokens_generated} generated) | cache "
                 f"{self.cache_kind} {self.cache_bytes / 1024:.1f} KiB")
+        if self.verification_steps:
+            text += (f" | speculative: {self.accepted_tokens}/{self.proposed_tokens} proposals accepted, "
+                     f"{self.mean_accepted_length:.2f} per step")
+        return text
 
 
 @dataclass
@@ -205,7 +224,7 @@ class Stream:
                  rng: Optional[np.random.Generator] = None, stop_tokens: Optional[Sequence[int]] = None,
                  prefill_chunk: Optional[int] = None, max_seq_len: Optional[int] = None,
                  cache_dtype: Optional[str] = None, cached_tokens: Optional[Sequence[Sequence[int]]] = None,
-                 **cache_options):
+                 speculative=None, num_speculative_tokens: int = 4, **cache_options):
         options = resolve_options(model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                   stop_tokens=stop_tokens)
@@ -225,6 +244,9 @@ class Stream:
         self.cache = self._make_cache(cache, max_seq_len, cache_dtype, cache_options)
         self._check_room()
         self.cached_tokens = self._check_cached_tokens(cached_tokens)
+        self.proposer = None
+        if speculative is not None:
+            self._start_speculative(speculative, num_speculative_tokens, cache, cache_dtype, cache_options)
         self.stats = GenerationStats(batch_size=len(self.prompts),
                                      cache_kind="none" if self.cache is None else self.cache.kind)
         self.output: Optional[GenerationOutput] = None
@@ -289,6 +311,34 @@ class Stream:
             raise CacheOverflowError(f"{what} but the {self.cache.kind} cache holds {self.cache.capacity}; "
                                      f"pass {fix}")
 
+    def _start_speculative(self, speculative, k, kind, cache_dtype, options) -> None:
+        """Build the proposer (minikv/speculative.py) and its cache; refuse what cannot rewind, before any work."""
+        from . import speculative as spec
+
+        self.proposer = spec.make_proposer(speculative, k)
+        self.num_speculative_tokens = int(k)
+        if isinstance(kind, KVCache):
+            raise ConfigError("speculative decoding builds the model's and the draft's caches itself; pass a cache "
+                              f"kind ({', '.join(spec.SPECULATIVE_CACHE_KINDS)}), not a KVCache")
+        needed = int(self._positions_needed(None).max())
+        spec.check_cache_can_rewind(self.cache, needed)
+        self.proposer.start(self.model, len(self.prompts), self.cache.kind, self.cache.capacity, cache_dtype, options)
+        if getattr(self.proposer, "cache", None) is not None:
+            spec.check_cache_can_rewind(self.proposer.cache, needed, who="draft model")
+
+    def _token_steps(self):
+        """Per step, each sequence's new tokens: one each (plain decoding) or 1..k+1 each (speculative)."""
+        if self.proposer is None:
+            for tokens in _steps(self.model, self.prompts, self.max_new_tokens, self.cache, self.params, self.rng,
+                                 self.stop_tokens, self.prefill_chunk, self.stats, self.cached_tokens):
+                yield tokens[:, None]
+            return
+        from .speculative import speculative_steps
+
+        yield from speculative_steps(self.model, self.proposer, self.prompts, self.max_new_tokens, self.cache,
+                                     self.params, self.rng, self.stop_tokens, self.num_speculative_tokens,
+                                     self.prefill_chunk, self.stats)
+
     def __iter__(self) -> Iterator[TokenEvent]:
         # A second pass would prefill the prompt again behind what the first pass left in the cache.
         if self._iterated:
@@ -299,17 +349,17 @@ class Stream:
         reasons = ["length"] * batch
         decoders = [model.tokenizer.stream_decoder() if model.tokenizer else None for _ in range(batch)]
         done = np.zeros(batch, dtype=bool)
-        for tokens in _steps(model, self.prompts, self.max_new_tokens, self.cache, self.params, self.rng,
-                             self.stop_tokens, self.prefill_chunk, self.stats, self.cached_tokens):
+        for tokens in self._token_steps():
             for b in range(batch):
-                if done[b]:
-                    continue
-                token = int(tokens[b])
-                if token in self.stop_tokens:
-                    done[b], reasons[b] = True, "stop"
-                    continue
-                generated[b].append(token)
-                yield TokenEvent(b, token, decoders[b].feed(token) if decoders[b] else "")
+                for token in tokens[b]:
+                    if done[b]:
+                        break
+                    token = int(token)
+                    if token in self.stop_tokens:
+                        done[b], reasons[b] = True, "stop"
+                        break
+                    generated[b].append(token)
+                    yield TokenEvent(b, token, decoders[b].feed(token) if decoders[b] else "")
         self.stats.tokens_generated = sum(len(g) for g in generated)
         self.stats.cache_bytes = 0 if self.cache is None else self.cache.nbytes
         text = None
@@ -341,6 +391,9 @@ def generate(model, prompt, max_new_tokens: Optional[int] = None, *, stream: boo
     cached_tokens:   with a given cache, the ids it already holds per sequence, so that the repetition
                      penalty counts them as a run over the whole sequence would (minikv.chat passes them)
     max_seq_len, cache_dtype ("float16" halves the cache), block_size / num_blocks (paged), window (sliding)
+    speculative:     "prompt_lookup" or a draft model (a Transformer with the same vocabulary): propose
+                     num_speculative_tokens (default 4) tokens per step, verify them in one forward;
+                     the same tokens (greedy) or the same distribution (sampling): minikv/speculative.py
 
     Before any work, a generation that cannot fit is refused: prompt + max_new_tokens - 1 positions
     (the last token is never fed back) beyond max_position_embeddings -> SequenceTooLongError, beyond a

@@ -34,7 +34,7 @@ import numpy as np
 
 from minikv.errors import InvalidInputError, SamplingError
 
-__all__ = ["SamplingParams", "sample", "kept_mass", "softmax", "apply_repetition_penalty", "apply_temperature",
+__all__ = ["SamplingParams", "sample", "kept_mass", "distribution", "draw", "softmax", "apply_repetition_penalty", "apply_temperature",
            "top_k_filter", "top_p_filter", "min_p_filter"]
 
 
@@ -346,7 +346,29 @@ def sample(logits, params: SamplingParams, rng, previous_tokens=None) -> np.ndar
     if not isinstance(rng, np.random.Generator):
         raise InvalidInputError(f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(0)); "
                                 f"got {type(rng).__name__}")
-    probs = _softmax(_filter(logits, params).astype(np.float64))
+    return draw(_softmax(_filter(logits, params).astype(np.float64)), rng)
+
+
+def distribution(logits, params: SamplingParams, previous_tokens=None) -> np.ndarray:
+    """The float64 distribution ``sample`` draws from, per row of ``logits`` (batch, vocab).
+
+    Steps 1 and 3 of ``sample`` (penalty, then the filters and temperature), then softmax; for
+    ``temperature == 0`` a one-hot row at the argmax. Speculative decoding needs these numbers
+    themselves (the acceptance rule compares the model's and the draft's probabilities)."""
+    logits = _checked_pipeline_input(logits, params, previous_tokens)
+    if params.is_greedy:
+        probs = np.zeros(logits.shape, dtype=np.float64)
+        probs[np.arange(logits.shape[0]), logits.argmax(axis=-1)] = 1.0
+        return probs
+    return _softmax(_filter(logits, params).astype(np.float64))
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One token id per row of ``probs`` (batch, vocab), by inverse CDF (step 4 of ``sample``).
+
+    ``u ~ Uniform[0, 1)`` from ``rng.random(batch)``; the token is the first ``i`` whose cumulative
+    probability ``P_i = p_0 + ... + p_i`` exceeds ``u``, so token ``i`` (interval ``[P_{i-1}, P_i)``)
+    is drawn with probability ``p_i``. Rows need not be normalised (u is scaled by the row total)."""
     cumulative = np.cumsum(probs, axis=-1)
     # Scale u by the row total (1 up to rounding) rather than assuming it is exactly 1.
     u = rng.random(probs.shape[0]) * cumulative[:, -1]
