@@ -44,6 +44,7 @@ compare in float64.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -53,6 +54,8 @@ from .errors import CacheRewindError, ConfigError, InvalidInputError
 from .sampling import SamplingParams, distribution, draw, sample
 
 SPECULATIVE_CACHE_KINDS = ("concat", "static", "paged", "sliding")
+# A draft for the bundled model: 0.43M parameters, same byte vocabulary (its TRAINING.md says how).
+BUNDLED_DRAFT = Path(__file__).parent / "data" / "tiny-fortunes-draft"
 
 
 # ----------------------------------------------------------------------------------------

@@ -312,3 +312,49 @@ def test_draft_rewind_then_refeed_equals_never_having_fed(kind, data):
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[2], want[2], rtol=0, atol=EXACT)
     np.testing.assert_array_equal(used.cache.lengths, fresh.cache.lengths)
+
+
+# ---------------------------------------------------------------------------------------------- bundled draft
+
+
+def test_the_bundled_draft_is_a_small_float16_model_shipped_as_package_data():
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    from minikv.speculative import BUNDLED_DRAFT
+
+    model, draft = minikv.load(), minikv.load(BUNDLED_DRAFT)
+    assert BUNDLED_DRAFT.name.endswith("-draft")
+    assert draft.config.vocab_size == model.config.vocab_size
+    assert 100_000 < draft.n_parameters < model.n_parameters / 5
+    weights = BUNDLED_DRAFT / "model.safetensors"
+    assert weights.stat().st_size < 4 * 2**20
+    assert "float16" in (BUNDLED_DRAFT / "config.json").read_text()
+    assert "validation loss" in (BUNDLED_DRAFT / "TRAINING.md").read_text()
+    root = Path(minikv.__file__).parent
+    globs = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["minikv"]
+    for path in BUNDLED_DRAFT.iterdir():
+        assert any(fnmatch.fnmatch(str(path.relative_to(root)), g) for g in globs), path.name
+
+
+def test_the_bundled_draft_gives_the_bundled_models_greedy_tokens():
+    from minikv.speculative import BUNDLED_DRAFT
+
+    model, draft = minikv.load(dtype="float64"), minikv.load(BUNDLED_DRAFT, dtype="float64")
+    prompts = ["The ", "Life is "]
+    plain = model.generate(prompts, max_new_tokens=24)
+    out = model.generate(prompts, max_new_tokens=24, speculative=draft, num_speculative_tokens=4)
+    assert out.text == plain.text
+    # A trained draft agrees with the model far more often than chance (1/256 per byte).
+    assert out.stats.acceptance_rate > 0.3
+
+
+def test_the_readme_speculative_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(minikv.__file__).parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "speculative=" in b]
+    exec(compile(block, "README speculative example", "exec"), {})
+    assert "proposals accepted" in capsys.readouterr().out
