@@ -224,7 +224,7 @@ class Stream:
                  rng: Optional[np.random.Generator] = None, stop_tokens: Optional[Sequence[int]] = None,
                  prefill_chunk: Optional[int] = None, max_seq_len: Optional[int] = None,
                  cache_dtype: Optional[str] = None, cached_tokens: Optional[Sequence[Sequence[int]]] = None,
-                 speculative=None, num_speculative_tokens: int = 4, **cache_options):
+                 speculative=None, num_speculative_tokens: Optional[int] = None, **cache_options):
         options = resolve_options(model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                   stop_tokens=stop_tokens)
@@ -245,6 +245,9 @@ class Stream:
         self._check_room()
         self.cached_tokens = self._check_cached_tokens(cached_tokens)
         self.proposer = None
+        if speculative is None and num_speculative_tokens is not None:
+            raise ConfigError(f"num_speculative_tokens={num_speculative_tokens!r} applies to speculative decoding; "
+                              "pass speculative=\"prompt_lookup\" or a draft model too")
         if speculative is not None:
             self._start_speculative(speculative, num_speculative_tokens, cache, cache_dtype, cache_options)
         self.stats = GenerationStats(batch_size=len(self.prompts),
@@ -315,6 +318,7 @@ class Stream:
         """Build the proposer (minikv/speculative.py) and its cache; refuse what cannot rewind, before any work."""
         from . import speculative as spec
 
+        k = spec.DEFAULT_SPECULATIVE_TOKENS if k is None else k
         self.proposer = spec.make_proposer(speculative, k)
         self.num_speculative_tokens = int(k)
         if isinstance(kind, KVCache):

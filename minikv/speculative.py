@@ -54,6 +54,7 @@ from .errors import CacheRewindError, ConfigError, InvalidInputError
 from .sampling import SamplingParams, distribution, draw, sample
 
 SPECULATIVE_CACHE_KINDS = ("concat", "static", "paged", "sliding")
+DEFAULT_SPECULATIVE_TOKENS = 4       # k when generate(speculative=...) is not told num_speculative_tokens
 # A draft for the bundled model: 0.43M parameters, same byte vocabulary (its TRAINING.md says how).
 BUNDLED_DRAFT = Path(__file__).parent / "data" / "tiny-fortunes-draft"
 

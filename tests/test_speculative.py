@@ -153,6 +153,11 @@ def test_bad_speculative_options_are_refused(kwargs, error, match):
         model_for("llama_gqa").generate([[1, 2, 3]], max_new_tokens=4, **options)
 
 
+def test_num_speculative_tokens_without_a_proposer_is_refused():
+    with pytest.raises(ConfigError, match="num_speculative_tokens=3 applies to speculative decoding"):
+        model_for("llama_gqa").generate([[1, 2, 3]], max_new_tokens=4, num_speculative_tokens=3)
+
+
 def test_a_draft_with_another_vocabulary_or_a_given_cache_is_refused():
     model = model_for("llama_gqa")
     with pytest.raises(ConfigError, match="vocab_size=128"):
