@@ -8,8 +8,9 @@
 * Sampling: the empirical distribution of sampled tokens matches the model's own distribution by a
   chi-square test at significance 0.001, (a) through the verification function on fixed
   distributions and (b) through ``generate`` on a tiny random model (vocabulary 5, the joint of the
-  first two tokens, computed exactly from the model). Critical values of the chi-square distribution
-  at 0.001 (any statistics table): 5 degrees of freedom 20.515, 24 degrees of freedom 51.179. The
+  first two tokens, computed exactly from the model; plain, top-k and repetition penalty). Critical
+  values of the chi-square distribution at 0.001 (any statistics table): 5 degrees of freedom 20.515,
+  8: 26.124, 24: 51.179. The
   same test fails for a deliberately wrong acceptance rule (accept every proposal).
 * Rewind then re-feed == never having fed, for the draft model's cache (float64, 1e-10).
 """
@@ -29,7 +30,8 @@ from minikv.speculative import DraftModel, PromptLookup, verify_greedy, verify_s
 
 KINDS = ("concat", "static", "paged", "sliding")
 EXACT = 1e-10
-CHI2_CRITICAL_0001 = {5: 20.515, 24: 51.179}      # chi-square quantiles at 1 - 0.001, from a table
+# Chi-square quantiles at 1 - 0.001 by degrees of freedom, from a statistics table.
+CHI2_CRITICAL_0001 = {5: 20.515, 8: 26.124, 24: 51.179}
 
 _drafts: dict[str, minikv.Transformer] = {}
 
@@ -242,30 +244,48 @@ def tiny_model(seed: int, scale: float = 0.5) -> minikv.Transformer:
     return minikv.Transformer(config, weights, dtype="float64")
 
 
-def joint_of_first_two(model, prompt, temperature):
+def joint_of_first_two(model, prompt, options):
     """P(t1, t2) = p(t1 | prompt) p(t2 | prompt, t1), from plain forwards: (vocab * vocab,)."""
-    params = minikv.SamplingParams(temperature=temperature)
-    first = minikv.sampling.distribution(model.forward(np.array([prompt]))[:, -1], params)[0]
-    seconds = np.stack([minikv.sampling.distribution(model.forward(np.array([prompt + [t]]))[:, -1], params)[0]
-                        for t in range(5)])
+    params = minikv.SamplingParams(**options)
+
+    def next_token_distribution(tokens):
+        logits = model.forward(np.array([tokens]))[:, -1]
+        return minikv.sampling.distribution(logits, params, [np.array(tokens)])[0]
+
+    first = next_token_distribution(prompt)
+    seconds = np.stack([next_token_distribution(prompt + [t]) for t in range(5)])
     return (first[:, None] * seconds).reshape(-1)
 
 
-def sampled_pairs(model, prompt, speculative_with, n=6000, seed=0):
-    out = model.generate([prompt] * n, max_new_tokens=2, temperature=0.9, seed=seed, stop_tokens=[],
-                         speculative=speculative_with, num_speculative_tokens=1)
+def sampled_pairs(model, prompt, speculative_with, options, n=6000, seed=0):
+    out = model.generate([prompt] * n, max_new_tokens=2, seed=seed, stop_tokens=[],
+                         speculative=speculative_with, num_speculative_tokens=1, **options)
     pairs = np.array(out.tokens)                                          # (n, 2)
     return np.bincount(pairs[:, 0] * 5 + pairs[:, 1], minlength=25), out.stats
 
 
+def chi_square_possible(counts, probs):
+    """(statistic, degrees of freedom) over the cells the model can produce; impossible cells must stay empty."""
+    possible = probs > 0
+    assert counts[~possible].sum() == 0, "a token the filters removed was sampled"
+    return chi_square(counts[possible], probs[possible]), int(possible.sum()) - 1
+
+
+SAMPLING_OPTIONS = [{"temperature": 0.9}, {"temperature": 1.3, "top_k": 3},
+                    {"temperature": 0.9, "repetition_penalty": 1.5}]
+
+
+@pytest.mark.parametrize("options", SAMPLING_OPTIONS, ids=["T0.9", "T1.3-top_k3", "T0.9-penalty1.5"])
 @pytest.mark.parametrize("proposer", ["draft", "prompt_lookup"])
-def test_generate_samples_the_models_joint_distribution(proposer):
+def test_generate_samples_the_models_joint_distribution(proposer, options):
+    """The filters and the penalty are applied alike to the model's p and the draft's q."""
     target, prompt = tiny_model(0), [1, 2, 3, 1, 2]       # prompt lookup proposes 3 (after "1 2")
     draft = tiny_model(1) if proposer == "draft" else "prompt_lookup"
-    counts, stats = sampled_pairs(target, prompt, draft)
+    counts, stats = sampled_pairs(target, prompt, draft, options)
     assert stats.proposed_tokens == 6000                  # one proposal per row at the first step
     assert 0 < stats.accepted_tokens < stats.proposed_tokens
-    assert chi_square(counts, joint_of_first_two(target, prompt, 0.9)) < CHI2_CRITICAL_0001[24]
+    statistic, dof = chi_square_possible(counts, joint_of_first_two(target, prompt, options))
+    assert statistic < CHI2_CRITICAL_0001[dof]
 
 
 @pytest.mark.parametrize("proposer", ["draft", "prompt_lookup"])
@@ -273,8 +293,8 @@ def test_generate_with_a_wrong_acceptance_rule_fails_the_same_check(monkeypatch,
     monkeypatch.setattr(speculative, "acceptance_probability", lambda p_x, q_x: np.ones_like(p_x))
     target, prompt = tiny_model(0), [1, 2, 3, 1, 2]
     draft = tiny_model(1) if proposer == "draft" else "prompt_lookup"
-    counts, _ = sampled_pairs(target, prompt, draft)
-    assert chi_square(counts, joint_of_first_two(target, prompt, 0.9)) > CHI2_CRITICAL_0001[24]
+    counts, _ = sampled_pairs(target, prompt, draft, {"temperature": 0.9})
+    assert chi_square(counts, joint_of_first_two(target, prompt, {"temperature": 0.9})) > CHI2_CRITICAL_0001[24]
 
 
 def test_sampling_is_repeatable_by_seed():
