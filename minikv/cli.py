@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=_positive_int, default=120)
     gen.add_argument("--cache", default="static", choices=CACHE_KINDS)
     sampling_args(gen, defaults="the checkpoint's generation_config.json, else temperature 0.8 and top-p 0.95")
+    gen.add_argument("--speculative", default=None, metavar="PROPOSER",
+                     help="prompt_lookup, draft (the bundled model's draft) or a draft checkpoint folder")
+    gen.add_argument("--num-speculative-tokens", type=_positive_int, default=None, metavar="K",
+                     help="tokens proposed per step (default 4)")
 
     bench = sub.add_parser("bench", help="decode tokens/s of every cache kind vs recompute")
     model_args(bench)
@@ -104,6 +108,17 @@ def _load(args):
     return load(args.model, dtype=args.dtype, backend=args.backend)
 
 
+def _proposer(args):
+    """--speculative: "prompt_lookup", "draft" (the bundled draft) or a draft checkpoint folder."""
+    from .model import load
+    from .speculative import BUNDLED_DRAFT
+
+    if args.speculative in (None, "prompt_lookup"):
+        return args.speculative
+    path = BUNDLED_DRAFT if args.speculative == "draft" else args.speculative
+    return load(path, dtype=args.dtype, backend=args.backend)
+
+
 def cmd_generate(args) -> int:
     model = _load(args)
     options = _given_sampling(args)
@@ -111,7 +126,7 @@ def cmd_generate(args) -> int:
         # The checkpoint does not say how to sample it: the command's own defaults.
         options = {"temperature": 0.8, "top_p": 0.95, **options}
     stream = model.stream(args.prompt, max_new_tokens=args.max_new_tokens, cache=args.cache, seed=args.seed,
-                          **options)
+                          speculative=_proposer(args), num_speculative_tokens=args.num_speculative_tokens, **options)
     out = sys.stdout
     out.write(args.prompt)
     out.flush()

@@ -383,3 +383,23 @@ def test_the_readme_speculative_example_runs(capsys):
     (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "speculative=" in b]
     exec(compile(block, "README speculative example", "exec"), {})
     assert "proposals accepted" in capsys.readouterr().out
+
+
+def test_the_command_line_generates_the_same_greedy_text_speculatively():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "minikv", "generate", "Life is ", "--max-new-tokens", "30",
+                               "--temperature", "0", "--dtype", "float64", *args], capture_output=True, text=True,
+                              timeout=300, cwd=Path(minikv.__file__).parents[1])
+
+    plain = run()
+    for proposer in ("prompt_lookup", "draft"):
+        out = run("--speculative", proposer, "--num-speculative-tokens", "3")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == plain.stdout
+        assert "proposals accepted" in out.stderr
+    bad = run("--speculative", "nowhere/at/all")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "nowhere/at/all" in bad.stderr
