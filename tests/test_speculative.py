@@ -3,7 +3,7 @@
 * Greedy: ``generate(..., speculative=...)`` gives token for token what plain greedy ``generate`` gives,
   for every proposer (prompt lookup; a one-layer draft cut from the model; the model as its own
   draft, which accepts everything), k = 1..8, every cache kind and random ragged batches with stop
-  tokens (hypothesis, float64). A sliding ring that would wrap cannot rewind: CacheRewindError before
+  tokens, the repetition penalty and chunked prefill (hypothesis, float64). A sliding ring that would wrap cannot rewind: CacheRewindError before
   any work.
 * Sampling: the empirical distribution of sampled tokens matches the model's own distribution by a
   chi-square test at significance 0.001, (a) through the verification function on fixed
@@ -85,8 +85,9 @@ def test_greedy_speculative_equals_plain_greedy(which, data):
             model.generate(prompts, max_new_tokens=max_new, cache=kind, speculative=proposer_for(which, name),
                            num_speculative_tokens=k, **options)
         return
+    chunk = data.draw(st.one_of(st.none(), st.integers(1, 5)), label="prefill chunk")
     out = model.generate(prompts, max_new_tokens=max_new, cache=kind, speculative=proposer_for(which, name),
-                         num_speculative_tokens=k, **options)
+                         num_speculative_tokens=k, prefill_chunk=chunk, **options)
     assert out.tokens == plain.tokens
     assert out.finish_reasons == plain.finish_reasons
     stats = out.stats
