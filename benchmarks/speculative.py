@@ -25,11 +25,11 @@ One sampled row per proposer (temperature 0.8, k = 4) shows acceptance when samp
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 
 import minikv
 from minikv.speculative import BUNDLED_DRAFT
@@ -189,8 +189,6 @@ def main(argv=None) -> dict:
               "ks": ks, "max_new_tokens": max_new, "repeats": repeats, "rows": rows,
               "sampled": sampled_rows(model, draft, texts, max_new), "load_average_at_end": load_average()}
     args.out.mkdir(parents=True, exist_ok=True)
-    import json
-
     (args.out / "speculative.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (args.out / "speculative.md").write_text(to_markdown(report))
     print(to_markdown(report))

@@ -44,6 +44,7 @@ compare in float64.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -303,8 +304,6 @@ def speculative_steps(model, proposer, prompts, max_new_tokens: int, cache: KVCa
     stop token (tokens after it are dropped) or after max_new_tokens tokens; a stopped row feeds
     nothing more (n_new = 0).
     """
-    import time
-
     batch = len(prompts)
     history = [list(p) for p in prompts]
     sync = model.backend.synchronize
