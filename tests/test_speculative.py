@@ -404,3 +404,17 @@ def test_the_command_line_generates_the_same_greedy_text_speculatively():
         assert "proposals accepted" in out.stderr
     bad = run("--speculative", "nowhere/at/all")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "nowhere/at/all" in bad.stderr
+
+
+def test_the_benchmark_runs_and_writes_its_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-m", "benchmarks.speculative", "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=Path(minikv.__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "speculative.json").read_text())
+    assert {(r["text"], r["proposer"]) for r in report["rows"]} >= {("bundled", "draft"), ("repetitive", "prompt_lookup")}
+    assert "machine was shared" in (tmp_path / "speculative.md").read_text()
