@@ -32,6 +32,10 @@ distribution, whatever the draft's quality; a bad draft only costs speed.
 A deterministic proposer (prompt lookup) is the case ``q = one-hot(x)``: accept with probability
 ``p(x)``, and the residual is ``p`` with ``x`` removed, renormalised.
 
+"The same distribution" is not "the same tokens": with a seed, speculative sampling uses its random
+numbers differently from plain sampling (uniforms for the acceptance tests, draws for the draft), so
+the same seed gives other, equally likely, text. A seed still makes a speculative run repeatable.
+
 **When it does not pay.** Each step costs one forward of the model on k + 1 tokens plus the
 proposer's work (a draft model: k small forwards). If few proposals are accepted, that is more work
 than plain decoding for the same tokens. benchmarks/speculative.py measures both sides.
