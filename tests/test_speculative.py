@@ -3,16 +3,18 @@
 * Greedy: ``generate(..., speculative=...)`` gives token for token what plain greedy ``generate`` gives,
   for every proposer (prompt lookup; a one-layer draft cut from the model; the model as its own
   draft, which accepts everything), k = 1..8, every cache kind and random ragged batches with stop
-  tokens, the repetition penalty and chunked prefill (hypothesis, float64). A sliding ring that would wrap cannot rewind: CacheRewindError before
-  any work.
+  tokens, the repetition penalty and chunked prefill (hypothesis, float64). A sliding ring that
+  would wrap cannot rewind: CacheRewindError before any work. Two broken variants (accept every
+  proposal; never rewind) are caught.
 * Sampling: the empirical distribution of sampled tokens matches the model's own distribution by a
   chi-square test at significance 0.001, (a) through the verification function on fixed
   distributions and (b) through ``generate`` on a tiny random model (vocabulary 5, the joint of the
   first two tokens, computed exactly from the model; plain, top-k and repetition penalty). Critical
-  values of the chi-square distribution at 0.001 (any statistics table): 5 degrees of freedom 20.515,
-  8: 26.124, 24: 51.179. The
-  same test fails for a deliberately wrong acceptance rule (accept every proposal).
+  values of the chi-square distribution at 0.001 (any statistics table): 5 degrees of freedom
+  20.515, 8: 26.124, 24: 51.179. The same test fails for a deliberately wrong acceptance rule
+  (accept every proposal).
 * Rewind then re-feed == never having fed, for the draft model's cache (float64, 1e-10).
+* The bundled draft, the README example, the command line and the benchmark's quick run.
 """
 
 from __future__ import annotations
