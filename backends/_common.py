@@ -37,9 +37,7 @@ def attention_geometry(q, k, v):
             f"shapes do not fit together: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; need k and v "
             f"both (batch={batch}, n_kv_heads, seq_k, head_dim={head_dim})")
     n_kv_heads = k.shape[1]
-    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
-        raise InvalidInputError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads} "
-                                f"(GQA needs n_heads % n_kv_heads == 0)")
+    reference_attention.check_gqa(n_heads, n_kv_heads)
     return batch, n_heads, n_kv_heads, seq_q, k.shape[2], head_dim
 
 
@@ -123,9 +121,7 @@ def pool_geometry(q, k_pool, v_pool):
     n_kv_heads = k_pool.shape[1]
     if k_pool.shape[3] != head_dim:
         raise InvalidInputError(f"q has head_dim={head_dim} but the cache rows have {k_pool.shape[3]}")
-    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
-        raise InvalidInputError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads} "
-                                f"(GQA needs n_heads % n_kv_heads == 0)")
+    reference_attention.check_gqa(n_heads, n_kv_heads)
     return batch, n_heads, n_kv_heads, head_dim
 
 

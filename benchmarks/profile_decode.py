@@ -146,6 +146,33 @@ def step_times_ms(model, prompt, n_new) -> float:
     return result["decode_step_ms"]
 
 
+def minikv_calls_per_step(model, prompt) -> tuple[int, str]:
+    """Calls into minikv's own functions (its package and backends/) in one warm decode step of
+    generation (forward through a static cache + greedy sampling), counted by cProfile; with the
+    per-function breakdown. The target of the cache-seam work: at most 150 on the bundled model."""
+    import os
+    from minikv.sampling import SamplingParams, sample
+
+    cache = model.new_cache("static", batch_size=1, max_seq_len=len(prompt) + 8)
+    logits = model.forward(np.asarray([prompt]), cache, last_only=True)
+    params = SamplingParams(temperature=0.0)
+    for _ in range(3):                                              # warm-up (first-call caches)
+        logits = model.forward(sample(logits, params, None)[:, None], cache, last_only=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    logits = model.forward(sample(logits, params, None)[:, None], cache, last_only=True)
+    profiler.disable()
+    package = Path(minikv.__file__).resolve().parent
+    roots = (str(package), str((package.parent / "backends").resolve()),
+             str(Path(minikv.backend.__file__).resolve().parent.parent / "backends"))
+    rows, total = [], 0
+    for (filename, _, function), (_, calls, *_rest) in pstats.Stats(profiler).stats.items():
+        if os.path.realpath(filename).startswith(roots):
+            total += calls
+            rows.append(f"{calls:5d} {Path(filename).name}:{function}")
+    return total, "\n".join(sorted(rows, reverse=True))
+
+
 def profile_text(model, prompt, n_new, top: int = 30) -> str:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -178,6 +205,10 @@ def main(argv=None) -> int:
         floor = matmul_floor_ms(model)
         lines.append(f"all-core read bandwidth {all_core:.1f} GB/s; matmul floor (all projections + lm_head, "
                      f"batch 1) {floor:.2f} ms/step")
+        calls, breakdown = minikv_calls_per_step(model, prompt_ids(config, 19))
+        bundled_calls, _ = minikv_calls_per_step(minikv.load(backend=args.backend), list(b"The meaning of"))
+        lines += ["", f"calls into minikv's own functions per warm decode step (forward + greedy sample, static "
+                      f"cache): {calls} on {args.model}, {bundled_calls} on the bundled model", "", breakdown]
         for prompt_len, n_new in [(19, 200), (512, 256)]:
             prompt = prompt_ids(config, prompt_len)
             steps = [step_times_ms(model, prompt, n_new) for _ in range(3)]

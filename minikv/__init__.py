@@ -11,8 +11,8 @@ from .backend import Backend, available_backends, get_backend
 from .cache import CACHE_KINDS, KVCache, load_cache
 from .config import ModelConfig
 from .errors import (BackendUnavailableError, CacheMismatchError, CacheOverflowError, CacheRewindError,
-                     CheckpointError, ConfigError,
-                     InvalidInputError, MinikvError, SamplingError, SequenceTooLongError)
+                     ChatTemplateError, CheckpointError, ConfigError, InvalidInputError, MinikvError, SamplingError,
+                     SequenceTooLongError)
 from .generate import GenerationOutput, GenerationStats, TokenEvent
 from .model import BUNDLED_MODEL, Transformer, load
 from .sampling import SamplingParams
@@ -24,7 +24,7 @@ __all__ = [
     "attention", "cache", "layers", "quant", "rope", "sampling",
     "Backend", "available_backends", "get_backend", "CACHE_KINDS", "KVCache", "load_cache", "ModelConfig",
     "MinikvError", "ConfigError", "CheckpointError", "CacheOverflowError", "CacheMismatchError", "CacheRewindError",
-    "BackendUnavailableError", "InvalidInputError", "SequenceTooLongError", "SamplingError",
+    "BackendUnavailableError", "InvalidInputError", "SequenceTooLongError", "SamplingError", "ChatTemplateError",
     "GenerationOutput", "GenerationStats", "TokenEvent", "SamplingParams",
     "BUNDLED_MODEL", "Transformer", "load", "ByteTokenizer", "__version__",
 ]

@@ -75,17 +75,8 @@ import numpy as np
 
 from minikv.errors import InvalidInputError
 
-__all__ = [
-    "naive",
-    "online",
-    "tiled",
-    "decode",
-    "merge_partials",
-    "visible_mask",
-    "masked_softmax_times_v",
-    "naive_softmax",
-    "stable_softmax",
-]
+__all__ = ["naive", "online", "tiled", "decode", "merge_partials", "visible_mask", "masked_softmax_times_v",
+           "CORES", "naive_softmax", "stable_softmax"]
 
 
 # ---------------------------------------------------------------------------
@@ -97,34 +88,29 @@ def _check_inputs(q, k, v):
     """Validate shapes/dtypes; return (batch, n_kv_heads, group, seq_q, seq_k, head_dim)."""
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise InvalidInputError(
-            f"attention expects 4-D arrays q (batch, n_heads, seq_q, head_dim) and k, v "
-            f"(batch, n_kv_heads, seq_k, head_dim); got q.ndim={q.ndim}, k.ndim={k.ndim}, "
-            f"v.ndim={v.ndim} (reshape your inputs)"
-        )
+        raise InvalidInputError(f"attention expects 4-D arrays q (batch, n_heads, seq_q, head_dim) and k, v "
+                                f"(batch, n_kv_heads, seq_k, head_dim); got q.ndim={q.ndim}, k.ndim={k.ndim}, "
+                                f"v.ndim={v.ndim} (reshape your inputs)")
     if q.dtype not in (np.float32, np.float64):
-        raise InvalidInputError(
-            f"q has dtype {q.dtype}; attention computes in float32 or float64 "
-            f"(pass q.astype(np.float32))"
-        )
+        raise InvalidInputError(f"q has dtype {q.dtype}; attention computes in float32 or float64 "
+                                f"(pass q.astype(np.float32))")
     for name, arr in (("k", k), ("v", v)):
         if arr.dtype.kind != "f":
-            raise InvalidInputError(
-                f"{name} has dtype {arr.dtype}; pass a floating-point array"
-            )
+            raise InvalidInputError(f"{name} has dtype {arr.dtype}; pass a floating-point array")
     batch, n_heads, seq_q, head_dim = q.shape
     if k.shape[:3] != v.shape[:3] or k.shape[0] != batch or k.shape[3] != head_dim:
-        raise InvalidInputError(
-            f"shapes do not fit together: q {q.shape}, k {k.shape}, v {v.shape}; need "
-            f"k (batch, n_kv_heads, seq_k, head_dim={head_dim}) and v (batch, n_kv_heads, seq_k, d_v)"
-        )
+        raise InvalidInputError(f"shapes do not fit together: q {q.shape}, k {k.shape}, v {v.shape}; need "
+                                f"k (batch, n_kv_heads, seq_k, head_dim={head_dim}) and v (batch, n_kv_heads, seq_k, d_v)")
     n_kv_heads, seq_k = k.shape[1], k.shape[2]
-    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
-        raise InvalidInputError(
-            f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads} "
-            f"(GQA needs n_heads % n_kv_heads == 0)"
-        )
+    check_gqa(n_heads, n_kv_heads)
     return q, k, v, (batch, n_kv_heads, n_heads // n_kv_heads, seq_q, seq_k, head_dim)
+
+
+def check_gqa(n_heads: int, n_kv_heads: int) -> None:
+    """GQA: query head h reads kv head h // (n_heads // n_kv_heads), so n_heads must be a multiple."""
+    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
+        raise InvalidInputError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads} "
+                                f"(GQA needs n_heads % n_kv_heads == 0)")
 
 
 def _scale_for(dtype, head_dim, scale):
@@ -141,9 +127,7 @@ def _as_offsets(q_offset, batch):
         raise InvalidInputError(f"q_offset must be an int or an int array; got {q_offset!r}")
     offsets = np.broadcast_to(offsets.astype(np.int64), (batch,)) if offsets.ndim == 0 else offsets
     if offsets.shape != (batch,):
-        raise InvalidInputError(
-            f"q_offset has shape {offsets.shape}; pass an int or an array of shape ({batch},)"
-        )
+        raise InvalidInputError(f"q_offset has shape {offsets.shape}; pass an int or an array of shape ({batch},)")
     return offsets.astype(np.int64)
 
 
@@ -157,13 +141,9 @@ def _as_lengths(lengths, batch, seq_k):
     if lengths_arr.ndim == 0:
         lengths_arr = np.broadcast_to(lengths_arr, (batch,))
     if lengths_arr.shape != (batch,):
-        raise InvalidInputError(
-            f"lengths has shape {lengths_arr.shape}; pass one length per sequence, shape ({batch},)"
-        )
+        raise InvalidInputError(f"lengths has shape {lengths_arr.shape}; pass one length per sequence, shape ({batch},)")
     if lengths_arr.size and (lengths_arr.min() < 0 or lengths_arr.max() > seq_k):
-        raise InvalidInputError(
-            f"lengths {lengths_arr.tolist()} must lie in [0, seq_k={seq_k}] (the keys present)"
-        )
+        raise InvalidInputError(f"lengths {lengths_arr.tolist()} must lie in [0, seq_k={seq_k}] (the keys present)")
     return lengths_arr.astype(np.int64)
 
 
@@ -180,6 +160,29 @@ def _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtyp
     (offsets (batch,), lengths (batch,), window or None, scale in the input dtype)."""
     return (_as_offsets(q_offset, batch), _as_lengths(lengths, batch, seq_k), _check_window(window),
             _scale_for(dtype, head_dim, scale))
+
+
+def _door(q, k, v, q_offset, lengths, window, scale):
+    """The public functions' one check: (q, k, v in q's dtype, offsets, lengths, window, scale)."""
+    q, k, v, (batch, _, _, _, seq_k, head_dim) = _check_inputs(q, k, v)
+    k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)
+    return (q, k, v) + _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, q.dtype)
+
+
+def trusted_args(q, k, v, q_offset, lengths, window, scale=None):
+    """The same normalisation as the public door, for callers that checked already (the model's
+    forward, through a backend): no validation, only the conversions the cores need."""
+    dtype = q.dtype
+    offsets = np.broadcast_to(np.asarray(q_offset, dtype=np.int64), (q.shape[0],))
+    lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
+    return (q, k.astype(dtype, copy=False), v.astype(dtype, copy=False), offsets, lengths, window,
+            _scale_for(dtype, q.shape[-1], scale))
+
+
+def _dims(q, k):
+    """(batch, n_kv_heads, group, seq_q, seq_k, head_dim) of checked q, k."""
+    batch, n_heads, seq_q, head_dim = q.shape
+    return batch, k.shape[1], n_heads // k.shape[1], seq_q, k.shape[2], head_dim
 
 
 def _visible(query_pos, key_pos, lengths, window, causal):
@@ -295,19 +298,16 @@ def naive(q, k, v, causal=True, q_offset=0, lengths=None, window=None, scale=Non
     Memory O(batch * n_heads * seq_q * seq_k): 1 GiB of float32 scores for 4
     heads at 8k tokens.  Everything else in this module is tested against it.
     """
-    q, k, v, (batch, n_kv, group, seq_q, seq_k, head_dim) = _check_inputs(q, k, v)
-    dtype = q.dtype
-    k = k.astype(dtype, copy=False)
-    v = v.astype(dtype, copy=False)
-    offsets, lengths_arr, window, scale = _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtype)
+    return _naive(*_door(q, k, v, q_offset, lengths, window, scale), causal=causal, return_lse=return_lse)
 
+
+def _naive(q, k, v, offsets, lengths, window, scale, *, causal, return_lse):
+    batch, n_kv, group, seq_q, seq_k, head_dim = _dims(q, k)
     q_grouped = _group_queries(q, n_kv, group, scale)  # (b, kv, group*seq_q, d)
     # S = (scale * Q) K^T: one matmul per (batch, kv head) serves all `group` query heads
     scores = np.matmul(q_grouped, k.swapaxes(-1, -2)).reshape(batch, n_kv, group, seq_q, seq_k)
-
     query_pos = offsets[:, None] + np.arange(seq_q, dtype=np.int64)[None, :]
-    visible = _visible(query_pos, np.arange(seq_k, dtype=np.int64), lengths_arr, window, causal)
-
+    visible = _visible(query_pos, np.arange(seq_k, dtype=np.int64), lengths, window, causal)
     out, lse = masked_softmax_times_v(scores, visible, v)
     return _ungroup(out, lse, q.shape[1], return_lse)
 
@@ -339,9 +339,12 @@ def online(q, k, v, causal=True, q_offset=0, lengths=None, window=None, scale=No
 
     The loop runs over keys only; batch, heads and queries are vectorised.
     """
-    q, k, v, (batch, n_kv, group, seq_q, seq_k, head_dim) = _check_inputs(q, k, v)
+    return _online(*_door(q, k, v, q_offset, lengths, window, scale), causal=causal, return_lse=return_lse)
+
+
+def _online(q, k, v, offsets, lengths_arr, window, scale, *, causal, return_lse):
+    batch, n_kv, group, seq_q, seq_k, head_dim = _dims(q, k)
     dtype = q.dtype
-    offsets, lengths_arr, window, scale = _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtype)
     neg_inf = dtype.type(-np.inf)
 
     q_grouped = _group_queries(q, n_kv, group, scale)  # (b, kv, group*seq_q, d)
@@ -377,20 +380,8 @@ def online(q, k, v, causal=True, q_offset=0, lengths=None, window=None, scale=No
 # ---------------------------------------------------------------------------
 
 
-def tiled(
-    q,
-    k,
-    v,
-    causal=True,
-    q_offset=0,
-    lengths=None,
-    window=None,
-    scale=None,
-    return_lse=False,
-    block_q=256,
-    block_k=256,
-    stats=None,
-):
+def tiled(q, k, v, causal=True, q_offset=0, lengths=None, window=None, scale=None, return_lse=False,
+          block_q=256, block_k=256, stats=None):
     """Flash attention forward: the online softmax over tiles of queries and keys.
 
     For each block of ``block_q`` queries, walk the key blocks of ``block_k``
@@ -428,12 +419,16 @@ def tiled(
     Python's per-call overhead is small; see benchmarks/results/attention.md.
     A GPU kernel would use far smaller tiles (64 x 64) sized to on-chip memory.
     """
-    q, k, v, (batch, n_kv, group, seq_q, seq_k, head_dim) = _check_inputs(q, k, v)
-    if int(block_q) < 1 or int(block_k) < 1:
-        raise InvalidInputError(f"block_q={block_q}, block_k={block_k}; both must be >= 1")
-    block_q, block_k = int(block_q), int(block_k)
+    if isinstance(block_q, bool) or isinstance(block_k, bool) or int(block_q) < 1 or int(block_k) < 1:
+        raise InvalidInputError(f"block_q={block_q}, block_k={block_k}; both must be ints >= 1")
+    return _tiled(*_door(q, k, v, q_offset, lengths, window, scale), causal=causal, return_lse=return_lse,
+                  block_q=int(block_q), block_k=int(block_k), stats=stats)
+
+
+def _tiled(q, k, v, offsets, lengths_arr, window, scale, *, causal, return_lse, block_q=256, block_k=256,
+           stats=None):
+    batch, n_kv, group, seq_q, seq_k, head_dim = _dims(q, k)
     dtype = q.dtype
-    offsets, lengths_arr, window, scale = _masking_args(q_offset, lengths, window, scale, batch, seq_k, head_dim, dtype)
     neg_inf = dtype.type(-np.inf)
     d_v = v.shape[-1]
 
@@ -527,10 +522,8 @@ def merge_partials(outs, lses):
     outs = np.stack([np.asarray(o) for o in outs])
     lses = np.stack([np.asarray(x) for x in lses])
     if outs.shape[:-1] != lses.shape:
-        raise InvalidInputError(
-            f"merge_partials: outs {outs.shape} and lses {lses.shape} disagree; "
-            f"each lse must have its out's shape without the last axis"
-        )
+        raise InvalidInputError(f"merge_partials: outs {outs.shape} and lses {lses.shape} disagree; "
+                                f"each lse must have its out's shape without the last axis")
     dtype = np.result_type(outs.dtype, lses.dtype)
     outs, lses = outs.astype(dtype, copy=False), lses.astype(dtype, copy=False)[..., None]
     m = lses.max(axis=0)                                   # (..., 1)
@@ -609,3 +602,8 @@ def stable_softmax(x, axis=-1):
     m = x.max(axis=axis, keepdims=True)
     e = np.exp(x - m)
     return e / e.sum(axis=axis, keepdims=True)
+
+
+# The algorithms' cores on checked, normalised arguments (see trusted_args): what a backend calls
+# on the model's hot path, where the arguments were checked once at the door of forward.
+CORES = {"naive": _naive, "online": _online, "tiled": _tiled}

@@ -104,13 +104,15 @@ class Backend:
             # Measured (benchmarks/results/prefill.md): naive wins below ~512 keys, tiled above, and
             # tiled's memory stays O(seq * block) where naive's scores grow O(seq^2).
             algorithm = "tiled" if k.shape[2] >= self.tiled_from_keys else self.default_attention
-        kernel = getattr(reference_attention, algorithm)
-        k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)
-        return kernel(q, k, v, causal=causal, q_offset=q_offset, lengths=lengths, window=window, return_lse=True)
+        # Trusted inside: the model checked its inputs at the door, so the algorithm's core runs directly.
+        core = reference_attention.CORES[algorithm]
+        return core(*reference_attention.trusted_args(q, k, v, q_offset, lengths, window), causal=causal,
+                    return_lse=True)
 
     # Split-K pays where the splits run in parallel (GPU blocks); NumPy runs them one after another,
     # so one split saves three chunks' worth of Python and a merge per layer per step.
     decode_splits = 1
+    transposed_from_keys = 320    # decode scores as K q^T from here on (see decode_attention)
 
     def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None, n_splits=None):
         """One query per sequence at position lengths[b] - 1 against the cache's keys 0..lengths[b]-1.
@@ -118,9 +120,10 @@ class Backend:
         The math of ``minikv.attention.decode`` with one split (NumPy runs splits one after another),
         and two speed rules measured in benchmarks/results/profile_decode_*.txt:
 
-        * scores as K q^T, then copied to rows: with a few queries against hundreds of keys OpenBLAS
-          runs this orientation several times faster than q K^T (its gemv-like path for a wide
-          right-hand side is slow), and the softmax's max wants rows, not strided columns;
+        * from ``transposed_from_keys`` keys on, scores as K q^T, then copied to rows: with a few
+          queries against hundreds of keys OpenBLAS runs this orientation ~2.5-3x faster than
+          q K^T, while below ~300 keys q K^T is faster (benchmarks/results/decode_orientation.md);
+          the softmax's max wants rows, not strided columns, hence the copy;
         * no mask at all when every sequence's query sees every key it has (no window, all lengths
           equal): the -inf guards of the masked softmax cost ~8 small array ops per layer per step.
 
@@ -137,10 +140,12 @@ class Backend:
         k = k_cache[:, :, :width].astype(q.dtype, copy=False)               # (b, kv, width, hd)
         v = v_cache[:, :, :width].astype(q.dtype, copy=False)
         scale = q.dtype.type(1.0 / math.sqrt(head_dim))
-        # (b, H, 1, hd) -> (b, kv, group, hd) -> (b, kv, hd, group): one column per query head
-        q_columns = np.ascontiguousarray((q * scale).reshape(batch, n_kv, group, head_dim).swapaxes(-1, -2))
-        # (b, kv, width, group) -> (b, kv, group, width): rows for the softmax
-        scores = np.ascontiguousarray(np.matmul(k, q_columns).swapaxes(-1, -2))
+        q_rows = (q * scale).reshape(batch, n_kv, group, head_dim)          # (b, H, 1, hd) -> (b, kv, group, hd)
+        if width >= self.transposed_from_keys:
+            # (b, kv, width, hd) @ (b, kv, hd, group) -> (b, kv, width, group) -> rows (b, kv, group, width)
+            scores = np.ascontiguousarray(np.matmul(k, np.ascontiguousarray(q_rows.swapaxes(-1, -2))).swapaxes(-1, -2))
+        else:
+            scores = np.matmul(q_rows, k.swapaxes(-1, -2))                   # (b, kv, group, width)
         if window is None and width > 0 and int(lengths.min()) == width:
             row_max = scores.max(axis=-1, keepdims=True)
             probs = np.exp(scores - row_max)

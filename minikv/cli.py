@@ -3,6 +3,7 @@
     minikv generate "Once upon a time" --max-new-tokens 80 --cache static
     minikv bench                      # every cache kind vs recompute, on the bundled model
     minikv info                       # the config, parameter count, KV bytes per token, backends
+    minikv chat --model PATH_OR_HUB_ID    # multi-turn chat with the checkpoint's template; the KV cache is kept
 
 Bad arguments and bad paths print one line on stderr and exit with status 2; no traceback.
 """
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
 
     def model_args(p):
-        p.add_argument("--model", default=None, help="Hugging Face checkpoint folder (default: the bundled tiny model)")
+        p.add_argument("--model", default=None, help="Hugging Face checkpoint folder or Hub id such as Org/name "
+                       "(default: the bundled tiny model)")
         p.add_argument("--backend", default=None, help="numpy (default), numba, cuda, cuda-sim")
         p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
 
@@ -59,12 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(gen)
     gen.add_argument("--max-new-tokens", type=_positive_int, default=120)
     gen.add_argument("--cache", default="static", choices=CACHE_KINDS)
-    gen.add_argument("--temperature", type=_float, default=0.8, help="0 = greedy (default 0.8)")
-    gen.add_argument("--top-k", type=_positive_int, default=None)
-    gen.add_argument("--top-p", type=_float, default=0.95)
-    gen.add_argument("--min-p", type=_float, default=None)
-    gen.add_argument("--repetition-penalty", type=_float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    sampling_args(gen, defaults="the checkpoint's generation_config.json, else temperature 0.8 and top-p 0.95")
+    gen.add_argument("--speculative", default=None, metavar="PROPOSER",
+                     help="prompt_lookup, draft (the bundled model's draft) or a draft checkpoint folder")
+    gen.add_argument("--num-speculative-tokens", type=_positive_int, default=None, metavar="K",
+                     help="tokens proposed per step (default 4)")
 
     bench = sub.add_parser("bench", help="decode tokens/s of every cache kind vs recompute")
     model_args(bench)
@@ -74,7 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="the model's config, size, KV bytes per token, and the backends here")
     model_args(info)
+
+    chat = sub.add_parser("chat", help="an interactive multi-turn chat that keeps its KV cache across turns")
+    model_args(chat)
+    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=256, help="per reply (default 256)")
+    chat.add_argument("--max-seq-len", type=_positive_int, default=None,
+                      help="positions the conversation's cache holds (default: the model's maximum, at most 4096)")
+    sampling_args(chat, defaults="the checkpoint's generation_config.json, else greedy")
     return parser
+
+
+def sampling_args(p, defaults: str) -> None:
+    """Sampling flags that default to None: a flag not given is not passed, so the model's
+    generation_config.json (then minikv's default) decides."""
+    p.add_argument("--temperature", type=_float, default=None, help=f"0 = greedy (default: {defaults})")
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-p", type=_float, default=None)
+    p.add_argument("--min-p", type=_float, default=None)
+    p.add_argument("--repetition-penalty", type=_float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _given_sampling(args) -> dict:
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _load(args):
@@ -83,11 +108,25 @@ def _load(args):
     return load(args.model, dtype=args.dtype, backend=args.backend)
 
 
+def _proposer(args):
+    """--speculative: "prompt_lookup", "draft" (the bundled draft) or a draft checkpoint folder."""
+    from .model import load
+    from .speculative import BUNDLED_DRAFT
+
+    if args.speculative in (None, "prompt_lookup"):
+        return args.speculative
+    path = BUNDLED_DRAFT if args.speculative == "draft" else args.speculative
+    return load(path, dtype=args.dtype, backend=args.backend)
+
+
 def cmd_generate(args) -> int:
     model = _load(args)
-    stream = model.stream(args.prompt, max_new_tokens=args.max_new_tokens, cache=args.cache,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+    options = _given_sampling(args)
+    if model.generation_config is None or "do_sample" not in model.generation_config.raw:
+        # The checkpoint does not say how to sample it: the command's own defaults.
+        options = {"temperature": 0.8, "top_p": 0.95, **options}
+    stream = model.stream(args.prompt, max_new_tokens=args.max_new_tokens, cache=args.cache, seed=args.seed,
+                          speculative=_proposer(args), num_speculative_tokens=args.num_speculative_tokens, **options)
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
@@ -151,11 +190,26 @@ def cmd_info(args) -> int:
     per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * model.dtype.itemsize
     print(f"KV cache      {per_token:,} bytes per token = 2 * {cfg.n_layers} layers * {cfg.n_kv_heads} kv heads * "
           f"{cfg.head_dim} * {model.dtype.itemsize} bytes")
+    tok = model.tokenizer
+    kind = "none (token ids only)" if tok is None else f"{type(tok).__name__}, vocabulary {tok.vocab_size}"
+    print(f"tokenizer     {kind}; chat template: {'yes' if getattr(tok, 'chat_template', None) else 'no'}")
+    gen = model.generation_config
+    if gen is not None:
+        sampling = ", ".join(f"{k} {v}" for k, v in gen.defaults().items() if v is not None and k != "stop_tokens")
+        print(f"generation    stop ids {list(gen.eos_token_ids)}; defaults: {sampling} (generation_config.json)")
     print(f"backends      {', '.join(available_backends())} (this machine)")
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "info": cmd_info}
+def cmd_chat(args) -> int:
+    from .chat import run_repl
+
+    model = _load(args)
+    return run_repl(model, sys.stdin, sys.stdout, sys.stderr, system=args.system, max_seq_len=args.max_seq_len,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, **_given_sampling(args))
+
+
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "info": cmd_info, "chat": cmd_chat}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

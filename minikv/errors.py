@@ -48,3 +48,7 @@ class SequenceTooLongError(InvalidInputError):
 
 class SamplingError(MinikvError, ValueError):
     """An impossible sampling parameter (temperature < 0, top_p outside (0, 1], ...)."""
+
+
+class ChatTemplateError(MinikvError):
+    """A chat that cannot be rendered: no chat template, or the template refused the messages."""

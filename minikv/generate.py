@@ -39,6 +39,21 @@ class GenerationStats:
     batch_size: int = 1
     cache_kind: str = "none"
     cache_bytes: int = 0
+    # Speculative decoding (minikv/speculative.py): proposals made and kept, and verification forwards
+    # counted once per sequence; all 0 for plain decoding.
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    verification_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """accepted_tokens / proposed_tokens: the share of proposals the model kept."""
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else float("nan")
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Proposals kept per sequence per verification forward (each forward also makes one token of its own)."""
+        return self.accepted_tokens / self.verification_steps if self.verification_steps else float("nan")
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -49,9 +64,13 @@ class GenerationStats:
         return self.prefill_tokens / (self.prefill_ms / 1e3) if self.prefill_ms > 0 else float("nan")
 
     def __str__(self) -> str:
-        return (f"prefill {self.prefill_ms:.1f} ms ({self.prefill_tokens} tokens) | decode "
+        text = (f"prefill {self.prefill_ms:.1f} ms ({self.prefill_tokens} tokens) | decode "
                 f"{self.decode_tokens_per_s:.1f} tokens/s ({self.tokens_generated} generated) | cache "
                 f"{self.cache_kind} {self.cache_bytes / 1024:.1f} KiB")
+        if self.verification_steps:
+            text += (f" | speculative: {self.accepted_tokens}/{self.proposed_tokens} proposals accepted, "
+                     f"{self.mean_accepted_length:.2f} per step")
+        return text
 
 
 @dataclass
@@ -107,10 +126,13 @@ def _padded(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, lengths
 
 
-def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, prefill_chunk, stats) -> Iterator[np.ndarray]:
+def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, prefill_chunk, stats,
+           cached_tokens=None) -> Iterator[np.ndarray]:
     """The generation loop; yields one (batch,) array of new tokens per step."""
     batch = len(prompts)
     history = [list(p) for p in prompts]          # prompt + generated, for recompute and the penalty
+    # The repetition penalty sees the whole sequence, including what a given cache already holds.
+    context = [list(c) for c in cached_tokens] if cached_tokens is not None else [[] for _ in range(batch)]
     ids, lengths = _padded(prompts)
     sync = model.backend.synchronize
 
@@ -136,7 +158,8 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
     finished = np.zeros(batch, dtype=bool)
     decode_start = time.perf_counter()
     for step in range(max_new_tokens):
-        previous = [np.asarray(h, dtype=np.int64) for h in history] if params.repetition_penalty != 1.0 else None
+        previous = ([np.asarray(c + h, dtype=np.int64) for c, h in zip(context, history)]
+                    if params.repetition_penalty != 1.0 else None)
         tokens = sample(logits, params, rng, previous)
         for b in range(batch):
             history[b].append(int(tokens[b]))
@@ -155,6 +178,39 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
     stats.decode_ms = (time.perf_counter() - decode_start) * 1e3
 
 
+class _Default:
+    """The default of a sampling option: the checkpoint's generation_config.json, else LIBRARY_DEFAULTS.
+    (A sentinel, not None: ``top_k=None`` passed explicitly means "no top-k" even when the file sets one.)"""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = _Default()
+LIBRARY_DEFAULTS = {"max_new_tokens": 50, "temperature": 0.0, "top_k": None, "top_p": None, "min_p": None,
+                    "repetition_penalty": 1.0}
+
+
+def resolve_options(model, **given) -> dict:
+    """Each generation option: the value passed, else the checkpoint's generation_config.json, else
+    minikv's default (greedy, 50 new tokens). Stop tokens: those passed, else generation_config.json's
+    eos_token_id, else config.json's."""
+    checkpoint = model.generation_config.defaults() if getattr(model, "generation_config", None) else {}
+    resolved = {}
+    for name, value in given.items():
+        unset = value is DEFAULT or (value is None and name in ("max_new_tokens", "stop_tokens"))
+        if not unset:
+            resolved[name] = value
+        elif name in checkpoint:
+            resolved[name] = checkpoint[name]
+        elif name == "stop_tokens":
+            config = model.config
+            resolved[name] = list(config.eos_token_ids) or ([] if config.eos_token_id is None else [config.eos_token_id])
+        else:
+            resolved[name] = LIBRARY_DEFAULTS[name]
+    return resolved
+
+
 # Which cache kind each keyword option of generate/stream configures.
 _CACHE_OPTIONS = {"block_size": "paged", "num_blocks": "paged", "window": "sliding"}
 
@@ -162,12 +218,17 @@ _CACHE_OPTIONS = {"block_size": "paged", "num_blocks": "paged", "window": "slidi
 class Stream:
     """An iterator of ``TokenEvent``s; after it is exhausted, ``.output`` holds the GenerationOutput."""
 
-    def __init__(self, model, prompt, max_new_tokens: int = 50, *, cache: Union[str, KVCache, None] = "static",
-                 temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 min_p: Optional[float] = None, repetition_penalty: float = 1.0, seed: Optional[int] = 0,
+    def __init__(self, model, prompt, max_new_tokens: Optional[int] = None, *,
+                 cache: Union[str, KVCache, None] = "static", temperature=DEFAULT, top_k=DEFAULT, top_p=DEFAULT,
+                 min_p=DEFAULT, repetition_penalty=DEFAULT, seed: Optional[int] = 0,
                  rng: Optional[np.random.Generator] = None, stop_tokens: Optional[Sequence[int]] = None,
                  prefill_chunk: Optional[int] = None, max_seq_len: Optional[int] = None,
-                 cache_dtype: Optional[str] = None, **cache_options):
+                 cache_dtype: Optional[str] = None, cached_tokens: Optional[Sequence[Sequence[int]]] = None,
+                 speculative=None, num_speculative_tokens: Optional[int] = None, **cache_options):
+        options = resolve_options(model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                  stop_tokens=stop_tokens)
+        max_new_tokens, stop_tokens = options.pop("max_new_tokens"), options.pop("stop_tokens")
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
         if prefill_chunk is not None and (not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1):
@@ -175,17 +236,20 @@ class Stream:
         self.model = model
         self.prompts, self._single = _prompts_to_ids(model, prompt)
         _check_prompts(model, self.prompts)
-        self.params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                     repetition_penalty=repetition_penalty)
+        self.params = SamplingParams(**options)
         self.rng = rng if rng is not None else np.random.default_rng(seed)
-        if stop_tokens is None:
-            config = model.config
-            stop_tokens = list(config.eos_token_ids) or ([] if config.eos_token_id is None else [config.eos_token_id])
         self.stop_tokens = np.asarray(list(stop_tokens), dtype=np.int64)
         self.max_new_tokens = int(max_new_tokens)
         self.prefill_chunk = prefill_chunk
         self.cache = self._make_cache(cache, max_seq_len, cache_dtype, cache_options)
         self._check_room()
+        self.cached_tokens = self._check_cached_tokens(cached_tokens)
+        self.proposer = None
+        if speculative is None and num_speculative_tokens is not None:
+            raise ConfigError(f"num_speculative_tokens={num_speculative_tokens!r} applies to speculative decoding; "
+                              "pass speculative=\"prompt_lookup\" or a draft model too")
+        if speculative is not None:
+            self._start_speculative(speculative, num_speculative_tokens, cache, cache_dtype, cache_options)
         self.stats = GenerationStats(batch_size=len(self.prompts),
                                      cache_kind="none" if self.cache is None else self.cache.kind)
         self.output: Optional[GenerationOutput] = None
@@ -219,6 +283,17 @@ class Stream:
         return self.model.new_cache(cache, batch_size=len(self.prompts), max_seq_len=max_seq_len,
                                     dtype=cache_dtype, **options)
 
+    def _check_cached_tokens(self, cached_tokens):
+        """The ids a given cache holds, one list per sequence (only the repetition penalty reads them)."""
+        if cached_tokens is None:
+            return None
+        held = self.cache.lengths.tolist() if self.cache is not None else None
+        rows = [list(c) for c in cached_tokens] if isinstance(cached_tokens, (list, tuple)) else None
+        if held is None or rows is None or [len(r) for r in rows] != held:
+            raise InvalidInputError(f"cached_tokens must hold, per sequence, the ids the given cache holds "
+                                    f"({held if held is not None else 'no cache given'} of them)")
+        return rows
+
     def _check_room(self) -> None:
         """Fail before any work, not after tokens were already streamed: the last position must fit
         the model's position table and the cache's capacity."""
@@ -239,6 +314,35 @@ class Stream:
             raise CacheOverflowError(f"{what} but the {self.cache.kind} cache holds {self.cache.capacity}; "
                                      f"pass {fix}")
 
+    def _start_speculative(self, speculative, k, kind, cache_dtype, options) -> None:
+        """Build the proposer (minikv/speculative.py) and its cache; refuse what cannot rewind, before any work."""
+        from . import speculative as spec
+
+        k = spec.DEFAULT_SPECULATIVE_TOKENS if k is None else k
+        self.proposer = spec.make_proposer(speculative, k)
+        self.num_speculative_tokens = int(k)
+        if isinstance(kind, KVCache):
+            raise ConfigError("speculative decoding builds the model's and the draft's caches itself; pass a cache "
+                              f"kind ({', '.join(spec.SPECULATIVE_CACHE_KINDS)}), not a KVCache")
+        needed = int(self._positions_needed(None).max())
+        spec.check_cache_can_rewind(self.cache, needed)
+        self.proposer.start(self.model, len(self.prompts), self.cache.kind, self.cache.capacity, cache_dtype, options)
+        if getattr(self.proposer, "cache", None) is not None:
+            spec.check_cache_can_rewind(self.proposer.cache, needed, who="draft model")
+
+    def _token_steps(self):
+        """Per step, each sequence's new tokens: one each (plain decoding) or 1..k+1 each (speculative)."""
+        if self.proposer is None:
+            for tokens in _steps(self.model, self.prompts, self.max_new_tokens, self.cache, self.params, self.rng,
+                                 self.stop_tokens, self.prefill_chunk, self.stats, self.cached_tokens):
+                yield tokens[:, None]
+            return
+        from .speculative import speculative_steps
+
+        yield from speculative_steps(self.model, self.proposer, self.prompts, self.max_new_tokens, self.cache,
+                                     self.params, self.rng, self.stop_tokens, self.num_speculative_tokens,
+                                     self.prefill_chunk, self.stats)
+
     def __iter__(self) -> Iterator[TokenEvent]:
         # A second pass would prefill the prompt again behind what the first pass left in the cache.
         if self._iterated:
@@ -249,17 +353,17 @@ class Stream:
         reasons = ["length"] * batch
         decoders = [model.tokenizer.stream_decoder() if model.tokenizer else None for _ in range(batch)]
         done = np.zeros(batch, dtype=bool)
-        for tokens in _steps(model, self.prompts, self.max_new_tokens, self.cache, self.params, self.rng,
-                             self.stop_tokens, self.prefill_chunk, self.stats):
+        for tokens in self._token_steps():
             for b in range(batch):
-                if done[b]:
-                    continue
-                token = int(tokens[b])
-                if token in self.stop_tokens:
-                    done[b], reasons[b] = True, "stop"
-                    continue
-                generated[b].append(token)
-                yield TokenEvent(b, token, decoders[b].feed(token) if decoders[b] else "")
+                for token in tokens[b]:
+                    if done[b]:
+                        break
+                    token = int(token)
+                    if token in self.stop_tokens:
+                        done[b], reasons[b] = True, "stop"
+                        break
+                    generated[b].append(token)
+                    yield TokenEvent(b, token, decoders[b].feed(token) if decoders[b] else "")
         self.stats.tokens_generated = sum(len(g) for g in generated)
         self.stats.cache_bytes = 0 if self.cache is None else self.cache.nbytes
         text = None
@@ -269,22 +373,31 @@ class Stream:
         self.output = GenerationOutput(tokens=generated, text=text, stats=self.stats, finish_reasons=reasons)
 
 
-def stream(model, prompt, max_new_tokens: int = 50, **kwargs) -> Stream:
+def stream(model, prompt, max_new_tokens: Optional[int] = None, **kwargs) -> Stream:
     """Generate lazily: iterate to get ``TokenEvent``s as they are made; ``.output`` at the end."""
     return Stream(model, prompt, max_new_tokens, **kwargs)
 
 
-def generate(model, prompt, max_new_tokens: int = 50, *, stream: bool = False, **kwargs):
+def generate(model, prompt, max_new_tokens: Optional[int] = None, *, stream: bool = False, **kwargs):
     """Prefill then decode. Returns a GenerationOutput (or a Stream when ``stream=True``).
 
     prompt:          a str, a list of str, token ids, or a list of token-id lists (a ragged batch)
     cache:           "none" (recompute), "concat", "static" (default), "paged", "sliding", or a KVCache
                      (e.g. one loaded with minikv.load_cache: generation continues after what it holds)
-    temperature:     0.0 (default) = greedy; top_k, top_p, min_p, repetition_penalty: see minikv.sampling
+    max_new_tokens:  how many tokens to generate at most (default: generation_config.json's, else 50)
+    temperature:     0.0 = greedy; top_k, top_p, min_p, repetition_penalty: see minikv.sampling. Each
+                     defaults to the checkpoint's generation_config.json (do_sample false or no file:
+                     greedy); an argument passed explicitly always wins (see minikv.generation_config)
     seed / rng:      all randomness comes from one numpy Generator (same seed, same text)
-    stop_tokens:     ids that end a sequence (default: the config's eos_token_id(s), if any)
+    stop_tokens:     ids that end a sequence (default: generation_config.json's eos_token_id(s), else
+                     config.json's, if any)
     prefill_chunk:   prefill the prompt N tokens at a time (same logits, less peak memory)
+    cached_tokens:   with a given cache, the ids it already holds per sequence, so that the repetition
+                     penalty counts them as a run over the whole sequence would (minikv.chat passes them)
     max_seq_len, cache_dtype ("float16" halves the cache), block_size / num_blocks (paged), window (sliding)
+    speculative:     "prompt_lookup" or a draft model (a Transformer with the same vocabulary): propose
+                     num_speculative_tokens (default 4) tokens per step, verify them in one forward;
+                     the same tokens (greedy) or the same distribution (sampling): minikv/speculative.py
 
     Before any work, a generation that cannot fit is refused: prompt + max_new_tokens - 1 positions
     (the last token is never fed back) beyond max_position_embeddings -> SequenceTooLongError, beyond a

@@ -73,7 +73,8 @@ class LayerWeights:
 class Transformer:
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype="float32",
                  backend: Optional[str | Backend] = None, attention: Optional[str] = None,
-                 tokenizer=None, source: Optional[Path] = None, quantize: Optional[str] = None):
+                 tokenizer=None, source: Optional[Path] = None, generation_config=None,
+                 quantize: Optional[str] = None):
         dtype = model_dtype(dtype)
         if quantize is not None and quantize not in quant.FORMATS:
             raise ConfigError(f"quantize={quantize!r} is not a weight format; "
@@ -93,6 +94,8 @@ class Transformer:
         self.attention = attention
         self.tokenizer = tokenizer
         self.source = source
+        # The checkpoint's generation_config.json (stop ids, default sampling), or None.
+        self.generation_config = generation_config
         # Canonical weights on the host, in the model dtype (what save() and conversions use).
         self.weights = {name: np.ascontiguousarray(w, dtype=dtype) for name, w in weights.items()}
         self._prepare()
@@ -396,17 +399,31 @@ class Transformer:
                           batch_size=batch_size, max_seq_len=max_seq_len, dtype=dtype or self.dtype.name,
                           backend=self.backend, **options)
 
-    def generate(self, prompt, max_new_tokens: int = 50, **kwargs):
+    def generate(self, prompt, max_new_tokens: Optional[int] = None, **kwargs):
         """Prefill then decode; see ``minikv.generate.generate`` for every option."""
         from .generate import generate
 
         return generate(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
 
-    def stream(self, prompt, max_new_tokens: int = 50, **kwargs):
+    def stream(self, prompt, max_new_tokens: Optional[int] = None, **kwargs):
         """Like generate, but an iterator of tokens as they are made; see ``minikv.generate.stream``."""
         from .generate import stream
 
         return stream(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, **template_kwargs) -> list[int]:
+        """The token ids of a conversation rendered with the checkpoint's own chat template (as
+        transformers' ``tokenizer.apply_chat_template``); see ``minikv.chat``."""
+        from .chat import apply_chat_template
+
+        return apply_chat_template(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                                   **template_kwargs)
+
+    def chat(self, messages, max_new_tokens: Optional[int] = None, **options):
+        """The assistant's reply to a conversation: its chat template, then ``generate``; see ``minikv.chat``."""
+        from .chat import chat
+
+        return chat(self, messages, max_new_tokens=max_new_tokens, **options)
 
     # ------------------------------------------------------------ conversions
     def with_rope_convention(self, convention: str) -> "Transformer":
@@ -415,11 +432,19 @@ class Transformer:
 
         weights, config = convert_rope_convention(self.weights, self.config, convention)
         return Transformer(config, weights, dtype=self.dtype, backend=self.backend, attention=self.attention,
-                           tokenizer=self.tokenizer, quantize=self.quantize)
+                           tokenizer=self.tokenizer, generation_config=self.generation_config,
+                           quantize=self.quantize)
 
     def save(self, path, dtype: Optional[str] = None) -> Path:
-        """Write a Hugging Face checkpoint folder (config.json + model.safetensors)."""
-        return save_checkpoint(path, self.config, self.weights, dtype=dtype)
+        """Write a Hugging Face checkpoint folder: config.json + model.safetensors, and the tokenizer
+        files (tokenizer.json, tokenizer_config.json, chat template) and generation_config.json when
+        the model has them, so that ``minikv.load(path)`` chats and stops as this model does."""
+        folder = save_checkpoint(path, self.config, self.weights, dtype=dtype)
+        if hasattr(self.tokenizer, "save"):
+            self.tokenizer.save(folder)
+        if self.generation_config is not None:
+            self.generation_config.save(folder)
+        return folder
 
     def __repr__(self) -> str:
         c = self.config
@@ -434,14 +459,18 @@ BUNDLED_MODEL = Path(__file__).parent / "data" / "tiny-fortunes"
 
 def load(path=None, *, dtype: str = "float32", backend: Optional[str] = None,
          attention: Optional[str] = None, quantize: Optional[str] = None) -> Transformer:
-    """Load a Hugging Face checkpoint folder (default: the bundled tiny model).
+    """Load a Hugging Face checkpoint: a folder, or a Hub id such as ``"Qwen/Qwen3-0.6B"`` (from the
+    local Hugging Face cache, else downloaded; see ``minikv.hub``). Default: the bundled tiny model.
 
     quantize: None (float weights), "int8" or "int4": every projection, the lm_head included, is
     quantized group-wise at load (see minikv/quant.py); the embedding table and norms stay float."""
+    from .generation_config import read_generation_config
+    from .hub import resolve_checkpoint
     from .tokenizer import tokenizer_for
 
-    folder = BUNDLED_MODEL if path is None else Path(path)
     dtype = model_dtype(dtype)          # before reading any weights
+    folder = BUNDLED_MODEL if path is None else resolve_checkpoint(path)
     config, weights = load_checkpoint(folder, dtype=dtype)
     return Transformer(config, weights, dtype=dtype, backend=backend, attention=attention,
-                       tokenizer=tokenizer_for(folder, config.vocab_size), source=folder, quantize=quantize)
+                       tokenizer=tokenizer_for(folder, config.vocab_size), source=folder,
+                       generation_config=read_generation_config(folder), quantize=quantize)

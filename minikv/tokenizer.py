@@ -3,26 +3,30 @@
 * ``ByteTokenizer``: the bundled model's. Token id = byte value (0..255) of the UTF-8 encoding, so
   there is nothing to download and nothing unknown. Decoding a stream byte by byte must not split a
   multi-byte character: ``StreamDecoder`` holds back incomplete UTF-8 sequences.
-* ``HFTokenizer``: a thin wrapper over the ``tokenizers`` library for a checkpoint's ``tokenizer.json``.
+* ``HFTokenizer``: a checkpoint's ``tokenizer.json`` (+ ``tokenizer_config.json``, chat template) through
+  the ``tokenizers`` library, adding special tokens exactly as transformers' ``AutoTokenizer`` does.
 """
 
 from __future__ import annotations
 
 import codecs
+import json
 import numbers
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import BackendUnavailableError, InvalidInputError
+from .errors import BackendUnavailableError, CheckpointError, InvalidInputError
 
 
 class ByteTokenizer:
     vocab_size = 256
+    special_tokens: dict[str, str] = {}
+    chat_template = None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:   # no special tokens exist
         return list(text.encode("utf-8"))
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return bytes(_byte(i) for i in ids).decode("utf-8", errors="replace")
 
     def stream_decoder(self) -> "StreamDecoder":
@@ -50,27 +54,117 @@ class StreamDecoder:
         return self._decoder.decode(b"", final=True)
 
 
-class HFTokenizer:
-    """A checkpoint's ``tokenizer.json`` through the ``tokenizers`` library (``pip install tokenizers``)."""
+# The files a checkpoint's tokenizer is read from (and written back by Transformer.save).
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"   # written by transformers 4.x; read for the token names
+CHAT_TEMPLATE_FILE = "chat_template.jinja"            # transformers 5.x saves the template here
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, CHAT_TEMPLATE_FILE)
+# The named special tokens a chat template sees (transformers' SPECIAL_TOKENS_ATTRIBUTES).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
-    def __init__(self, path: str | Path):
+
+class HFTokenizer:
+    """A checkpoint's tokenizer, with the semantics of ``AutoTokenizer.from_pretrained(folder)``
+    (transformers 5.x, ``pip install tokenizers``).
+
+    * ``encode(text)`` adds special tokens as ``tokenizer(text)["input_ids"]`` does: through the
+      ``post_processor`` of ``tokenizer.json`` (e.g. a ``TemplateProcessing`` that puts ``<s>`` or
+      ``<|begin_of_text|>`` first). transformers 5 drops ``add_bos_token``/``add_eos_token`` from
+      ``tokenizer_config.json`` whenever ``tokenizer.json`` exists, so they change nothing here either
+      (transformers 4's LlamaTokenizerFast rebuilt the post-processor from them).
+    * ``decode(ids, skip_special_tokens=False)``, like ``tokenizer.decode``.
+    * ``special_tokens``: the named special tokens (``bos_token`` ...) as strings, and
+      ``chat_template``: the Jinja template (``chat_template.jinja`` wins over the config's entry),
+      both what a chat template is rendered with (``minikv.chat``).
+    """
+
+    def __init__(self, folder: str | Path):
         try:
             from tokenizers import Tokenizer
         except ImportError:
             raise BackendUnavailableError(
                 "reading tokenizer.json needs the tokenizers package: pip install 'minikv[tokenizers]'"
             ) from None
-        self._tok = Tokenizer.from_file(str(path))
+        folder = Path(folder)
+        # The files as read, so that save() writes back exactly what transformers would load.
+        self.files: dict[str, str] = {name: (folder / name).read_text(encoding="utf-8")
+                                      for name in TOKENIZER_FILES if (folder / name).is_file()}
+        try:
+            self._tok = Tokenizer.from_str(self.files[TOKENIZER_FILE])
+        except Exception as exc:       # the Rust library raises a bare Exception on a bad file
+            raise CheckpointError(f"{folder / TOKENIZER_FILE} is not a tokenizers file: {exc}") from None
         self.vocab_size = self._tok.get_vocab_size()
+        config = _json_object(folder, TOKENIZER_CONFIG_FILE, self.files)
+        legacy_map = _json_object(folder, SPECIAL_TOKENS_MAP_FILE, self.files)
+        self.special_tokens: dict[str, str] = {}
+        for name in SPECIAL_TOKEN_NAMES:
+            value = config.get(name) or legacy_map.get(name)
+            if isinstance(value, dict):          # a serialised AddedToken: {"content": "<s>", ...}
+                value = value.get("content")
+            if isinstance(value, str):
+                self.special_tokens[name] = value
+        self.chat_template = _chat_template(folder, config, self.files)
+        # transformers ignores this cleanup for BPE models (it would eat real spaces before punctuation).
+        self._clean_up_spaces = (bool(config.get("clean_up_tokenization_spaces", False))
+                                 and type(self._tok.model).__name__ != "BPE")
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids])
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return _clean_up_tokenization(text) if self._clean_up_spaces else text
+
+    def token_id(self, token: str) -> Optional[int]:
+        """The id of a token string (e.g. ``"<|im_end|>"``), or None when the vocabulary lacks it."""
+        return self._tok.token_to_id(token)
 
     def stream_decoder(self) -> "_ReDecoder":
         return _ReDecoder(self)
+
+    def save(self, folder: str | Path) -> None:
+        """Write the tokenizer files this tokenizer was read from into ``folder``."""
+        for name, text in self.files.items():
+            (Path(folder) / name).write_text(text, encoding="utf-8")
+
+
+def _json_object(folder: Path, name: str, files: dict[str, str]) -> dict:
+    if name not in files:
+        return {}
+    try:
+        value = json.loads(files[name])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{folder / name} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{folder / name} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _chat_template(folder: Path, config: dict, files: dict[str, str]) -> Optional[str]:
+    """The default chat template: chat_template.jinja, else tokenizer_config.json's chat_template
+    (a string, or a list of {"name", "template"} entries of which "default" is used, as in transformers)."""
+    if CHAT_TEMPLATE_FILE in files:
+        return files[CHAT_TEMPLATE_FILE]
+    template = config.get("chat_template")
+    if template is None or isinstance(template, str):
+        return template
+    if isinstance(template, list) and all(isinstance(t, dict) and "name" in t for t in template):
+        named = {t["name"]: t.get("template") for t in template}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+        raise CheckpointError(f"{folder / TOKENIZER_CONFIG_FILE} has chat templates {sorted(named)} but none named "
+                              "'default'; minikv renders the default template")
+    raise CheckpointError(f"{folder / TOKENIZER_CONFIG_FILE}: chat_template must be a string or a list of "
+                          f"{{'name', 'template'}} entries, not {type(template).__name__}")
+
+
+def _clean_up_tokenization(text: str) -> str:
+    """transformers' clean_up_tokenization: drop the space WordPiece puts before punctuation and contractions."""
+    for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(spaced, joined)
+    return text
 
 
 class _ReDecoder:
@@ -96,8 +190,8 @@ class _ReDecoder:
 
 def tokenizer_for(folder: Optional[Path], vocab_size: int):
     """The tokenizer of a checkpoint folder: its tokenizer.json, else bytes for a 256-token vocabulary."""
-    if folder is not None and (Path(folder) / "tokenizer.json").exists():
-        return HFTokenizer(Path(folder) / "tokenizer.json")
+    if folder is not None and (Path(folder) / TOKENIZER_FILE).exists():
+        return HFTokenizer(folder)
     if vocab_size == 256:
         return ByteTokenizer()
     return None

@@ -311,7 +311,7 @@ def fenced(text: str) -> str:
 def write_training_md(path: Path, record: dict) -> None:
     hp = record["hyperparameters"]
     lines = [
-        "# tiny-fortunes: how this model was trained",
+        f"# {path.parent.name}: how this model was trained",
         "",
         "A byte-level LLaMA-architecture model (`LlamaForCausalLM`: RMSNorm, RoPE, SwiGLU,",
         "grouped-query attention) trained from scratch on the Debian fortune-cookie database by",

@@ -503,3 +503,20 @@ def test_a_decode_step_over_a_full_cache_builds_no_mask(monkeypatch):
     np.testing.assert_allclose(full, naive(q, k, v, causal=True, q_offset=8), rtol=0, atol=1e-12)
     expected = naive(q, k, v, causal=True, q_offset=np.array([8, 4]), lengths=np.array([9, 5]))
     np.testing.assert_allclose(ragged, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("keys", [5, 319, 320, 700])
+def test_numpy_backend_decode_both_score_orientations_equal_naive(keys):
+    """The numpy backend computes decode scores as q K^T below ``transposed_from_keys`` keys and as
+    K q^T from there on (a BLAS speed rule): both sides of the switch, full and ragged, equal naive."""
+    from minikv.backend import Backend
+
+    backend = Backend()
+    assert backend.transposed_from_keys == 320
+    rng = np.random.default_rng(keys)
+    q = rng.standard_normal((2, 4, 1, 8))
+    k, v = rng.standard_normal((2, 2, keys, 8)), rng.standard_normal((2, 2, keys, 8))
+    for lengths in (np.array([keys, keys]), np.array([keys, max(keys // 2, 1)])):
+        out, _ = backend.decode_attention(q, k, v, lengths)
+        expected = naive(q, k, v, causal=True, q_offset=lengths - 1, lengths=lengths)
+        np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)

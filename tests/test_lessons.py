@@ -28,6 +28,7 @@ EXPECTED = [
     "05_batching_paging_sliding",
     "06_flash_decoding_and_gpu",
     "07_real_checkpoints",
+    "10_speculative_decoding",
     "11_quantization",
 ]
 NOTEBOOK_BUDGET_S = 300

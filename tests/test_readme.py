@@ -66,3 +66,19 @@ def test_the_tour_runs(capsys):
     exec(compile(tour, "README tour", "exec"), {})
     printed = capsys.readouterr().out
     assert "Transformer" in printed and "tokens/s" in printed
+
+
+def test_the_chat_section_uses_names_that_exist():
+    """The chat/Hub examples need a download, so they are not run here; their names are checked."""
+    from minikv.cli import build_parser
+
+    (snippet,) = [b for b in blocks("python") if "apply_chat_template" in b]
+    import minikv
+    for name in ("load", "Transformer"):
+        assert hasattr(minikv, name)
+    for method in re.findall(r"model\.(\w+)\(", snippet):
+        assert hasattr(minikv.Transformer, method), method
+    commands = re.findall(r"`(minikv chat [^`]*)`", README)
+    assert commands
+    for command in commands:
+        build_parser().parse_args(shlex.split(command)[1:])      # exits on an unknown option
