@@ -123,7 +123,8 @@ def markdown(report: dict, info: dict) -> str:
         f"validation split ({report['validation_stream_bytes']:,} bytes, the size TRAINING.md reports), "
         "regenerated from the fortunes corpus by scripts/train_tiny_model.py's own split (seed 1234, 5% of "
         "entries). TRAINING.md's 1.4669 nats/byte is over all 486 windows"
-        + ("" if report["windows"] >= 486 else "; this run used the first "
+        + (f" (this run's float32 row: {report['formats']['float32']['nll_nats_per_byte']:.4f}, so the split is "
+           "the same)" if report["windows"] >= 486 else "; this run used the first "
            f"{report['windows']} only (time on a shared machine), so its float32 row differs from it")
         + ". Weights: every projection and the "
         "lm_head quantized (int8: group 64, int4: group 32, symmetric, float32 scales); embeddings and norms "
