@@ -48,6 +48,7 @@ _SERIAL = dict(parallel=False, fastmath={"reassoc", "contract"}, cache=True, nog
 # Output columns per task of the float kernel: its accumulators (16 KB) stay in L1 while four rows
 # of w stream past (contiguous 16 KB segments: few TLB misses; 512 columns was 5x slower on `mid`'s lm_head).
 FLOAT_BLOCK = 4096
+FLOAT_TASKS = 4
 
 
 # --------------------------------------------------------------------------- matrix-vector products
@@ -55,14 +56,16 @@ FLOAT_BLOCK = 4096
 
 @njit(**_KERNEL)
 def project_float(w, x, y):
-    """y (rows, out) = x (rows, in) @ w (in, out). Each task owns FLOAT_BLOCK output columns and sweeps
+    """y (rows, out) = x (rows, in) @ w (in, out). Each task owns a block of output columns and sweeps
     the rows of w four at a time: acc[j] += x[i] w[i, j] + ... + x[i+3] w[i+3, j] (an axpy that
     vectorises without reordering a sum, reading four contiguous row segments at once)."""
     n_in, n_out = w.shape
     rows = x.shape[0]
-    # Blocks of at most FLOAT_BLOCK columns, and at least two per thread (multiples of 16 columns).
-    per_thread = (n_out + 2 * numba.get_num_threads() - 1) // (2 * numba.get_num_threads())
-    block_width = min(FLOAT_BLOCK, max(16, (per_thread + 15) // 16 * 16))
+    # At least FLOAT_TASKS blocks (so 2 or 4 threads share a layer's small matrices evenly), of at most
+    # FLOAT_BLOCK and at least 128 columns, a multiple of 16. (numba.get_num_threads() here would make
+    # the kernel uncacheable: it is a ctypes call.)
+    quarter = (n_out + FLOAT_TASKS - 1) // FLOAT_TASKS
+    block_width = min(FLOAT_BLOCK, max(128, (quarter + 15) // 16 * 16))
     n_blocks = (n_out + block_width - 1) // block_width
     for task in prange(n_blocks * rows):
         block = task // rows
@@ -169,7 +172,7 @@ def rms_norm_rows(x, weight, eps, out):
             out[r, i] = x[r, i] * inv * weight[i]
 
 
-@njit(**_KERNEL)
+@njit(**_SERIAL)    # its parallel loops are those of project(), which is compiled parallel itself
 def decode_layer_in(x, norm, eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin, positions, interleaved,
                     n_rope_heads, head_dim, h, qkv):
     """h = rms_norm(x); qkv (rows, (H + 2 KV) hd) = h W_qkv (+ b); RoPE on the first n_rope_heads heads
@@ -274,7 +277,7 @@ def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_sc
             x[r, i] += y[r, i]
 
 
-@njit(**_KERNEL)
+@njit(**_SERIAL)
 def decode_head(x, norm, eps, w_head, s_head, g_head, h, logits):
     """logits = rms_norm(x) W_head."""
     rms_norm_rows(x, norm, eps, h)
