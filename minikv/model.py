@@ -421,13 +421,20 @@ BUNDLED_MODEL = Path(__file__).parent / "data" / "tiny-fortunes"
 def load(path=None, *, dtype: str = "float32", backend: Optional[str] = None,
          attention: Optional[str] = None) -> Transformer:
     """Load a Hugging Face checkpoint: a folder, or a Hub id such as ``"Qwen/Qwen3-0.6B"`` (from the
-    local Hugging Face cache, else downloaded; see ``minikv.hub``). Default: the bundled tiny model."""
+    local Hugging Face cache, else downloaded; see ``minikv.hub``). Default: the bundled tiny model.
+
+    An encoder-decoder checkpoint (model_type "t5" or "bart") gives a ``minikv.seq2seq.EncoderDecoder``."""
     from .generation_config import read_generation_config
     from .hub import resolve_checkpoint
+    from .seq2seq_checkpoint import is_seq2seq_folder
     from .tokenizer import tokenizer_for
 
     dtype = model_dtype(dtype)          # before reading any weights
     folder = BUNDLED_MODEL if path is None else resolve_checkpoint(path)
+    if is_seq2seq_folder(folder):
+        from .seq2seq import load_seq2seq
+
+        return load_seq2seq(folder, dtype=dtype, backend=backend)
     config, weights = load_checkpoint(folder, dtype=dtype)
     return Transformer(config, weights, dtype=dtype, backend=backend, attention=attention,
                        tokenizer=tokenizer_for(folder, config.vocab_size), source=folder,
