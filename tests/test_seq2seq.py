@@ -363,3 +363,51 @@ def test_bad_checkpoints_are_named_errors(tmp_path):
     (folder / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(CheckpointError, match="never unpickles"):
         minikv.load(folder)
+
+
+# ------------------------------------------------------------------ text in, text out (tokenizer, CLI)
+
+
+def folder_with_tokenizer(tmp_path) -> Path:
+    """The t5_v1_1 fixture plus a word-level tokenizer.json (word i <-> id i; </s> appended to a source)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    folder = copy_fixture("t5_v1_1", tmp_path)
+    vocab = {"<pad>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, 64)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_a_text_source_gets_the_tokenizers_special_tokens(tmp_path):
+    model = minikv.load(folder_with_tokenizer(tmp_path), dtype="float64")
+    text = "w5 w9 w33 w2 w17"
+    out = model.generate(text, max_new_tokens=6, stop_tokens=[])
+    ids = model.generate([[5, 9, 33, 2, 17, 1]], max_new_tokens=6, stop_tokens=[])
+    assert out.tokens == ids.tokens and isinstance(out.text, str)
+    assert out.text == " ".join(f"w{t}" if t > 1 else ["<pad>", "</s>"][t] for t in out.tokens[0])
+
+
+def test_cli_generate_on_an_encoder_decoder_folder(tmp_path):
+    import subprocess
+    import sys
+
+    folder = folder_with_tokenizer(tmp_path)
+    model = minikv.load(folder)
+    want = model.generate("w5 w9 w33", max_new_tokens=5, temperature=0.0).text
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "minikv", *args], capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).resolve().parents[1])
+
+    result = run("generate", "w5 w9 w33", "--model", str(folder), "--max-new-tokens", "5", "--temperature", "0",
+                 "--cache", "paged")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == want + "\n"
+    assert "paged" in result.stderr and "tokens/s" in result.stderr
+    bad = run("generate", "w5", "--model", str(folder), "--cache", "sliding")
+    assert bad.returncode == 2 and "ConfigError" in bad.stderr and "sliding" in bad.stderr
+    info = run("info", "--model", str(folder))
+    assert info.returncode == 0 and "EncoderDecoder t5" in info.stdout
