@@ -411,3 +411,31 @@ def test_cli_generate_on_an_encoder_decoder_folder(tmp_path):
     assert bad.returncode == 2 and "ConfigError" in bad.stderr and "sliding" in bad.stderr
     info = run("info", "--model", str(folder))
     assert info.returncode == 0 and "EncoderDecoder t5" in info.stdout
+
+
+def test_the_readme_example_runs(capsys, monkeypatch):
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), flags=re.S)
+                  if "seq2seq" in b]
+    monkeypatch.chdir(root)
+    exec(compile(example, "README encoder-decoder example", "exec"), {})
+    assert capsys.readouterr().out.startswith("[[")
+
+
+def test_the_benchmark_quick_run(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "benchmarks.seq2seq", "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "seq2seq.json").read_text())
+    assert all(row["tokens_equal"] for row in report["steps"])
+    layers = report["config"]["decoder_layers"]
+    for row in report["steps"]:      # counted, not timed: once per layer with the cross cache, per step without
+        assert row["cross_kv_projections"]["cross cache"] == layers
+        assert row["cross_kv_projections"]["recompute cross K/V"] > layers
+    assert (tmp_path / "seq2seq.md").read_text().startswith("## Encoder-decoder")
