@@ -162,14 +162,18 @@ class Backend:
         # Reference: gather each sequence's blocks into a contiguous view, then run plain decode.
         # The view's table holds only the columns with positions: the copy grows with the length.
         k_cache, v_cache = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)
-        return self.decode_attention(q, k_cache, v_cache, lengths, window=window, n_splits=n_splits, scale=scale)
+        # scale only when asked for: the accelerated backends' decode_attention has no scale= (the encoder-
+        # decoder models that pass one run on numpy)
+        extra = {} if scale is None else {"scale": scale}
+        return self.decode_attention(q, k_cache, v_cache, lengths, window=window, n_splits=n_splits, **extra)
 
     def paged_attention(self, q, k_pool, v_pool, block_table, *, q_offset, lengths, window=None, algorithm=None,
                         scale=None):
         """Prefill (many queries per sequence) through a block table: gather, then ``attention``."""
         k_all, v_all = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)
+        extra = {} if scale is None else {"scale": scale}     # as in paged_decode_attention
         return self.attention(q, k_all, v_all, causal=True, q_offset=q_offset, lengths=lengths, window=window,
-                              algorithm=algorithm, scale=scale)
+                              algorithm=algorithm, **extra)
 
     def apply_rope(self, x, cos, sin, convention="half"):
         return reference_rope.apply_rope(x, cos, sin, convention)
