@@ -334,6 +334,17 @@ class EncoderDecoder:
         buckets = relative_position_bucket(relative, stack == "encoder", c.num_buckets, c.max_distance)
         return self.rel_bias[stack][buckets].transpose(0, 3, 1, 2)                  # (b, n_q, n_k, H) -> (b, H, n_q, n_k)
 
+    def _decoder_bias(self, positions):
+        """T5's decoder bias for queries at ``positions`` (batch, seq), as a function of the key width the
+        view has (a paged view is wider than the keys held): computed once per width, shared by every layer."""
+        tables: dict[int, Any] = {}
+
+        def bias(n_keys: int):
+            if n_keys not in tables:
+                tables[n_keys] = self._position_bias("decoder", positions, n_keys)
+            return tables[n_keys]
+        return bias
+
     def _biased_attention(self, q, k, v, bias, causal, q_offset, lengths):
         """softmax(scale * q k^T + bias, masked) v: T5's self-attention, in plain math.
 
@@ -492,14 +503,7 @@ class EncoderDecoder:
         heads = c.decoder_heads
         x = self._embed("decoder", ids, positions)                                    # (b, seq, d)
         no_offset = np.zeros(batch, dtype=np.int64)
-        bias = None
-        if c.is_t5:
-            tables: dict[int, Any] = {}
-
-            def bias(n_keys):      # computed once per key width, shared by every layer
-                if n_keys not in tables:
-                    tables[n_keys] = self._position_bias("decoder", positions, n_keys)
-                return tables[n_keys]
+        bias = self._decoder_bias(positions) if c.is_t5 else None
         for index, block in enumerate(self.decoder_layers):
             def self_attention(h, block=block, index=index):
                 q, k, v = np.split(layers.linear(h, block.qkv, block.qkv_bias), 3, axis=-1)

@@ -37,9 +37,10 @@ import numpy as np
 from .errors import CheckpointError, ConfigError
 
 SEQ2SEQ_MODEL_TYPES = ("t5", "bart")
-# The activations each family's checkpoints name, and what minikv computes for them.
-_T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_new", "gelu_new": "gelu_new"}
-_BART_ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "gelu_new": "gelu_new"}
+# The activation names checkpoints use, and what minikv computes for them: "gelu" is the exact erf
+# GELU, "gelu_new" the tanh approximation. transformers reads T5's "gated-gelu" as gelu_new.
+_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new"}
+_T5_GATED = {"gated-gelu": "gelu_new", "gated-relu": "relu", "gated-gelu_new": "gelu_new"}
 
 
 @dataclass(frozen=True)
@@ -114,15 +115,11 @@ class Seq2SeqConfig:
     @classmethod
     def _from_t5(cls, hf, specials, start) -> "Seq2SeqConfig":
         projection = str(hf.get("feed_forward_proj", "relu"))
-        parts = projection.split("-")
-        gated = parts[0] == "gated" and len(parts) == 2
-        act = parts[-1]
-        if (len(parts) == 2 and not gated) or len(parts) > 2 or act not in _T5_ACTIVATIONS:
-            raise ConfigError(f"T5 feed_forward_proj={projection!r} is not supported; minikv reads 'relu', "
-                              "'gated-gelu' (v1.1 / Flan) and 'gated-relu'")
-        activation = _T5_ACTIVATIONS[act] if gated else act
-        if act == "gelu" and not gated:
-            activation = "gelu"    # transformers maps plain "gelu" to the exact erf GELU
+        gated = projection in _T5_GATED
+        if not gated and projection not in _ACTIVATIONS:
+            raise ConfigError(f"T5 feed_forward_proj={projection!r} is not supported; minikv reads 'relu' (v1.0), "
+                              f"'gated-gelu' (v1.1 / Flan), {sorted(set(_T5_GATED) | set(_ACTIVATIONS))}")
+        activation = _T5_GATED[projection] if gated else _ACTIVATIONS[projection]
         layers = _positive_int(hf, "num_layers")
         tie = hf.get("tie_word_embeddings", True) is not False
         # transformers >= 5 writes scale_decoder_outputs; older configs imply it by tying.
@@ -138,15 +135,15 @@ class Seq2SeqConfig:
             num_buckets=_positive_int(hf, "relative_attention_num_buckets", 32),
             max_distance=_positive_int(hf, "relative_attention_max_distance", 128),
             decoder_start_token_id=0 if start is None else start,
-            **{k: v for k, v in specials.items()},
+            **specials,
         )
 
     @classmethod
     def _from_bart(cls, hf, specials, start) -> "Seq2SeqConfig":
         act = str(hf.get("activation_function", "gelu"))
-        if act not in _BART_ACTIVATIONS:
+        if act not in _ACTIVATIONS:
             raise ConfigError(f"BART activation_function={act!r} is not supported; choose one of "
-                              f"{sorted(_BART_ACTIVATIONS)}")
+                              f"{sorted(_ACTIVATIONS)}")
         if hf.get("add_final_layer_norm") or hf.get("normalize_before"):
             raise ConfigError("this BART config asks for pre-norm layers (normalize_before / add_final_layer_norm: "
                               "mBART's variant); minikv reads the original post-norm BART only")
@@ -160,7 +157,7 @@ class Seq2SeqConfig:
             encoder_layers=_positive_int(hf, "encoder_layers"), decoder_layers=_positive_int(hf, "decoder_layers"),
             encoder_heads=enc_heads, decoder_heads=dec_heads, head_dim=d // enc_heads,
             encoder_ffn=_positive_int(hf, "encoder_ffn_dim"), decoder_ffn=_positive_int(hf, "decoder_ffn_dim"),
-            activation=_BART_ACTIVATIONS[act], gated=False, norm_eps=1e-5,
+            activation=_ACTIVATIONS[act], gated=False, norm_eps=1e-5,
             tie_word_embeddings=hf.get("tie_word_embeddings", True) is not False, scale_decoder_outputs=False,
             max_position_embeddings=_positive_int(hf, "max_position_embeddings"),
             scale_embedding=bool(hf.get("scale_embedding", False)),
@@ -176,8 +173,11 @@ class Seq2SeqConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name}={value} must be below vocab_size={self.vocab_size}")
-        if self.is_t5 and self.num_buckets < 2:
-            raise ConfigError(f"relative_attention_num_buckets={self.num_buckets} must be >= 2")
+        if self.is_t5 and (self.num_buckets < 4 or self.max_distance <= self.num_buckets // 2):
+            # Both bucket layouts need an exact part (max_exact = num_buckets // 4 or // 2, >= 1) and a
+            # log part from max_exact up to max_distance (log(max_distance / max_exact) > 0).
+            raise ConfigError(f"relative_attention_num_buckets={self.num_buckets} must be >= 4 and "
+                              f"relative_attention_max_distance={self.max_distance} above num_buckets // 2")
 
 
 # ---------------------------------------------------------------- the name/layout table

@@ -439,3 +439,23 @@ def test_the_benchmark_quick_run(tmp_path):
         assert row["cross_kv_projections"]["cross cache"] == layers
         assert row["cross_kv_projections"]["recompute cross K/V"] > layers
     assert (tmp_path / "seq2seq.md").read_text().startswith("## Encoder-decoder")
+
+
+def test_config_checks_name_the_field():
+    from minikv.seq2seq_checkpoint import Seq2SeqConfig
+
+    hf = json.loads((ROOT / "t5_relu" / "config.json").read_text())
+    for changes, field in (({"relative_attention_num_buckets": 2}, "num_buckets"),
+                           ({"relative_attention_max_distance": 4}, "max_distance"),
+                           ({"d_kv": 0}, "d_kv"), ({"decoder_start_token_id": 64}, "decoder_start_token_id"),
+                           ({"model_type": "mt5"}, "model_type")):
+        with pytest.raises(ConfigError, match=field):
+            Seq2SeqConfig.from_hf({**hf, **changes})
+    bart = json.loads((ROOT / "bart" / "config.json").read_text())
+    for changes, field in (({"activation_function": "swish"}, "activation_function"),
+                           ({"normalize_before": True}, "normalize_before"),
+                           ({"decoder_attention_heads": 3}, "decoder_attention_heads")):
+        with pytest.raises(ConfigError, match=field):
+            Seq2SeqConfig.from_hf({**bart, **changes})
+    assert Seq2SeqConfig.from_hf({**hf, "feed_forward_proj": "gated-gelu"}).activation == "gelu_new"
+    assert Seq2SeqConfig.from_hf({**hf, "feed_forward_proj": "gelu"}).activation == "gelu"
