@@ -406,7 +406,9 @@ class EncoderDecoder:
         bias = None
         if self.config.is_t5:
             table = self._position_bias("encoder", positions[:1], src)                # (1, H, src, src)
-            bias = lambda n_keys: table                                                # noqa: E731
+
+            def bias(n_keys):             # every layer, every row: the same positions 0..src-1
+                return table
         heads = self.config.encoder_heads
         for block in self.encoder_layers:
             def self_attention(h, block=block):

@@ -206,7 +206,6 @@ def make(name: str, seed: int) -> dict:
     expected = {"input_ids": input_ids, "attention_mask": mask, "decoder_ids": decoder_ids, "logits": logits,
                 "encoder_states": states, "generated": generated.astype(np.int64)}
     if name.startswith("t5"):
-        bucket = T5ForConditionalGeneration.__mro__[0]  # noqa: F841 (the attention class holds the function)
         from transformers.models.t5.modeling_t5 import T5Attention
 
         for label, nb, md, span in (("small", 8, 8, 40), ("default", 32, 128, 600)):
