@@ -172,7 +172,7 @@ def split(total: int, cuts: list[int]) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(name=st.sampled_from(NAMES), source_lengths=st.lists(st.integers(1, 24), min_size=1, max_size=3),
        target_len=st.integers(1, 18), cuts=st.lists(st.integers(1, 17), max_size=4), block_size=st.integers(1, 5),
        seed=st.integers(0, 2**16))
@@ -214,7 +214,7 @@ def test_cross_kv_computed_once_per_source(name, kind):
     assert again.tokens == out.tokens
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(name=st.sampled_from(NAMES), source_lengths=st.lists(st.integers(1, 20), min_size=2, max_size=4),
        kind=st.sampled_from(("none",) + KINDS), seed=st.integers(0, 2**16))
 def test_a_ragged_batch_of_sources_equals_each_source_alone(name, source_lengths, kind, seed):
