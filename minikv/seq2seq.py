@@ -121,10 +121,12 @@ class CrossAttentionCache:
 
     Filled once from the encoder states (``fill``), then only read. ``fills`` counts how many times
     it was filled (tests prove it is once per source); ``source`` remembers which states array it
-    was filled from, so a call with another source is refused instead of silently reusing stale K/V."""
+    was filled from, so a call with another source is refused instead of silently reusing stale K/V.
+    K/V are stored in ``dtype`` (the self-attention cache's: float16 halves both)."""
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, dtype="float32"):
         self.n_layers = n_layers
+        self.dtype = np.dtype(dtype)
         self.k: list = [None] * n_layers
         self.v: list = [None] * n_layers
         self.encoder_lengths: Optional[np.ndarray] = None
@@ -159,7 +161,7 @@ class EncoderDecoderCache:
 
     def __init__(self, self_attention: KVCache, n_layers: int, cache_cross: bool = True):
         self.self_attention = self_attention
-        self.cross_attention = CrossAttentionCache(n_layers)
+        self.cross_attention = CrossAttentionCache(n_layers, self_attention.dtype)
         self.cache_cross = bool(cache_cross)
 
     @property
@@ -485,6 +487,11 @@ class EncoderDecoder:
         try:
             if cross_k is None:
                 cross_k, cross_v = self.cross_kv(states)      # the encoder side, projected now
+                if cross is not None:
+                    # Stored as the cache keeps them, and used so already on this first call: every step
+                    # attends to the very same K/V.
+                    cross_k = [k.astype(cross.dtype, copy=False) for k in cross_k]
+                    cross_v = [v.astype(cross.dtype, copy=False) for v in cross_v]
             logits = self._decode(ids, positions, n_new, self_cache, cross_k, cross_v, enc_lengths, last_only)
         except BaseException:
             if self_cache is not None:

@@ -459,3 +459,21 @@ def test_config_checks_name_the_field():
             Seq2SeqConfig.from_hf({**bart, **changes})
     assert Seq2SeqConfig.from_hf({**hf, "feed_forward_proj": "gated-gelu"}).activation == "gelu_new"
     assert Seq2SeqConfig.from_hf({**hf, "feed_forward_proj": "gelu"}).activation == "gelu"
+
+
+def test_a_float16_cache_halves_both_parts_and_stays_close():
+    model, e = model_for("bart", "float32"), expected("bart")
+    sources = sources_of(e)
+    outs = {}
+    for dtype in ("float32", "float16"):
+        cache = model.new_cache("static", batch_size=2, max_seq_len=6, dtype=dtype)
+        ids, lengths = padded(model, sources)
+        states = model.encode(ids, lengths)
+        target = e["decoder_ids"][:, :6]
+        outs[dtype] = (model.forward(target, encoder_states=states, cache=cache, encoder_lengths=lengths), cache)
+    (full, cache32), (half, cache16) = outs["float32"], outs["float16"]
+    assert half.dtype == np.float32 and cache16.cross_attention.k[0].dtype == np.float16
+    assert cache16.self_attention.nbytes * 2 == cache32.self_attention.nbytes
+    assert cache16.cross_attention.nbytes * 2 == cache32.cross_attention.nbytes
+    # float16 K/V keep ~3 significant digits: logits of size ~5 move by ~1e-2, not more
+    assert 0 < np.abs(half - full).max() < 5e-2 * np.abs(full).max()
