@@ -475,5 +475,6 @@ def test_a_float16_cache_halves_both_parts_and_stays_close():
     assert half.dtype == np.float32 and cache16.cross_attention.k[0].dtype == np.float16
     assert cache16.self_attention.nbytes * 2 == cache32.self_attention.nbytes
     assert cache16.cross_attention.nbytes * 2 == cache32.cross_attention.nbytes
-    # float16 K/V keep ~3 significant digits: logits of size ~5 move by ~1e-2, not more
-    assert 0 < np.abs(half - full).max() < 5e-2 * np.abs(full).max()
+    # float16 K/V keep ~3 significant digits (relative rounding 2^-11 ~ 5e-4): logits of size ~4 move by
+    # ~1e-3 here; 1% of the largest logit bounds it with room, and a float16 cache that changed nothing fails
+    assert 0 < np.abs(half - full).max() < 1e-2 * np.abs(full).max()
