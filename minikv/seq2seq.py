@@ -645,11 +645,9 @@ class EncoderDecoder:
     def _encode_text(self, text: str) -> list[int]:
         from .tokenizer import require_tokenizer
 
-        tokenizer = require_tokenizer(self.tokenizer, "a text source")
-        # An encoder input carries the tokenizer's special tokens (T5 appends </s>, BART wraps in <s> .. </s>),
-        # as transformers' tokenizer(text) gives; the wrapper's plain encode() leaves them out.
-        inner = getattr(tokenizer, "_tok", None)
-        return inner.encode(text, add_special_tokens=True).ids if inner is not None else tokenizer.encode(text)
+        # With the tokenizer's special tokens (T5 appends </s>, BART wraps in <s> .. </s>), as transformers'
+        # tokenizer(text) gives: the encoder was trained on sources that end so.
+        return require_tokenizer(self.tokenizer, "a text source").encode(text, add_special_tokens=True)
 
     def _forced(self, logits, step: int, max_new_tokens: int):
         """transformers' forced tokens: forced_bos_token_id as the first generated token, forced_eos_token_id
