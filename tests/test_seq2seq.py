@@ -478,3 +478,18 @@ def test_a_float16_cache_halves_both_parts_and_stays_close():
     # float16 K/V keep ~3 significant digits (relative rounding 2^-11 ~ 5e-4): logits of size ~4 move by
     # ~1e-3 here; 1% of the largest logit bounds it with room, and a float16 cache that changed nothing fails
     assert 0 < np.abs(half - full).max() < 1e-2 * np.abs(full).max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_truncate_rewinds_the_target_and_keeps_the_source(kind):
+    """Speculative decoding's rewind: drop the last target positions, feed them again, same logits."""
+    model = model_for("t5_v1_1")
+    sources, targets = random_batch(model, [7, 11], 6, seed=4)
+    ids, lengths = padded(model, sources)
+    states = model.encode(ids, lengths)
+    cache = model.new_cache(kind, batch_size=2, max_seq_len=6, **({"block_size": 2} if kind == "paged" else {}))
+    first = model.forward(targets, encoder_states=states, cache=cache, encoder_lengths=lengths)
+    cache.truncate([3, 3])
+    assert cache.lengths.tolist() == [3, 3] and cache.cross_attention.fills == 1
+    again = model.forward(targets[:, 3:], cache=cache)
+    assert np.abs(again - first[:, 3:]).max() < EXACT
