@@ -287,15 +287,17 @@ def read_safetensors_any(path: Path) -> dict[str, np.ndarray]:
     data_offsets}}), then the raw bytes. NumPy has no bfloat16, but a bfloat16 is the top 16 bits of
     a float32: ``(uint16 as uint32) << 16`` viewed as float32 is the same number, exactly."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
+        data = np.memmap(path, dtype=np.uint8, mode="r")      # mapped, not read: one copy, made by the caller
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} could not be read: {exc}") from None
     try:
-        n = int(np.frombuffer(data[:8], dtype="<u8")[0])
-        header = json.loads(data[8:8 + n])
+        n = int(data[:8].view("<u8")[0])
+        header = json.loads(data[8:8 + n].tobytes())
     except (ValueError, IndexError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file (bad header): {exc}") from None
-    body = memoryview(data)[8 + n:]
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a readable safetensors file (its header is not a JSON object)")
+    body = data[8 + n:]
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -313,10 +315,9 @@ def read_safetensors_any(path: Path) -> dict[str, np.ndarray]:
                                   f"at {start}..{end} but the file holds {len(body)} (truncated or corrupt?)")
         raw = body[start:end]
         if kind == "BF16":
-            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-            array = bits.view(np.float32)
+            array = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
         else:
-            array = np.frombuffer(raw, dtype=np.dtype(_DTYPES[kind]).newbyteorder("<"))
+            array = raw.view(np.dtype(_DTYPES[kind]).newbyteorder("<"))
         tensors[name] = array.reshape(shape)
     return tensors
 
@@ -384,7 +385,8 @@ def seq2seq_weights_from_hf(raw: dict[str, np.ndarray], config: Seq2SeqConfig, d
             raise CheckpointError(f"tensor {row.hf!r} in {source} has shape {tuple(tensor.shape)}; the config "
                                   f"implies {row.shape}")
         with np.errstate(over="ignore"):
-            value = np.ascontiguousarray(tensor.reshape(row.ours_shape or row.shape), dtype=dtype)
+            # a copy (np.array copies): the file stays mapped only while it is read
+            value = np.array(tensor.reshape(row.ours_shape or row.shape), dtype=dtype, order="C")
         if not np.isfinite(value).all():
             raise CheckpointError(f"tensor {row.hf!r} in {source} holds NaN or infinite values as {dtype.name}")
         weights[row.ours] = value
