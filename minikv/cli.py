@@ -187,7 +187,6 @@ def cmd_bench(args) -> int:
 
 def cmd_info(args) -> int:
     from .backend import available_backends
-
     from .seq2seq import EncoderDecoder
 
     model = _load(args)
