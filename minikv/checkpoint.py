@@ -78,6 +78,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "mlp.down.weight"] = (d, inter)
         if config.mlp_bias:
             shapes[p + "mlp.down.bias"] = (d,)
+        if config.qk_norm:
+            shapes[p + "attn.q_norm.weight"] = (hd,)
+            shapes[p + "attn.k_norm.weight"] = (hd,)
+        if config.is_gemma3:
+            shapes[p + "post_attn_norm.weight"] = (d,)
+            shapes[p + "post_mlp_norm.weight"] = (d,)
     return shapes
 
 
@@ -114,8 +120,19 @@ def tensor_table(config: ModelConfig) -> list[TensorMapping]:
                "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
     for i in range(config.n_layers):
         hf, p = f"model.layers.{i}.", f"layers.{i}."
-        rows += [TensorMapping(hf + "input_layernorm.weight", (p + "attn_norm.weight",)),
-                 TensorMapping(hf + "post_attention_layernorm.weight", (p + "mlp_norm.weight",))]
+        if config.is_gemma3:
+            # Gemma's "post_attention_layernorm" normalises the attention *output*; the MLP's input norm
+            # is "pre_feedforward_layernorm" (in LLaMA, post_attention_layernorm is the MLP's input norm).
+            rows += [TensorMapping(hf + "input_layernorm.weight", (p + "attn_norm.weight",)),
+                     TensorMapping(hf + "post_attention_layernorm.weight", (p + "post_attn_norm.weight",)),
+                     TensorMapping(hf + "pre_feedforward_layernorm.weight", (p + "mlp_norm.weight",)),
+                     TensorMapping(hf + "post_feedforward_layernorm.weight", (p + "post_mlp_norm.weight",))]
+        else:
+            rows += [TensorMapping(hf + "input_layernorm.weight", (p + "attn_norm.weight",)),
+                     TensorMapping(hf + "post_attention_layernorm.weight", (p + "mlp_norm.weight",))]
+        if config.qk_norm:
+            rows += [TensorMapping(hf + "self_attn.q_norm.weight", (p + "attn.q_norm.weight",)),
+                     TensorMapping(hf + "self_attn.k_norm.weight", (p + "attn.k_norm.weight",))]
         for ours, theirs in hf_proj.items():
             block = "self_attn" if ours in "qkvo" else "mlp"
             mine = f"attn.{ours}" if block == "self_attn" else f"mlp.{ours}"

@@ -277,7 +277,7 @@ class Stream:
             if owner != cache:
                 where = f"cache={owner!r}" if owner else f"no cache kind (options are {sorted(_CACHE_OPTIONS)})"
                 raise ConfigError(f"{option}={options[option]!r} applies to {where}, not cache={cache!r}")
-        limit = self.model.config.max_position_embeddings
+        limit = self.model.config.max_positions
         if max_seq_len is None:
             max_seq_len = min(int(self._positions_needed(None).max()), limit)
         return self.model.new_cache(cache, batch_size=len(self.prompts), max_seq_len=max_seq_len,
@@ -302,7 +302,7 @@ class Stream:
         held = int(self.cache.lengths[worst]) if self.cache is not None else 0
         what = (f"sequence {worst} ({held} cached + {len(self.prompts[worst])} prompt tokens + "
                 f"max_new_tokens={self.max_new_tokens}) needs {int(needed[worst])} positions")
-        limit = self.model.config.max_position_embeddings
+        limit = self.model.config.max_positions
         if needed[worst] > limit:
             room = limit - (int(needed[worst]) - self.max_new_tokens)
             fix = (f"pass max_new_tokens<={room}" if room >= 1 else
