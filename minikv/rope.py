@@ -252,4 +252,8 @@ def convert_rope_convention(weights: dict, config, to: str):
                 name = f"layers.{i}.attn.{proj}.{kind}"
                 if name in converted:
                     converted[name] = permute_heads(converted[name], heads, config.head_dim, perm)
+            # Qwen3 / Gemma 3: the per-head norm's gain (head_dim,) follows its dimensions.
+            name = f"layers.{i}.attn.{proj}_norm.weight"
+            if name in converted:
+                converted[name] = converted[name][perm]
     return converted, config.replace(rope_convention=to)

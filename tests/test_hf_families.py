@@ -179,3 +179,36 @@ def test_gemma_sliding_cache_is_refused_when_a_layer_is_global():
     model = model_for("gemma3_text", "float64")
     with pytest.raises(minikv.ConfigError, match="full-attention"):
         model.new_cache("sliding", batch_size=1, max_seq_len=40, window=8)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gemma3_text"])
+def test_rope_convention_conversion_keeps_the_logits_with_qk_norms(name):
+    """The per-head q/k norm gains are permuted with the q/k rows: interleaved weights, same logits."""
+    model = model_for(name, "float64")
+    ids = read_expected(name)["input_ids"]
+    interleaved = model.with_rope_convention("interleaved")
+    assert interleaved.config.rope_convention == "interleaved"
+    assert np.max(np.abs(np.asarray(interleaved.forward(ids)) - np.asarray(model.forward(ids)))) < 1e-12
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_save_and_reload_gives_the_same_model(tmp_path, name):
+    """model.save writes the family's config.json (to_hf refuses what would load back differently) and
+    weights; minikv reads the folder back to the same config and the same logits."""
+    model = model_for(name, "float64")
+    folder = model.save(tmp_path / name)
+    again = minikv.load(folder, dtype="float64")
+    assert again.config == model.config
+    ids = read_expected(name)["input_ids"]
+    assert np.array_equal(np.asarray(again.forward(ids)), np.asarray(model.forward(ids)))
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_tensor_table_names_every_tensor_of_the_file(name):
+    from minikv.checkpoint import expected_shapes, read_safetensors, tensor_table
+
+    config = model_for(name, "float64").config
+    table = tensor_table(config)
+    raw = read_safetensors(FIXTURE_ROOT / name / "model.safetensors")
+    assert {row.hf for row in table} == set(raw)
+    assert sorted(n for row in table for n in row.ours) == sorted(expected_shapes(config))
