@@ -9,8 +9,13 @@ and how its layout changes. minikv's canonical names use PyTorch's (out_features
 layout for projections; GPT-2's ``Conv1D`` stores (in, out), so its rows say ``transpose``, and
 its fused ``c_attn`` splits into q, k and v.
 
+Tensors are read one at a time (``read_safetensors``) and converted right away to the model dtype:
+float32, float64, float16 and bfloat16 files are read (bfloat16 by widening its bits, see
+``bfloat16_to_float32``), so loading never holds a second full copy of the weights.
+
 Every problem is a ``CheckpointError`` naming the file or tensor and what was expected: a missing
-tensor, an unexpected one, a shape that disagrees with the config, a truncated or corrupt file.
+tensor, an unexpected one, a shape that disagrees with the config, a dtype minikv does not read
+(float8, integers), a truncated or corrupt file.
 """
 
 from __future__ import annotations
