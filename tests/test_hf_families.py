@@ -157,19 +157,27 @@ def test_gemma_window_edge_is_pinned():
         assert np.max(np.abs(np.asarray(model.forward(expected["input_ids"])) - expected["logits"])) > 1e-6
 
 
-@pytest.mark.parametrize("broken", ["norm_without_one_plus", "no_qk_norm", "no_embed_scale", "local_theta_global"])
-def test_deliberately_broken_gemma_variants_are_caught(broken):
+@pytest.mark.parametrize("broken", ["norm_without_one_plus", "swiglu_instead_of_geglu", "no_qk_norm",
+                                    "no_embed_scale", "no_post_norms", "local_theta_global", "no_softcap"])
+def test_deliberately_broken_gemma_variants_are_caught(broken, monkeypatch):
     """Each Gemma-specific step matters: dropping it moves the logits far beyond the float64 tolerance."""
     config, weights = load_checkpoint(FIXTURE_ROOT / "gemma3_text", dtype="float64")
+    if broken == "no_softcap":
+        config = config.replace(final_logit_softcapping=None)
     model = minikv.Transformer(config, weights, dtype="float64")
     if broken == "norm_without_one_plus":
-        model.config = config.replace(model_type="qwen3")      # plain rms_norm, SwiGLU: two steps off
+        monkeypatch.setattr(minikv.layers, "rms_norm_one_plus", minikv.layers.rms_norm)
+    elif broken == "swiglu_instead_of_geglu":
+        monkeypatch.setattr(minikv.layers, "geglu", minikv.layers.swiglu)
     elif broken == "no_qk_norm":
         for layer in model.layers:
             layer.qk_norm = None
+    elif broken == "no_post_norms":
+        for layer in model.layers:
+            layer.post_attn_norm = layer.post_mlp_norm = None
     elif broken == "no_embed_scale":
         model.embed_scale = None
-    else:
+    elif broken == "local_theta_global":
         model.rope_tables["sliding_attention"] = model.rope_tables["full_attention"]
     expected = read_expected("gemma3_text")
     assert np.max(np.abs(np.asarray(model.forward(expected["input_ids"])) - expected["logits"])) > 1e-3
