@@ -508,3 +508,33 @@ def test_a_list_of_eos_ids_keeps_every_one_and_generation_stops_on_any():
     weights = {n: rng.standard_normal(s) for n, s in expected_shapes(config).items()}
     model = minikv.Transformer(config, weights, dtype="float64")
     assert list(Stream(model, [[1, 2]], 4).stop_tokens) == [5, 9, 11]
+
+
+# ------------------------------------------------------------------ the real checkpoints the README names
+
+REAL_CONFIGS = Path(__file__).parent / "fixtures" / "real_configs"
+# name -> parameters as transformers 5.24 counts them for that config.json (a model built on the meta
+# device, sum of numel), and what minikv must read from the file.
+REAL = {
+    "SmolLM2-135M": (134_515_008, "llama", None),
+    "Llama-3.2-1B": (1_235_814_400, "llama", "llama3"),
+    "Qwen2.5-0.5B": (494_032_768, "qwen2", None),
+    "Qwen3-0.6B": (596_049_920, "qwen3", None),
+    "gemma-3-270m": (268_098_176, "gemma3_text", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_checkpoint_configs_are_read_with_transformers_parameter_count(name):
+    """The config.json files of the smallest real checkpoint of each family (as published, bf16) are
+    accepted, and the tensors minikv expects add up to transformers' parameter count (the README's
+    float32 sizes are these counts x 4 bytes)."""
+    from minikv.checkpoint import expected_shapes
+
+    n_params, model_type, rope_type = REAL[name]
+    config = ModelConfig.from_json(REAL_CONFIGS / f"{name}.json")
+    assert config.model_type == model_type
+    assert (config.rope_scaling.rope_type if config.rope_scaling else None) == rope_type
+    assert sum(math.prod(shape) for shape in expected_shapes(config).values()) == n_params
+    if model_type == "gemma3_text":
+        assert config.layer_windows == ((512,) * 5 + (None,)) * 3 and config.rope_local_theta == 1e4
