@@ -139,7 +139,7 @@ class ModelConfig:
     # Gemma 3: the RoPE base of the sliding layers, the attention scale query_pre_attn_scalar^-1/2
     # (instead of head_dim^-1/2) and tanh soft-capping of the final logits (None: none).
     rope_local_theta: Optional[float] = None
-    query_pre_attn_scalar: Optional[float] = None
+    query_pre_attn_scalar: Optional[int] = None
     final_logit_softcapping: Optional[float] = None
 
     # ---- derived facts, so no caller re-derives them differently ----
@@ -345,7 +345,8 @@ class ModelConfig:
             rope_scaling=scaling,
             layer_types=layer_types,
             rope_local_theta=local_theta,
-            query_pre_attn_scalar=(_number(hf, "query_pre_attn_scalar", defaults["query_pre_attn_scalar"])
+            # transformers types it int (its strict config refuses 256.0)
+            query_pre_attn_scalar=(_positive_int(hf, "query_pre_attn_scalar", defaults["query_pre_attn_scalar"])
                                    if gemma else None),
             final_logit_softcapping=(None if not gemma or hf.get("final_logit_softcapping") is None
                                      else _number(hf, "final_logit_softcapping", None)),
@@ -417,17 +418,16 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id, "eos_token_id": self._hf_eos(),
         }
-        full = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            full.update(self.rope_scaling.to_hf())
+        # The transformers 4.x spelling (top-level rope_theta, rope_scaling), which 5.x reads too.
+        out["rope_theta"] = self.rope_theta
+        out["rope_scaling"] = None if self.rope_scaling is None else self.rope_scaling.to_hf()
         if self.is_gemma3:
             out.update(hidden_activation="gelu_pytorch_tanh", sliding_window=self.sliding_window,
                        layer_types=list(self.layer_types), query_pre_attn_scalar=self.query_pre_attn_scalar,
                        final_logit_softcapping=self.final_logit_softcapping, attn_logit_softcapping=None,
-                       rope_parameters={"full_attention": full, "sliding_attention": {
-                           "rope_type": "default", "rope_theta": self.rope_local_theta}})
+                       rope_local_base_freq=self.rope_local_theta)
         else:
-            out.update(hidden_act="silu", rope_parameters=full)
+            out["hidden_act"] = "silu"
         if self.model_type in ("llama", "qwen3", "gemma3_text"):
             out["attention_bias"] = self.qkv_bias
         if self.model_type == "llama":

@@ -175,18 +175,18 @@ class RopeTable:
         self.cos, self.sin = self.to_device(cos), self.to_device(sin)
 
     def lookup(self, positions: np.ndarray, highest: int):
-        """cos, sin (positions.shape + (head_dim/2,)) on the device; ``highest`` is the largest real
-        position (padding columns beyond it are clamped: their outputs are never used)."""
+        """cos, sin (positions.shape + (head_dim/2,)) on the device for host ``positions``, every one
+        of them <= ``highest`` < the limit (the model checks and clamps them at its door)."""
         if self.dynamic and highest + 1 > self.scaling.original_max_position_embeddings:
-            cos, sin = cos_sin_table(np.minimum(positions, highest), self.head_dim, self.theta, self.dtype,
-                                     self.scaling, seq_len=highest + 1)
+            cos, sin = cos_sin_table(positions, self.head_dim, self.theta, self.dtype, self.scaling,
+                                     seq_len=highest + 1)
             return self.to_device(cos), self.to_device(sin)
         rows = len(self.cos)
         if highest >= rows:
             while rows <= highest:
                 rows *= 2
             self._grow(min(rows, self.limit))
-        index = self.to_device(np.minimum(positions, len(self.cos) - 1))
+        index = self.to_device(positions)
         return self.cos[index], self.sin[index]
 
 

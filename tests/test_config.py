@@ -271,7 +271,7 @@ def test_gemma3_text(hf):
     assert c.layer_types == ("sliding_attention", "sliding_attention", "full_attention")
     assert c.layer_windows == (8, 8, None)
     assert (c.rope_theta, c.rope_local_theta, c.rope_scaling) == (1e6, 1e4, RopeScaling("linear", 8.0))
-    assert (c.query_pre_attn_scalar, c.final_logit_softcapping, c.eos_token_ids) == (24.0, None, (1, 106))
+    assert (c.query_pre_attn_scalar, c.final_logit_softcapping, c.eos_token_ids) == (24, None, (1, 106))
     assert ModelConfig.from_hf(c.to_hf()) == c
 
 
@@ -280,7 +280,7 @@ def test_gemma3_defaults_are_transformers_defaults():
                                    "num_hidden_layers", "num_attention_heads")}
     c = ModelConfig.from_hf({**bare, "num_hidden_layers": 7})
     assert (c.head_dim, c.n_kv_heads, c.query_pre_attn_scalar, c.sliding_window, c.tie_word_embeddings) == (
-        256, 4, 256.0, 4096, True)
+        256, 4, 256, 4096, True)
     # sliding_window_pattern 6: layer i is global iff (i + 1) % 6 == 0
     assert c.layer_windows == (4096,) * 5 + (None, 4096)
     assert (c.rope_theta, c.rope_local_theta, c.rope_scaling) == (1e6, 1e4, None)
@@ -297,6 +297,7 @@ def test_gemma3_defaults_are_transformers_defaults():
      ("sliding_attention", "linear")),
     (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}), ("rope_parameters",)),
     (dict(query_pre_attn_scalar=0), ("query_pre_attn_scalar",)),
+    (dict(query_pre_attn_scalar=24.5), ("query_pre_attn_scalar",)),
 ])
 def test_gemma3_refusals(changes, names):
     refused(with_changes(GEMMA3, **changes), *names)
