@@ -292,6 +292,7 @@ def test_gemma3_defaults_are_transformers_defaults():
     (dict(hidden_activation="relu"), ("hidden_activation", "relu")),
     (dict(layer_types=["sliding_attention", "chunked_attention", "full_attention"]), ("layer_types",)),
     (dict(layer_types=["full_attention"]), ("layer_types",)),
+    (dict(layer_types="sliding_attention"), ("layer_types",)),
     (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                            "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
      ("sliding_attention", "linear")),
