@@ -79,7 +79,8 @@ class LayerWeights:
 class Transformer:
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype="float32",
                  backend: Optional[str | Backend] = None, attention: Optional[str] = None,
-                 tokenizer=None, source: Optional[Path] = None, generation_config=None):
+                 tokenizer=None, source: Optional[Path] = None, generation_config=None,
+                 _take_weights: bool = False):
         dtype = model_dtype(dtype)
         self.config = config
         self.dtype = dtype
@@ -93,8 +94,15 @@ class Transformer:
         self.source = source
         # The checkpoint's generation_config.json (stop ids, default sampling), or None.
         self.generation_config = generation_config
-        # Canonical weights on the host, in the model dtype (what save() and conversions use).
-        self.weights = {name: np.ascontiguousarray(w, dtype=dtype) for name, w in weights.items()}
+        # Canonical weights on the host, in the model dtype (what save() and conversions use). load()
+        # hands its dict over (_take_weights): the model keeps that very dict, so each weight that
+        # _prepare replaces by a view of its prepared copy is freed at once (loading peaks near one copy).
+        if _take_weights:
+            for name, w in weights.items():
+                weights[name] = np.ascontiguousarray(w, dtype=dtype)
+            self.weights = weights
+        else:
+            self.weights = {name: np.ascontiguousarray(w, dtype=dtype) for name, w in weights.items()}
         self._prepare()
 
     # ------------------------------------------------------------ set-up
@@ -109,6 +117,8 @@ class Transformer:
 
         def fused(names):
             # (out, in) projections side by side as one (in, sum of outs) matrix.
+            if len(names) == 1:
+                return dev(np.ascontiguousarray(w[names[0]].T))
             return dev(np.ascontiguousarray(np.concatenate([w[n] for n in names], axis=0).T))
 
         def fused_bias(names):
@@ -121,6 +131,9 @@ class Transformer:
             rows = [w[p + "attn.q_norm.weight"]] * cfg.n_heads + [w[p + "attn.k_norm.weight"]] * cfg.n_kv_heads
             return dev(np.stack(rows)[:, None, :])          # (n_heads + n_kv_heads, 1, head_dim)
 
+        # On the host (NumPy arrays) the canonical weights become views of the prepared ones: each
+        # weight is held once. (On a GPU the prepared copy lives on the device, the canonical on the host.)
+        share = self.backend.xp is np
         self.layers: list[LayerWeights] = []
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
@@ -136,11 +149,15 @@ class Transformer:
                 qk_norm=qk_norm(p), post_attn_norm=get(p + "post_attn_norm.weight"),
                 post_mlp_norm=get(p + "post_mlp_norm.weight"),
             ))
+            if share:
+                self._share_layer(p, self.layers[-1])
         self.embed = get("embed.weight")
         self.pos_embed = get("pos_embed.weight")
         self.final_norm, self.final_norm_bias = get("final_norm.weight"), get("final_norm.bias")
         head = "embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         self.lm_head = fused([head])
+        if share and not cfg.tie_word_embeddings:
+            w["lm_head.weight"] = self.lm_head.T
         # Each layer's own attention window (None: full causal attention) and the RoPE table it reads.
         self.layer_windows = list(cfg.layer_windows)
         self.layer_rope = ["sliding_attention" if cfg.is_gemma3 and t == "sliding_attention" else "full_attention"
@@ -160,6 +177,28 @@ class Transformer:
         self.embed_scale = self.dtype.type(np.sqrt(cfg.hidden_size)) if cfg.is_gemma3 else None
         self.q_scale = (self.dtype.type(np.sqrt(cfg.head_dim / cfg.query_pre_attn_scalar))
                         if cfg.query_pre_attn_scalar not in (None, cfg.head_dim) else None)
+
+    def _share_layer(self, p: str, layer: LayerWeights) -> None:
+        """Point layer ``p``'s canonical (out, in) weights at views of its prepared (in, out) arrays:
+        W_q = qkv[:, :H hd].T, W_k and W_v the next column blocks, W_o = o.T, W_gate | W_up = mlp_in's
+        column blocks transposed, W_down = mlp_down.T. The replaced arrays are freed unless the caller
+        still holds them."""
+        cfg, w = self.config, self.weights
+
+        def split(prefix, names, fused, fused_bias, sizes):
+            start = 0
+            for name, size in zip(names, sizes):
+                w[f"{prefix}{name}.weight"] = fused[:, start:start + size].T        # (out, in) view
+                if fused_bias is not None:
+                    w[f"{prefix}{name}.bias"] = fused_bias[start:start + size]
+                start += size
+
+        q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        split(p + "attn.", "qkv", layer.qkv, layer.qkv_bias, (q_out, kv_out, kv_out))
+        w[p + "attn.o.weight"] = layer.o.T
+        mlp_in = ("up",) if self.is_gpt2 else ("gate", "up")
+        split(p + "mlp.", mlp_in, layer.mlp_in, layer.mlp_in_bias, (cfg.intermediate_size,) * len(mlp_in))
+        w[p + "mlp.down.weight"] = layer.mlp_down.T
 
     @property
     def rope_cos(self):
@@ -507,4 +546,4 @@ def load(path=None, *, dtype: str = "float32", backend: Optional[str] = None,
     config, weights = load_checkpoint(folder, dtype=dtype)
     return Transformer(config, weights, dtype=dtype, backend=backend, attention=attention,
                        tokenizer=tokenizer_for(folder, config.vocab_size), source=folder,
-                       generation_config=read_generation_config(folder))
+                       generation_config=read_generation_config(folder), _take_weights=True)

@@ -459,3 +459,17 @@ def test_weights_are_converted_once_to_the_requested_dtype(name, dtype):
     if config.uses_rope:
         prepared += [model.rope_cos, model.rope_sin]
     assert all(np.asarray(a).dtype == np.dtype(dtype) for a in prepared)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias", "gpt2"])
+def test_the_model_holds_each_weight_once(name):
+    """On the host the canonical weights are views of the prepared (fused, transposed) arrays, with the
+    values read from the file: loading a checkpoint does not leave two copies of it in memory."""
+    model = minikv.load(FIXTURE_ROOT / name, dtype="float64")
+    _, fresh = load_checkpoint(FIXTURE_ROOT / name, dtype="float64")
+    prepared = [a for a in (model.embed, model.pos_embed, model.lm_head, model.final_norm, model.final_norm_bias)
+                if a is not None] + [a for layer in model.layers for a in vars(layer).values()
+                                              if a is not None]
+    for tensor_name, tensor in model.weights.items():
+        assert np.array_equal(tensor, fresh[tensor_name]), tensor_name
+        assert any(np.shares_memory(tensor, array) for array in prepared), f"{tensor_name} is a second copy"
