@@ -176,6 +176,13 @@ class ModelConfig:
         return self.max_position_embeddings
 
     @property
+    def max_positions_name(self) -> str:
+        """Where max_positions comes from, for error messages."""
+        if self.max_positions == self.max_position_embeddings:
+            return "max_position_embeddings"
+        return f"dynamic RoPE factor {self.rope_scaling.factor:g} x max_position_embeddings"
+
+    @property
     def n_groups(self) -> int:
         """Query heads per key/value head (1 = multi-head, n_heads = multi-query attention)."""
         return self.n_heads // self.n_kv_heads

@@ -307,7 +307,8 @@ class Stream:
             room = limit - (int(needed[worst]) - self.max_new_tokens)
             fix = (f"pass max_new_tokens<={room}" if room >= 1 else
                    f"shorten the prompt so that prompt + max_new_tokens - 1 <= {limit - held}")
-            raise SequenceTooLongError(f"{what} but the model has max_position_embeddings={limit}; {fix}")
+            raise SequenceTooLongError(f"{what} but the model has {self.model.config.max_positions_name}={limit}; "
+                                       f"{fix}")
         if self.cache is not None and needed[worst] > self.cache.capacity:
             room = self.max_new_tokens - int(needed[worst]) + self.cache.capacity
             fix = f"max_seq_len>={int(needed[worst])}" + (f" or max_new_tokens<={room}" if room >= 1 else "")

@@ -384,7 +384,7 @@ class Transformer:
         if highest >= cfg.max_positions:
             raise SequenceTooLongError(
                 f"position {highest} is beyond the model's maximum of "
-                f"{cfg.max_positions} positions ({_limit_name(cfg)}); shorten the input to at most "
+                f"{cfg.max_positions} positions ({cfg.max_positions_name}); shorten the input to at most "
                 f"{cfg.max_positions} tokens"
             )
         # Padding columns may run past the table: clamp them to the highest real position (their outputs
@@ -522,12 +522,6 @@ class Transformer:
         return (f"<minikv Transformer {c.model_type}: {c.n_layers} layers, d={c.hidden_size}, heads {c.n_heads}/"
                 f"{c.n_kv_heads} kv, vocab {c.vocab_size}, {self.n_parameters / 1e6:.2f}M params, "
                 f"{self.dtype.name}, backend {self.backend.name!r}>")
-
-
-def _limit_name(cfg: ModelConfig) -> str:
-    if cfg.max_positions == cfg.max_position_embeddings:
-        return "max_position_embeddings"
-    return f"dynamic RoPE factor {cfg.rope_scaling.factor:g} x max_position_embeddings {cfg.max_position_embeddings}"
 
 
 BUNDLED_MODEL = Path(__file__).parent / "data" / "tiny-fortunes"

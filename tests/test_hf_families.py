@@ -245,3 +245,9 @@ def test_numba_backend_matches_transformers(name):
     assert diff < FLOAT32_TOL
     out = model.generate(expected["input_ids"].tolist(), max_new_tokens=8, temperature=0.0, cache="paged")
     assert out.tokens == expected["generated"].tolist()
+
+
+def test_generation_past_the_dynamic_limit_names_it():
+    model = model_for("llama_rope_dynamic", "float64")
+    with pytest.raises(minikv.SequenceTooLongError, match="dynamic RoPE factor 4 x max_position_embeddings=64"):
+        model.generate([[1] * 60], max_new_tokens=10)
