@@ -505,8 +505,9 @@ def _rope(hf: dict[str, Any], model_type: str, max_positions: int
             full.update(hf["rope_scaling"])
         full.setdefault("rope_theta", hf.get("rope_theta", defaults["rope_theta"]))
         local.setdefault("rope_theta", hf.get("rope_local_base_freq", defaults["rope_local_base_freq"]))
-        theta, scaling = _rope_spec(full, "rope_parameters.full_attention", hf, max_positions)
-        local_theta, local_scaling = _rope_spec(local, "rope_parameters.sliding_attention", hf, max_positions)
+        # Nested per layer type, transformers ignores a top-level original_max_position_embeddings: pass {}.
+        theta, scaling = _rope_spec(full, "rope_parameters.full_attention", {}, max_positions)
+        local_theta, local_scaling = _rope_spec(local, "rope_parameters.sliding_attention", {}, max_positions)
         if local_scaling is not None:
             raise ConfigError(f"rope_parameters.sliding_attention.rope_type={local_scaling.rope_type!r} is not "
                               "supported: minikv scales RoPE of the full-attention layers only")
