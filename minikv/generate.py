@@ -248,6 +248,14 @@ class Stream:
         if speculative is None and num_speculative_tokens is not None:
             raise ConfigError(f"num_speculative_tokens={num_speculative_tokens!r} applies to speculative decoding; "
                               "pass speculative=\"prompt_lookup\" or a draft model too")
+        scaling = model.config.rope_scaling
+        if scaling is not None and scaling.rope_type == "dynamic" and (speculative is not None or prefill_chunk):
+            # Dynamic NTK rotates each forward call by that call's length (as transformers does): verifying
+            # k drafted tokens in one call, or prefilling in chunks, would rotate differently from plain decoding.
+            what = "speculative decoding" if speculative is not None else f"prefill_chunk={prefill_chunk}"
+            raise ConfigError(f"{what} is not supported with dynamic NTK RoPE (rope_scaling rope_type 'dynamic'): "
+                              "its frequencies depend on each forward call's length, so the tokens would differ "
+                              "from plain generation")
         if speculative is not None:
             self._start_speculative(speculative, num_speculative_tokens, cache, cache_dtype, cache_options)
         self.stats = GenerationStats(batch_size=len(self.prompts),

@@ -251,3 +251,18 @@ def test_generation_past_the_dynamic_limit_names_it():
     model = model_for("llama_rope_dynamic", "float64")
     with pytest.raises(minikv.SequenceTooLongError, match="dynamic RoPE factor 4 x max_position_embeddings=64"):
         model.generate([[1] * 60], max_new_tokens=10)
+
+
+@pytest.mark.parametrize("options", [{"speculative": "prompt_lookup"}, {"prefill_chunk": 8}])
+def test_dynamic_ntk_refuses_multi_token_calls_that_would_change_the_rotation(options):
+    """Dynamic NTK's frequencies depend on each call's length: speculative verification (k+1 tokens per
+    call) or a chunked prefill would silently give other tokens than plain generation; both are refused."""
+    model = model_for("llama_rope_dynamic", "float64")
+    ids = read_expected("llama_rope_dynamic")["input_ids"][:1].tolist()
+    with pytest.raises(minikv.ConfigError, match="dynamic"):
+        model.generate(ids, max_new_tokens=4, temperature=0.0, **options)
+    # A model without dynamic scaling takes the same options (and gives the plain tokens).
+    plain = model_for("llama_rope_yarn", "float64")
+    yarn_ids = read_expected("llama_rope_yarn")["input_ids"][:1].tolist()
+    assert (plain.generate(yarn_ids, max_new_tokens=4, temperature=0.0, **options).tokens
+            == plain.generate(yarn_ids, max_new_tokens=4, temperature=0.0).tokens)
