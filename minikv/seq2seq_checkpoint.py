@@ -276,50 +276,8 @@ def _ignorable(name: str, config: Seq2SeqConfig) -> bool:
 
 
 # ---------------------------------------------------------------- reading
-
-_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": "bfloat16"}
-
-
-def read_safetensors_any(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a NumPy array, bfloat16 included.
-
-    The format is 8 bytes (little-endian header size n), n bytes of JSON ({name: {dtype, shape,
-    data_offsets}}), then the raw bytes. NumPy has no bfloat16, but a bfloat16 is the top 16 bits of
-    a float32: ``(uint16 as uint32) << 16`` viewed as float32 is the same number, exactly."""
-    try:
-        data = np.memmap(path, dtype=np.uint8, mode="r")      # mapped, not read: one copy, made by the caller
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} could not be read: {exc}") from None
-    try:
-        n = int(data[:8].view("<u8")[0])
-        header = json.loads(data[8:8 + n].tobytes())
-    except (ValueError, IndexError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file (bad header): {exc}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a readable safetensors file (its header is not a JSON object)")
-    body = data[8 + n:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            kind, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-        if kind not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {kind}; minikv reads F32, F16, BF16 and F64")
-        count = int(np.prod(shape, dtype=np.int64))
-        itemsize = 2 if kind in ("F16", "BF16") else np.dtype(_DTYPES[kind]).itemsize
-        if end - start != count * itemsize or end > len(body) or start < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} ({kind} {list(shape)}) needs {count * itemsize} bytes "
-                                  f"at {start}..{end} but the file holds {len(body)} (truncated or corrupt?)")
-        raw = body[start:end]
-        if kind == "BF16":
-            array = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            array = raw.view(np.dtype(_DTYPES[kind]).newbyteorder("<"))
-        tensors[name] = array.reshape(shape)
-    return tensors
+# The weights are read by minikv.checkpoint.read_safetensors (one reader for every model: float32,
+# float64, float16 and bfloat16, tensor by tensor, float8 and the rest refused by name).
 
 
 def is_seq2seq_folder(folder: Path) -> bool:
@@ -332,7 +290,7 @@ def is_seq2seq_folder(folder: Path) -> bool:
 
 def load_seq2seq_checkpoint(path, dtype="float32") -> tuple[Seq2SeqConfig, dict[str, np.ndarray]]:
     """Read a T5/BART checkpoint folder into (config, weights with canonical names, in ``dtype``)."""
-    from .checkpoint import CONFIG_FILE, _weight_files
+    from .checkpoint import CONFIG_FILE, _weight_files, read_safetensors
 
     folder = Path(path)
     if not folder.is_dir():
@@ -352,7 +310,7 @@ def load_seq2seq_checkpoint(path, dtype="float32") -> tuple[Seq2SeqConfig, dict[
     config = Seq2SeqConfig.from_hf(hf, generation if isinstance(generation, dict) else None)
     raw: dict[str, np.ndarray] = {}
     for file in _weight_files(folder):
-        for name, tensor in read_safetensors_any(file).items():
+        for name, tensor in read_safetensors(file, dtype=np.dtype(dtype)).items():
             if name in raw:
                 raise CheckpointError(f"tensor {name!r} appears twice in {folder}")
             raw[name] = tensor
