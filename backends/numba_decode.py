@@ -173,10 +173,10 @@ def rms_norm_rows(x, weight, eps, out):
 
 
 @njit(**_SERIAL)    # its parallel loops are those of project(), which is compiled parallel itself
-def decode_layer_in(x, norm, eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin, positions, interleaved,
+def decode_layer_in(x, norm, eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin, interleaved,
                     n_rope_heads, head_dim, h, qkv):
     """h = rms_norm(x); qkv (rows, (H + 2 KV) hd) = h W_qkv (+ b); RoPE on the first n_rope_heads heads
-    (q and k) of each row at that row's position. cos, sin: the model's (max_pos, hd / 2) tables."""
+    (q and k) of each row. cos, sin (rows, hd / 2): each row's own position's angles."""
     rms_norm_rows(x, norm, eps, h)
     project(w_qkv, s_qkv, g_qkv, h, qkv)
     rows = x.shape[0]
@@ -185,7 +185,6 @@ def decode_layer_in(x, norm, eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin,
         if has_bias:
             for c in range(qkv.shape[1]):
                 qkv[r, c] += bias[c]
-        p = positions[r]
         for head in range(n_rope_heads):
             base = head * head_dim
             for i in range(half):
@@ -195,8 +194,8 @@ def decode_layer_in(x, norm, eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin,
                     a, b = base + i, base + i + half
                 x1 = qkv[r, a]
                 x2 = qkv[r, b]
-                qkv[r, a] = x1 * cos[p, i] - x2 * sin[p, i]
-                qkv[r, b] = x1 * sin[p, i] + x2 * cos[p, i]
+                qkv[r, a] = x1 * cos[r, i] - x2 * sin[r, i]
+                qkv[r, b] = x1 * sin[r, i] + x2 * cos[r, i]
 
 
 @njit(**_KERNEL)
@@ -311,6 +310,12 @@ def _supported(model) -> bool:
     if (cfg.model_type not in SUPPORTED_MODEL_TYPES or model.is_gpt2 or not model.uses_rope
             or model.dtype != np.float32 or model.pos_embed is not None):
         return False
+    # What the llama block does not have (Gemma's embedding scale, query scale, logit soft-capping, a
+    # second RoPE table): left to the generic path, whatever the model type says.
+    if (getattr(model, "embed_scale", None) is not None or getattr(model, "q_scale", None) is not None
+            or getattr(cfg, "final_logit_softcapping", None) is not None
+            or set(getattr(model, "rope_tables", {"full_attention": None})) != {"full_attention"}):
+        return False
     for layer in model.layers:
         for field in fields(layer):
             value = getattr(layer, field.name)
@@ -364,7 +369,10 @@ class DecodeStep:
         model, n_heads, n_kv, head_dim = self.model, self.n_heads, self.n_kv, self.head_dim
         d = model.config.hidden_size
         x = np.ascontiguousarray(model.embed[ids[:, 0]])                  # (rows, d)
-        position = np.ascontiguousarray(positions[:, 0])                  # (rows,)
+        # (rows, 1) positions -> (rows, 1, hd/2) angles -> (rows, hd/2); the table grows as the generic
+        # path's would (and dynamic NTK rotates by this call's length, as there)
+        cos, sin = model.rope_tables["full_attention"].lookup(positions, int(positions.max()))
+        cos, sin = np.ascontiguousarray(cos[:, 0]), np.ascontiguousarray(sin[:, 0])
         width = (n_heads + 2 * n_kv) * head_dim
         h = np.empty((rows, d), dtype=np.float32)
         qkv = np.empty((rows, width), dtype=np.float32)
@@ -376,15 +384,15 @@ class DecodeStep:
         heads = qkv.reshape(rows, n_heads + 2 * n_kv, 1, head_dim)
         # At most the caller's numba.get_num_threads() (a benchmark or server may have lowered it).
         with numba_threads(min(threads_for(rows * self.layer_work), numba.get_num_threads())):
-            return self._layers(x, position, cache, windows, last_only, h, qkv, heads, attn, hidden, act, y)
+            return self._layers(x, cos, sin, cache, windows, last_only, h, qkv, heads, attn, hidden, act, y)
 
-    def _layers(self, x, position, cache, windows, last_only, h, qkv, heads, attn, hidden, act, y):
+    def _layers(self, x, cos, sin, cache, windows, last_only, h, qkv, heads, attn, hidden, act, y):
         model, n_heads, n_kv, head_dim = self.model, self.n_heads, self.n_kv, self.head_dim
         rows = x.shape[0]
         for index, (norm, (w_qkv, s_qkv, g_qkv), bias, has_bias, (w_o, s_o, g_o), mlp_norm,
                     (w_in, s_in, g_in), (w_down, s_down, g_down)) in enumerate(self.layers):
-            decode_layer_in(x, norm, self.eps, w_qkv, s_qkv, g_qkv, bias, has_bias, model.rope_cos, model.rope_sin,
-                            position, self.interleaved, n_heads + n_kv, head_dim, h, qkv)
+            decode_layer_in(x, norm, self.eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin, self.interleaved,
+                            n_heads + n_kv, head_dim, h, qkv)
             view = cache.update(index, heads[:, n_heads:n_heads + n_kv], heads[:, n_heads + n_kv:])
             quantized_kv = view.k_scales is not None
             window = windows[index]
