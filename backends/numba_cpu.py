@@ -44,13 +44,16 @@ import numpy as np
 from minikv.backend import Backend
 from minikv.errors import BackendUnavailableError, ConfigError
 
-# Numba's OpenMP thread pool spins between parallel regions by default. A decode step opens ~40 regions,
-# and on a machine with more runnable threads than cores a spinning worker steals the core its peer
-# needs: measured on 2 shared cores (load ~10), the compiled decode step of `mid` on 2 threads took
-# 170-780 ms with spinning workers and 10-11 ms with sleeping ones (1 thread: 12-46 ms). Sleeping
-# costs a futex wake per region on a quiet machine. Read by libgomp when it loads, so set before any
-# parallel kernel runs; an explicit OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Numba's OpenMP (libgomp) workers spin between parallel regions, by default for ~300,000 iterations,
+# before they sleep. A decode step opens ~40 regions a few microseconds apart, so a short spin catches
+# the next region, but a long one steals the core that a peer (OpenBLAS's threads, another process)
+# needs. Measured on 2 shared cores, `mid`'s compiled decode step on 2 threads (benchmarks/results/
+# quant_decode.md): under load ~10, default spinning 170-780 ms/step, no spinning (OMP_WAIT_POLICY=
+# PASSIVE) 10-11 ms; under load ~3, no spinning 10.9 ms, spinning forever 7.4 ms (but NumPy's BLAS in
+# the same process slowed from 6.2 to 15 ms), GOMP_SPINCOUNT=10000 7.35 ms with BLAS at 6.2 ms. Read by
+# libgomp when it loads, so set before any parallel kernel runs; either variable set by the user wins.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "10000"
 
 try:
     import numba

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import os
 
-# Both OpenMP runtimes (Numba's pool, torch's intra-op pool) sleep between parallel regions instead of
-# spinning: on a shared machine spinning workers make every multi-threaded engine erratic (see the note
-# in backends/numba_cpu.py). Set before numba or torch loads libgomp; the same policy for both engines.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Both OpenMP runtimes (Numba's pool, torch's intra-op pool) spin only briefly between parallel regions:
+# on a shared machine long-spinning workers make every multi-threaded engine erratic (see the note in
+# backends/numba_cpu.py). Set before numba or torch loads libgomp; the same policy for both engines.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "10000"
 
 import argparse  # noqa: E402
 import json
@@ -149,6 +150,7 @@ def run(args) -> dict:
     report["summary"] = summary(report)
     report["blas"] = blas_info()
     report["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    report["gomp_spincount"] = os.environ.get("GOMP_SPINCOUNT")
     return report
 
 
@@ -175,7 +177,7 @@ def markdown(report: dict, info: dict) -> str:
            f"Machine: {machine_line(info)}. **Shared machine** (other jobs running: see the load average): "
            "absolute figures are noisy; the ratios are measured in the same run, engines interleaved.",
            f"BLAS and OpenMP runtimes (threadpoolctl): {json.dumps(report['blas'])}; "
-           f"OMP_WAIT_POLICY={report.get('omp_wait_policy')}",
+           f"OMP_WAIT_POLICY={report.get('omp_wait_policy')}, GOMP_SPINCOUNT={report.get('gomp_spincount')}",
            "",
            f"Prompt {report['prompt']} + {report['new_tokens']} new tokens, greedy, median of "
            f"{report['repeats']} repeats.", ""]
