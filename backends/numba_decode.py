@@ -363,8 +363,11 @@ class DecodeStep:
 
     def __call__(self, ids, positions, n_new, cache, windows, last_only):
         rows = ids.shape[0]
-        if (cache.kind not in self.CACHE_KINDS or rows > MAX_ROWS or (n_new != 1).any()
-                or cache.dtype.name not in ("float32", "int8")):
+        # Any object keeping the cache protocol may arrive (the serving engine's store): only the
+        # kinds and dtypes this step knows are taken.
+        dtype = getattr(cache, "dtype", None)
+        if (getattr(cache, "kind", None) not in self.CACHE_KINDS or rows > MAX_ROWS or (n_new != 1).any()
+                or getattr(dtype, "name", None) not in ("float32", "int8")):
             return None
         model, n_heads, n_kv, head_dim = self.model, self.n_heads, self.n_kv, self.head_dim
         d = model.config.hidden_size
