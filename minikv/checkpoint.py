@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional
 
 import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .validate import read_json, regular_file
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -137,22 +138,43 @@ def _normalise_hf_name(name: str, config: ModelConfig) -> str:
 # ---------------------------------------------------------------- reading
 
 
+def _exists(path: Path) -> bool:
+    # A dangling symlink or an unreadable entry still "exists" here, so that it is reported, not skipped.
+    return path.exists() or path.is_symlink()
+
+
+def _shard_name_is_local(name: str) -> bool:
+    """A shard name must stay inside the folder, judged on the name alone (no resolving): no absolute
+    path, no drive, no '..'. Symlinks are not followed here, so the Hugging Face cache layout (snapshot
+    files that link into ../../blobs) keeps working."""
+    if not name or "\0" in name:
+        return False
+    for pure in (PurePosixPath(name), PureWindowsPath(name)):
+        if pure.is_absolute() or pure.drive or pure.root or ".." in pure.parts:
+            return False
+    return True
+
+
 def _weight_files(folder: Path) -> list[Path]:
     single, index = folder / WEIGHTS_FILE, folder / INDEX_FILE
-    if single.exists():
-        return [single]
-    if index.exists():
+    if _exists(single):
+        return [regular_file(single, "weights file", CheckpointError)]
+    if _exists(index):
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            weight_map = read_json(index, "safetensors index", CheckpointError)["weight_map"]
+        except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {exc}") from None
         if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map each tensor name to a shard file name")
         shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).exists()]
+        outside = [s for s in shards if not _shard_name_is_local(s)]
+        if outside:
+            raise CheckpointError(f"{index} names shard(s) {outside[:3]} outside the checkpoint folder; a shard "
+                                  "name must be a relative path without '..'")
+        missing = [s for s in shards if not _exists(folder / s)]
         if missing:
-            raise CheckpointError(f"{index} names shard(s) {missing} that are not in {folder}")
-        return [folder / s for s in shards]
+            raise CheckpointError(f"{index} names shard(s) {missing[:5]} that are not in {folder}")
+        return [regular_file(folder / s, "shard", CheckpointError) for s in shards]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
         raise CheckpointError(
             f"{folder} holds only pickle weights (.bin/.pt); minikv never unpickles. Convert them to safetensors "
@@ -166,6 +188,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    path = regular_file(path, "safetensors file", CheckpointError)
     try:
         return load_file(str(path))
     except SafetensorError as exc:
@@ -175,6 +198,10 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(
             f"{path} could not be read as NumPy arrays ({exc}); if it is bfloat16, re-save it as float16 or float32"
         ) from None
+    except AttributeError as exc:
+        # A dtype NumPy has no name for (float8_e4m3fn, ...): safetensors' numpy loader asks np for it.
+        raise CheckpointError(f"{path} holds a tensor dtype NumPy cannot represent ({exc}); re-save the "
+                              "checkpoint as float32 or float16") from None
     except OSError as exc:
         raise CheckpointError(f"{path} could not be read: {exc}") from None
 
@@ -184,7 +211,7 @@ def load_checkpoint(path: str | Path, dtype="float32") -> tuple[ModelConfig, dic
 
     Weights are converted to ``dtype`` here, once."""
     folder = Path(path)
-    if not folder.is_dir():
+    if "\0" in str(folder) or not folder.is_dir():
         raise CheckpointError(f"checkpoint path {folder} is not a folder (it needs config.json and model.safetensors)")
     config = ModelConfig.from_json(folder / CONFIG_FILE)
     dtype = np.dtype(dtype)
@@ -204,6 +231,7 @@ def weights_from_hf(raw: dict[str, np.ndarray], config: ModelConfig, dtype=np.fl
                     source: str = "checkpoint") -> dict[str, np.ndarray]:
     """Translate HF-named tensors to minikv's names and layouts, checking every name and shape."""
     dtype = np.dtype(dtype)
+    _check_tensor_count(raw, config, source)
     table = tensor_table(config)
     known = {row.hf for row in table}
     unexpected = [n for n in raw if n not in known and not n.endswith(IGNORED_SUFFIXES)
@@ -241,6 +269,21 @@ def weights_from_hf(raw: dict[str, np.ndarray], config: ModelConfig, dtype=np.fl
     return weights
 
 
+# The fewest tensors one layer can have (llama: two norms and seven projections; gpt2: twelve).
+MIN_TENSORS_PER_LAYER = {"llama": 9, "gpt2": 12}
+
+
+def _check_tensor_count(raw: dict[str, np.ndarray], config: ModelConfig, source: str) -> None:
+    """Compare the config's layer count with the tensors present before building any per-layer table: a
+    config saying num_hidden_layers=10**9 must fail here, not after a table of 10**10 rows."""
+    needed = config.n_layers * MIN_TENSORS_PER_LAYER[config.family]
+    if needed > len(raw):
+        raise CheckpointError(
+            f"config says {config.n_layers} layers (at least {needed} tensors) but {source} holds only {len(raw)} "
+            "tensors; is config.json from another model?"
+        )
+
+
 def _hf_shape(row: TensorMapping, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
     parts = [shapes[name] for name in row.ours]
     fused = (sum(s[0] for s in parts),) + parts[0][1:]
@@ -265,12 +308,21 @@ def save_checkpoint(path: str | Path, config: ModelConfig, weights: dict[str, np
     from safetensors.numpy import save_file
 
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    if _exists(folder) and not folder.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {folder}: it is a file, and a checkpoint is a folder "
+                              "(config.json + model.safetensors); pass a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the checkpoint folder {folder}: {exc}") from None
     hf = weights_to_hf(weights, config)
     if dtype is not None:
         hf = {k: v.astype(dtype) for k, v in hf.items()}
     config_dict = config.to_hf()
     config_dict["torch_dtype"] = str(next(iter(hf.values())).dtype)
-    (folder / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
-    save_file(hf, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    try:
+        (folder / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
+        save_file(hf, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    except OSError as exc:
+        raise CheckpointError(f"cannot write the checkpoint to {folder}: {exc}") from None
     return folder

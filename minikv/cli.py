@@ -39,6 +39,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (a seed is a non-negative integer)")
+    return value
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -94,7 +104,7 @@ def sampling_args(p, defaults: str) -> None:
     p.add_argument("--top-p", type=_float, default=None)
     p.add_argument("--min-p", type=_float, default=None)
     p.add_argument("--repetition-penalty", type=_float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
 
 def _given_sampling(args) -> dict:

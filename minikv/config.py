@@ -16,14 +16,17 @@ implement (another ``model_type``, RoPE scaling, an odd ``head_dim`` with RoPE, 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
+from .validate import INT64_MAX, read_json
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# The largest size (layers, heads, dims, vocabulary, positions) a config may give: positions and block
+# tables are int32 in the kernels, and no real model comes near it in any dimension.
+MAX_SIZE = 2**31 - 1
 SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + ("gpt2",)
 # GPT-2's "gelu_new" is the tanh approximation; so are the other two spellings.
 GELU_TANH_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh")
@@ -106,8 +109,9 @@ class ModelConfig:
 
         def positive(name: str) -> None:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config field {spelled(name)}={value!r} must be a positive integer")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIZE:
+                raise ConfigError(f"config field {spelled(name)}={value!r} must be a positive integer "
+                                  f"<= {MAX_SIZE} (2**31 - 1)")
 
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -304,12 +308,9 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
-        try:
-            hf = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no config file at {path}; a checkpoint folder needs config.json") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); re-save it with save_pretrained") from None
+        if not path.exists() and not path.is_symlink():
+            raise ConfigError(f"no config file at {path}; a checkpoint folder needs config.json")
+        hf = read_json(path, "config file", ConfigError)
         if not isinstance(hf, dict):
             raise ConfigError(f"{path} must hold a JSON object, not {type(hf).__name__}")
         return cls.from_hf(hf)
@@ -378,6 +379,7 @@ def _single_id(hf: dict[str, Any], key: str) -> Optional[int]:
         value = value[0] if value else None
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"config.json field {key}={hf.get(key)!r} must be a non-negative integer token id or null")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+        raise ConfigError(f"config.json field {key}={hf.get(key)!r} must be a non-negative integer token id "
+                          "(< 2**63) or null")
     return value

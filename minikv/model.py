@@ -39,10 +39,13 @@ SUPPORTED_DTYPES = ("float32", "float64")
 
 
 def model_dtype(dtype) -> np.dtype:
-    """The model dtype asked for, or a ConfigError naming it (also for names NumPy does not know)."""
+    """The model dtype asked for, or a ConfigError naming it (also for names NumPy does not know).
+
+    None is refused: np.dtype(None) is float64, which would silently double the memory of a model
+    whose caller meant "the default" (float32)."""
     try:
-        resolved = np.dtype(dtype)
-    except TypeError:
+        resolved = None if dtype is None else np.dtype(dtype)
+    except (TypeError, ValueError):
         resolved = None
     if resolved is None or resolved.name not in SUPPORTED_DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {SUPPORTED_DTYPES}")

@@ -15,7 +15,8 @@ import numbers
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import BackendUnavailableError, CheckpointError, InvalidInputError
+from .errors import BackendUnavailableError, CheckpointError, InvalidInputError, TokenizerError
+from .validate import JSON_MAX_BYTES, TOKENIZER_MAX_BYTES, read_bytes
 
 
 class ByteTokenizer:
@@ -87,13 +88,24 @@ class HFTokenizer:
                 "reading tokenizer.json needs the tokenizers package: pip install 'minikv[tokenizers]'"
             ) from None
         folder = Path(folder)
-        # The files as read, so that save() writes back exactly what transformers would load.
-        self.files: dict[str, str] = {name: (folder / name).read_text(encoding="utf-8")
-                                      for name in TOKENIZER_FILES if (folder / name).is_file()}
+        # The files as read, so that save() writes back exactly what transformers would load. Each is
+        # read only if it is a regular file of sane size (a FIFO would block, /dev/zero never ends).
+        self.files: dict[str, str] = {}
+        for name in TOKENIZER_FILES:
+            path = folder / name
+            if not (path.exists() or path.is_symlink()):
+                continue
+            cap = TOKENIZER_MAX_BYTES if name == TOKENIZER_FILE else JSON_MAX_BYTES
+            data = read_bytes(path, "tokenizer file", TokenizerError, cap)
+            try:
+                self.files[name] = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TokenizerError(f"tokenizer file {path} is not UTF-8 text ({exc})") from None
         try:
             self._tok = Tokenizer.from_str(self.files[TOKENIZER_FILE])
         except Exception as exc:       # the Rust library raises a bare Exception on a bad file
-            raise CheckpointError(f"{folder / TOKENIZER_FILE} is not a tokenizers file: {exc}") from None
+            raise TokenizerError(f"{folder / TOKENIZER_FILE} is not a valid tokenizer.json ({exc}); re-save it "
+                                 "with tokenizer.save_pretrained") from None
         self.vocab_size = self._tok.get_vocab_size()
         config = _json_object(folder, TOKENIZER_CONFIG_FILE, self.files)
         legacy_map = _json_object(folder, SPECIAL_TOKENS_MAP_FILE, self.files)
@@ -134,8 +146,8 @@ def _json_object(folder: Path, name: str, files: dict[str, str]) -> dict:
         return {}
     try:
         value = json.loads(files[name])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{folder / name} is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:     # RecursionError: absurdly deep nesting
+        raise TokenizerError(f"{folder / name} is not valid JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{folder / name} must hold a JSON object, not {type(value).__name__}")
     return value
@@ -190,7 +202,9 @@ class _ReDecoder:
 
 def tokenizer_for(folder: Optional[Path], vocab_size: int):
     """The tokenizer of a checkpoint folder: its tokenizer.json, else bytes for a 256-token vocabulary."""
-    if folder is not None and (Path(folder) / TOKENIZER_FILE).exists():
+    tokenizer_json = None if folder is None else Path(folder) / TOKENIZER_FILE
+    # A dangling link counts as present: it is reported (TokenizerError), never silently skipped.
+    if tokenizer_json is not None and (tokenizer_json.exists() or tokenizer_json.is_symlink()):
         return HFTokenizer(folder)
     if vocab_size == 256:
         return ByteTokenizer()
