@@ -1,0 +1,402 @@
+"""Hostile files and bad arguments (issue 18): each is a named MinikvError, fast, and changes nothing.
+
+What is proven here
+-------------------
+* The loader opens regular files only: a FIFO as config, weights or shard, a config that is a symlink
+  to /dev/zero, a directory where a file belongs are a ConfigError/CheckpointError within a second
+  (a FIFO would otherwise block forever: each such test runs under an alarm that fails it instead).
+  Symlinks to regular files (the Hugging Face cache's snapshot -> blobs layout) still load.
+* JSON is read with a size cap; invalid UTF-8, deep nesting, and absurd numbers are named errors.
+* Sizes are checked before any per-layer work: num_hidden_layers=10**12, n_layer=2**64 and
+  max_position_embeddings=10**12 are ConfigErrors; 10**6 layers with two layers of tensors is a
+  CheckpointError before any table of 10**6 rows is built.
+* Shard names outside the folder (absolute, '..') are refused lexically, even when the file exists.
+* eos ids beyond int64, a float8 tensor, a corrupt tokenizer.json: named errors; the CLI prints one
+  line and no traceback for them and for --seed -1.
+* generate refuses a bad seed, rng, stop token, prompt id, max_new_tokens, cache option before it
+  writes to any cache: a caller's cache is bit for bit what it was.
+* A stream re-checks its cache when iterated and at every step.
+* load(dtype=None), saving over a file: named errors; saving into a missing folder creates it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import minikv
+from minikv.errors import (CacheMismatchError, CacheOverflowError, CheckpointError, ConfigError, InvalidInputError,
+                           MinikvError, SequenceTooLongError, TokenizerError)
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE_ROOT = ROOT / "tests" / "fixtures" / "hf"
+BUNDLED = ROOT / "minikv" / "data" / "tiny-fortunes"
+
+
+def copy_checkpoint(source: Path, tmp_path: Path, name: str = "ckpt") -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        shutil.copy(source / file, folder / file)
+    return folder
+
+
+def edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@contextmanager
+def within(seconds: float):
+    """Fail (instead of hanging the suite) when the block takes longer than ``seconds``."""
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"took longer than {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def load_refused(folder: Path, error=CheckpointError, match=None) -> str:
+    with within(10), pytest.raises(error, match=match) as info:
+        minikv.load(folder)
+    return str(info.value)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return minikv.load(FIXTURE_ROOT / "llama_gqa", dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return minikv.load()
+
+
+# ---------------------------------------------------------------- files that are not regular files
+
+
+def test_fifo_as_config_is_a_config_error_not_a_hang(tmp_path):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
+    assert "FIFO" in load_refused(folder, ConfigError)
+
+
+def test_fifo_as_weights_is_a_checkpoint_error_not_a_hang(tmp_path):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")
+    assert "FIFO" in load_refused(folder)
+
+
+def test_fifo_as_shard_is_a_checkpoint_error_not_a_hang(tmp_path):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    names = list(load_file(str(folder / "model.safetensors")))
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "shard.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "shard.safetensors" for n in names}}))
+    assert "FIFO" in load_refused(folder)
+
+
+def test_config_linked_to_dev_zero_is_refused_at_once(tmp_path):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    (folder / "config.json").unlink()
+    (folder / "config.json").symlink_to("/dev/zero")
+    assert "device" in load_refused(folder, ConfigError)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_directory_where_a_file_belongs_is_a_named_error(tmp_path, name):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    (folder / name).unlink()
+    (folder / name).mkdir()
+    assert "directory" in load_refused(folder, (ConfigError, CheckpointError))
+
+
+def test_directory_as_shard_is_a_checkpoint_error(tmp_path):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    names = list(load_file(str(folder / "model.safetensors")))
+    (folder / "model.safetensors").unlink()
+    (folder / "shard").mkdir()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "shard" for n in names}}))
+    assert "directory" in load_refused(folder)
+
+
+def test_symlinks_into_a_blob_store_still_load(tmp_path):
+    """The Hugging Face cache layout: snapshots/<rev>/config.json -> ../../blobs/<hash>."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    snapshot = tmp_path / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(("config.json", "model.safetensors")):
+        shutil.copy(FIXTURE_ROOT / "llama_gqa" / file, blobs / f"hash{i}")
+        (snapshot / file).symlink_to(Path("..") / ".." / "blobs" / f"hash{i}")
+    linked = minikv.load(snapshot, dtype="float64")
+    plain = minikv.load(FIXTURE_ROOT / "llama_gqa", dtype="float64")
+    ids = np.array([[1, 2, 3]])
+    np.testing.assert_array_equal(linked.forward(ids), plain.forward(ids))
+
+
+# ---------------------------------------------------------------- JSON: size, encoding, nesting
+
+
+def test_config_larger_than_the_json_cap_is_refused_without_reading_it_all(tmp_path):
+    from minikv.validate import JSON_MAX_BYTES
+
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    with open(folder / "config.json", "r+b") as handle:    # sparse: no disk, no time
+        handle.truncate(JSON_MAX_BYTES + 10)
+    assert "larger than" in load_refused(folder, ConfigError)
+
+
+def test_invalid_utf8_config_is_a_config_error(tmp_path):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    (folder / "config.json").write_bytes(b'{"model_type": "ll\xff\xfeama"}')
+    assert "UTF-8" in load_refused(folder, ConfigError)
+
+
+@pytest.mark.parametrize("file, error", [("config.json", ConfigError), ("model.safetensors.index.json", CheckpointError)])
+def test_deeply_nested_json_is_a_named_error_not_a_recursion_error(tmp_path, file, error):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    if file != "config.json":
+        (folder / "model.safetensors").unlink()
+    (folder / file).write_text("[" * 200_000 + "]" * 200_000)
+    assert "nested too deeply" in load_refused(folder, error)
+
+
+def test_an_integer_of_ten_thousand_digits_is_a_config_error(tmp_path):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    text = (folder / "config.json").read_text().replace('"vocab_size": 97', '"vocab_size": ' + "9" * 10_000)
+    (folder / "config.json").write_text(text)
+    load_refused(folder, ConfigError)
+
+
+# ---------------------------------------------------------------- sizes before per-layer work
+
+
+@pytest.mark.parametrize("source, field, value", [
+    ("llama_gqa", "num_hidden_layers", 10**12),
+    ("gpt2", "n_layer", 2**64),
+    ("llama_gqa", "max_position_embeddings", 10**12),
+    ("llama_gqa", "vocab_size", 2**40),
+])
+def test_sizes_that_cannot_be_represented_are_config_errors(tmp_path, source, field, value):
+    folder = copy_checkpoint(FIXTURE_ROOT / source, tmp_path)
+    edit_config(folder, **{field: value})
+    assert field in load_refused(folder, ConfigError)
+
+
+@pytest.mark.parametrize("source, field", [("llama_gqa", "num_hidden_layers"), ("gpt2", "n_layer")])
+def test_a_million_layers_fail_on_the_tensor_count_before_any_table(tmp_path, source, field, monkeypatch):
+    import minikv.checkpoint as checkpoint
+
+    def no_table(config):
+        raise AssertionError("a per-layer table was built before the layer count was compared with the files")
+
+    monkeypatch.setattr(checkpoint, "tensor_table", no_table)
+    monkeypatch.setattr(checkpoint, "expected_shapes", no_table)
+    folder = copy_checkpoint(FIXTURE_ROOT / source, tmp_path)
+    edit_config(folder, **{field: 10**6})
+    assert "1000000 layers" in load_refused(folder)
+
+
+@pytest.mark.parametrize("eos", [2**63, 2**64 + 1, [1, 2**70]])
+def test_eos_ids_beyond_int64_are_config_errors(tmp_path, eos):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    edit_config(folder, eos_token_id=eos)
+    assert "eos_token_id" in load_refused(folder, ConfigError)
+
+
+# ---------------------------------------------------------------- shards and tensors
+
+
+@pytest.mark.parametrize("shard", ["/abs/shard.safetensors", "../outside.safetensors", "sub/../../outside.safetensors",
+                                   "..\\outside.safetensors", "C:\\shard.safetensors"])
+def test_shard_names_outside_the_folder_are_refused_even_when_the_file_exists(tmp_path, shard):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    names = list(load_file(str(folder / "model.safetensors")))
+    shutil.copy(folder / "model.safetensors", tmp_path / "outside.safetensors")   # reachable by '..'
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+    assert "outside the checkpoint folder" in load_refused(folder)
+
+
+def test_a_shard_in_a_subfolder_still_loads(tmp_path):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    names = list(load_file(str(folder / "model.safetensors")))
+    (folder / "sub").mkdir()
+    (folder / "model.safetensors").rename(folder / "sub" / "shard.safetensors")
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {n: "sub/shard.safetensors" for n in names}}))
+    assert minikv.load(folder).config.n_layers == 2
+
+
+def test_a_float8_tensor_is_a_checkpoint_error(tmp_path):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].astype(ml_dtypes.float8_e4m3fn)
+    save_file(tensors, str(folder / "model.safetensors"))
+    load_refused(folder)
+
+
+# ---------------------------------------------------------------- tokenizer and CLI
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "minikv", *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b'{"model": {"type": "Nonsense"}}'])
+def test_corrupt_tokenizer_json_is_a_tokenizer_error(tmp_path, content):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    (folder / "tokenizer.json").write_bytes(content)
+    message = load_refused(folder, TokenizerError)
+    assert "tokenizer.json" in message
+    assert issubclass(TokenizerError, CheckpointError)
+
+
+def test_fifo_as_tokenizer_json_is_a_tokenizer_error(tmp_path):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    os.mkfifo(folder / "tokenizer.json")
+    assert "FIFO" in load_refused(folder, TokenizerError)
+
+
+def test_cli_info_on_a_corrupt_tokenizer_prints_one_line_not_a_traceback(tmp_path):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    (folder / "tokenizer.json").write_text("{broken")
+    result = cli("info", "--model", str(folder))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "TokenizerError" in result.stderr
+
+
+@pytest.mark.parametrize("seed", ["-1", "abc", "1.5"])
+def test_cli_bad_seed_is_a_usage_error_not_a_traceback(seed):
+    result = cli("generate", "hi", "--seed", seed, "--max-new-tokens", "2")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "--seed" in result.stderr
+
+
+# ---------------------------------------------------------------- generate: every argument before any write
+
+
+def assert_cache_unchanged(cache, before):
+    assert cache.lengths.tolist() == before["lengths"]
+    for i in range(cache.n_layers):
+        np.testing.assert_array_equal(cache.k[i], before["k"][i])
+        np.testing.assert_array_equal(cache.v[i], before["v"][i])
+
+
+def snapshot(cache):
+    return {"lengths": cache.lengths.tolist(), "k": [k.copy() for k in cache.k], "v": [v.copy() for v in cache.v]}
+
+
+@pytest.mark.parametrize("kwargs, error, needle", [
+    ({"rng": 5, "temperature": 1.0}, InvalidInputError, "rng"),
+    ({"seed": "abc", "temperature": 1.0}, InvalidInputError, "seed"),
+    ({"seed": 1.5, "temperature": 1.0}, InvalidInputError, "seed"),
+    ({"seed": -1, "temperature": 1.0}, InvalidInputError, "seed"),
+    ({"seed": True}, InvalidInputError, "seed"),
+    ({"stop_tokens": [104.9]}, InvalidInputError, "104.9"),
+    ({"stop_tokens": ["a"]}, InvalidInputError, "'a'"),
+    ({"stop_tokens": [True]}, InvalidInputError, "True"),
+    ({"stop_tokens": [2**70]}, InvalidInputError, "out of range"),
+    ({"stop_tokens": 3}, InvalidInputError, "stop_tokens"),
+    ({"max_new_tokens": 2**70}, SequenceTooLongError, "max_new_tokens"),
+    ({"max_new_tokens": True}, InvalidInputError, "max_new_tokens"),
+    ({"max_new_tokens": 2.0}, InvalidInputError, "max_new_tokens"),
+    ({"prefill_chunk": True}, InvalidInputError, "prefill_chunk"),
+    ({"max_seq_len": 100}, ConfigError, "max_seq_len"),      # with a cache object: it would be ignored
+])
+def test_bad_generate_arguments_fail_before_the_callers_cache_is_touched(model, kwargs, error, needle):
+    cache = model.new_cache("static", max_seq_len=32)
+    model.forward(np.array([[1, 2, 3]]), cache)
+    before = snapshot(cache)
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(error, match=needle):
+        model.generate([4, 5, 6], cache=cache, **kwargs)
+    assert_cache_unchanged(cache, before)
+
+
+@pytest.mark.parametrize("prompt", [[1.5, 2.0], [[1.0, 2.0]], [True, False], [["a", "b"]], np.array([1.5, 2.0]),
+                                    [[1, 2], [3, 4.0]]])
+def test_prompt_ids_that_are_not_integers_are_refused_like_forward_refuses_them(model, prompt):
+    with pytest.raises(InvalidInputError, match="integer"):
+        model.generate(prompt, max_new_tokens=2)
+    if not isinstance(prompt[0], list) or len(prompt) == 1:       # forward takes one rectangular array
+        with pytest.raises(InvalidInputError, match="integer"):
+            model.forward(np.asarray(prompt))
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"cache": "sliding", "window": "a"}, "window"),
+    ({"cache": "paged", "block_size": 0}, "block_size"),
+])
+def test_bad_cache_options_are_config_errors(model, kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        model.generate([1, 2], max_new_tokens=2, **kwargs)
+
+
+def test_stream_rechecks_room_when_iterated(model):
+    cache = model.new_cache("static", max_seq_len=10)
+    stream = model.stream([1, 2, 3], max_new_tokens=5, cache=cache, stop_tokens=[])   # 3 + 4 <= 10: fits now
+    model.forward(np.array([[7, 7, 7, 7]]), cache)                                     # 4 + 3 + 4 > 10
+    with pytest.raises(CacheOverflowError, match="max_seq_len"):
+        next(iter(stream))
+    assert cache.lengths.tolist() == [4]
+
+
+def test_stream_checks_its_cache_at_every_step(model):
+    cache = model.new_cache("static", max_seq_len=40)
+    events = iter(model.stream([1, 2, 3], max_new_tokens=6, cache=cache, stop_tokens=[]))
+    next(events)
+    model.forward(np.array([[9]]), cache)          # someone else writes between two tokens
+    with pytest.raises(CacheMismatchError, match="another call"):
+        next(events)
+
+
+# ---------------------------------------------------------------- load and save
+
+
+def test_load_dtype_none_is_refused_not_float64():
+    with pytest.raises(ConfigError, match="dtype=None"):
+        minikv.load(FIXTURE_ROOT / "llama_gqa", dtype=None)
+
+
+def test_save_over_an_existing_file_is_a_checkpoint_error(model, tmp_path):
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    with pytest.raises(CheckpointError, match="is a file"):
+        model.save(target)
+    assert target.read_text() == "keep me"
+
+
+def test_save_into_a_missing_folder_creates_it(model, tmp_path):
+    folder = model.save(tmp_path / "new" / "nested")
+    again = minikv.load(folder, dtype="float64")
+    ids = np.array([[1, 2, 3]])
+    np.testing.assert_array_equal(again.forward(ids), model.forward(ids))
+
+
+def test_every_error_here_is_a_minikv_error():
+    for error in (ConfigError, CheckpointError, TokenizerError, InvalidInputError, CacheOverflowError,
+                  CacheMismatchError, SequenceTooLongError):
+        assert issubclass(error, MinikvError)
