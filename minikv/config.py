@@ -21,12 +21,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
-from .validate import INT64_MAX, read_json
+from .validate import INT64_MAX, MAX_SIZE, read_json
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
-# The largest size (layers, heads, dims, vocabulary, positions) a config may give: positions and block
-# tables are int32 in the kernels, and no real model comes near it in any dimension.
-MAX_SIZE = 2**31 - 1
 SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + ("gpt2",)
 # GPT-2's "gelu_new" is the tanh approximation; so are the other two spellings.
 GELU_TANH_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh")

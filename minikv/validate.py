@@ -29,6 +29,9 @@ import numpy as np
 from .errors import ConfigError, InvalidInputError, MinikvError
 
 INT64_MAX = 2**63 - 1
+# The largest size (layers, heads, dims, vocabulary, positions, batch) a config or a cache file may
+# give: block tables are int32 in the kernels, and no real model comes near it in any dimension.
+MAX_SIZE = 2**31 - 1
 
 # Config-like JSON (config.json, generation_config.json, tokenizer_config.json, the shard index) is
 # kilobytes; the largest real index files are a few MB. A file past this cap is not one of them.

@@ -23,7 +23,7 @@ def test_hostile_files_give_success_or_a_minikv_error(target, examples):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     try:
         result = subprocess.run([sys.executable, str(WORKER), target, str(examples)], capture_output=True, text=True,
-                                timeout=240, cwd=ROOT, env=env)
+                                timeout=150, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the {target} fuzz hung (no result after {exc.timeout} s): {exc.stdout!r:.2000}")
     assert result.returncode == 0, (

@@ -400,3 +400,152 @@ def test_every_error_here_is_a_minikv_error():
     for error in (ConfigError, CheckpointError, TokenizerError, InvalidInputError, CacheOverflowError,
                   CacheMismatchError, SequenceTooLongError):
         assert issubclass(error, MinikvError)
+
+
+# ---------------------------------------------------------------- saved caches (load_cache checks the whole file)
+
+
+def saved_cache(model, tmp_path, kind="paged", batch=2, **options):
+    options = options or {"paged": {"block_size": 4}, "sliding": {"window": 6}}.get(kind, {})
+    cache = model.new_cache(kind, batch_size=batch, max_seq_len=24, **options)
+    model.forward(np.arange(6 * batch).reshape(batch, 6), cache)
+    return cache.save(tmp_path / f"{kind}.safetensors")
+
+
+def rewrite_cache(path, change_tensors=None, change_meta=None):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as handle:
+        meta = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    if change_tensors:
+        change_tensors(tensors)
+    if change_meta:
+        change_meta(meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def set_entry(name, index, value):
+    def change(tensors):
+        tensors[name] = tensors[name].copy()
+        tensors[name][index] = value
+    return change
+
+
+@pytest.mark.parametrize("change, needle", [
+    (set_entry("block_table", (0, 0), 10**6), "outside the pool"),
+    (set_entry("block_table", (1, 0), -7), "outside the pool"),
+    (set_entry("block_table", (0, 0), -1), "hole"),                  # a hole before the row's second block
+    (set_entry("block_table", (1, 0), 0), "two places"),             # sequence 1 aliases sequence 0's block
+    (set_entry("block_table", (0, 1), 0), "two places"),             # aliased within one sequence
+    (set_entry("lengths", 0, 9), "holds 2 blocks"),                  # 9 positions need 3 blocks of 4
+    (set_entry("lengths", 1, 25), "holds 0..24"),                    # beyond max_seq_len
+    (set_entry("lengths", 1, -1), "length -1"),
+])
+def test_a_saved_paged_cache_with_a_bad_table_or_lengths_is_refused(model, tmp_path, change, needle):
+    path = saved_cache(model, tmp_path)
+    rewrite_cache(path, change)
+    with pytest.raises(CheckpointError, match=needle):
+        minikv.load_cache(path)
+
+
+@pytest.mark.parametrize("kind, meta_change, needle", [
+    ("paged", {"extra": json.dumps({"block_size": 8, "num_blocks": 12})}, "shape"),   # block_size disagrees with the pool
+    ("paged", {"extra": json.dumps({"block_size": 4})}, "extra"),
+    ("static", {"max_seq_len": "99"}, "shape"),
+    ("static", {"n_layers": "10000000000000"}, "n_layers"),
+    ("static", {"dtype": "int8"}, "dtype"),
+    ("sliding", {"extra": json.dumps({"window": 100})}, "window"),
+    ("concat", {"extra": "[" * 10_000}, "extra"),
+])
+def test_cache_metadata_that_disagrees_with_the_tensors_is_refused(model, tmp_path, kind, meta_change, needle):
+    path = saved_cache(model, tmp_path, kind)
+    rewrite_cache(path, change_meta=lambda meta: meta.update(meta_change))
+    with pytest.raises(CheckpointError, match=needle):
+        minikv.load_cache(path)
+
+
+@pytest.mark.parametrize("kind", ["concat", "static", "sliding"])
+def test_lengths_beyond_what_the_arrays_hold_are_refused(model, tmp_path, kind):
+    path = saved_cache(model, tmp_path, kind)
+    rewrite_cache(path, set_entry("lengths", 0, 30 if kind != "concat" else 7))   # concat arrays hold 6
+    with pytest.raises(CheckpointError, match="length"):
+        minikv.load_cache(path)
+
+
+def test_cache_tensors_of_the_wrong_dtype_or_shape_are_refused(model, tmp_path):
+    path = saved_cache(model, tmp_path, "static")
+    rewrite_cache(path, lambda t: t.update({"k.1": t["k.1"].astype(np.float16)}))
+    with pytest.raises(CheckpointError, match="dtype"):
+        minikv.load_cache(path)
+    path = saved_cache(model, tmp_path, "paged")
+    rewrite_cache(path, lambda t: t.update({"v.0": t["v.0"][:, :, :2]}))
+    with pytest.raises(CheckpointError, match="shape"):
+        minikv.load_cache(path)
+
+
+@pytest.mark.parametrize("kind", ["concat", "static", "paged", "sliding"])
+def test_an_untouched_saved_cache_still_loads_and_continues_exactly(model, tmp_path, kind):
+    path = saved_cache(model, tmp_path, kind, batch=1)
+    loaded = minikv.load_cache(path)
+    out = model.generate([[40, 41]], max_new_tokens=3, cache=loaded, stop_tokens=[])
+    history = list(range(6)) + [40, 41]
+    window = loaded.window if kind == "sliding" else None      # the ring attends to its last 6 positions
+    expected = []
+    for _ in range(3):
+        expected.append(int(np.argmax(model.forward(np.array([history]), window=window)[0, -1])))
+        history.append(expected[-1])
+    assert out.tokens == [expected]
+
+
+def test_a_paged_table_outside_the_pool_never_reaches_the_numba_kernel(tmp_path):
+    """It segfaulted the process: run in a child so a regression fails this test, not the suite."""
+    pytest.importorskip("numba")
+    script = f"""
+import numpy as np, minikv
+from safetensors import safe_open
+from safetensors.numpy import save_file
+model = minikv.load({str(FIXTURE_ROOT / 'llama_gqa')!r}, backend="numba")
+cache = model.new_cache("paged", max_seq_len=32, block_size=4)
+model.forward(np.array([[1, 2, 3, 4, 5]]), cache)
+path = cache.save({str(tmp_path / 'c.safetensors')!r})
+with safe_open(str(path), framework="np") as h:
+    meta, tensors = h.metadata(), {{n: h.get_tensor(n) for n in h.keys()}}
+tensors["block_table"][0, 1] = 10**6
+save_file(tensors, str(path), metadata=meta)
+try:
+    loaded = minikv.load_cache(path, backend="numba")
+    model.generate([[7]], max_new_tokens=2, cache=loaded)
+except minikv.CheckpointError as exc:
+    print("refused:", exc)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refused:" in result.stdout and "outside the pool" in result.stdout
+
+
+def test_saving_a_cache_into_a_missing_folder_or_onto_a_folder_is_a_checkpoint_error(model, tmp_path):
+    cache = model.new_cache("static", max_seq_len=8)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        cache.save(tmp_path / "missing" / "c.safetensors")
+    with pytest.raises(CheckpointError, match="folder"):
+        cache.save(tmp_path)
+
+
+def test_a_fifo_as_cache_file_is_refused_not_a_hang(tmp_path):
+    os.mkfifo(tmp_path / "c.safetensors")
+    with within(10), pytest.raises(CheckpointError, match="FIFO"):
+        minikv.load_cache(tmp_path / "c.safetensors")
+
+
+@pytest.mark.parametrize("kind, options", [("static", {}), ("sliding", {}), ("paged", {"block_size": 16})])
+def test_a_cache_larger_than_the_machine_is_a_config_error_not_a_memory_error(model, kind, options):
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        model.new_cache(kind, max_seq_len=10**12, **options)
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        model.generate([1, 2], max_new_tokens=2, cache=kind, max_seq_len=10**12)
+
+
+def test_a_bogus_cache_dtype_is_a_config_error(model):
+    with pytest.raises(ConfigError, match="bogus"):
+        model.generate([1, 2], max_new_tokens=2, cache_dtype="bogus")
