@@ -31,3 +31,35 @@ def test_hostile_files_give_success_or_a_minikv_error(target, examples):
         f"e.g. -11 = segfault)\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     )
     assert f"{target}: {examples} examples" in result.stdout
+
+
+def run_capped(script: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run ``script`` in a child limited to 2 GiB of address space."""
+    prelude = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))\n"
+               "import os; os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", prelude + script], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=env)
+
+
+@pytest.mark.xfail(strict=False, reason="the RoPE table is built for every position at load until the lazy tables "
+                                        "of issue 13a land: a raw MemoryError under the 2 GiB cap")
+def test_a_billion_max_positions_load_and_run_in_bounded_memory(tmp_path):
+    """max_position_embeddings=10**9 fits the config's limits, so it must load and run without allocating
+    per position (or be refused by name): never a raw MemoryError."""
+    script = f"""
+import json, shutil, numpy as np, minikv
+src = {str(ROOT / 'tests' / 'fixtures' / 'hf' / 'llama_gqa')!r}
+folder = {str(tmp_path / 'ckpt')!r}
+shutil.copytree(src, folder)
+config = json.load(open(folder + "/config.json")); config["max_position_embeddings"] = 10**9
+json.dump(config, open(folder + "/config.json", "w"))
+try:
+    model = minikv.load(folder)
+    print("ran", model.generate([1, 2, 3], max_new_tokens=2).tokens)
+except minikv.MinikvError as exc:
+    print("refused:", type(exc).__name__, exc)
+"""
+    result = run_capped(script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ran" in result.stdout or "refused" in result.stdout
