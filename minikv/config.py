@@ -142,6 +142,20 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Build from a Hugging Face ``config.json`` dict (transformers 4.x and 5.x spellings)."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"a config must be a JSON object (dict), not {type(hf).__name__}")
+        try:
+            return cls._from_hf(hf)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+            # A field of a type no reader expects (a list where a number belongs, a dict in a list
+            # of names, ...): name it as the config's fault, never a raw TypeError from inside.
+            raise ConfigError(f"config.json holds a value of the wrong type or form ({type(exc).__name__}: {exc}); "
+                              "compare it with the model's published config.json") from None
+
+    @classmethod
+    def _from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -186,6 +200,8 @@ class ModelConfig:
             )
         for key in ("layer_types",):
             types = hf.get(key)
+            if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)):
+                raise ConfigError(f"{key}={types!r:.80} must be a list of layer type names")
             if types and any(t != "full_attention" for t in types) and model_type != "mistral":
                 raise ConfigError(f"{key}={sorted(set(types))} is not supported; every layer must be 'full_attention'")
         # Only LLaMA reads attention_bias and mlp_bias; transformers hard-codes the others' biases

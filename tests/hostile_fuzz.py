@@ -1,6 +1,6 @@
 """The hostile-file fuzz, run in a child process by tests/test_fuzz_hostile.py (issue 18).
 
-    python tests/hostile_fuzz.py checkpoint|cache [max_examples]
+    python tests/hostile_fuzz.py checkpoint|cache [max_examples] [random]
 
 Hypothesis mutates real files: checkpoint folders (a copy of a committed fixture or of the bundled
 model: config values, the safetensors header, the file types, a shard index) and saved KV caches
@@ -52,6 +52,16 @@ JSON_VALUES = st.recursive(
 DTYPES = st.sampled_from(["F32", "F64", "F16", "BF16", "F8_E4M3", "F8_E5M2", "I64", "I32", "U8", "BOOL", "XX", ""])
 SHAPES = st.one_of(st.lists(st.integers(-2, 130), max_size=4), st.lists(HUGE_INTS, min_size=1, max_size=3),
                    JSON_VALUES)
+
+
+# Every field minikv's config reader looks at (either family), present in the file or not.
+CONFIG_KEYS = ["activation_function", "add_cross_attention", "attention_bias", "bos_token_id", "eos_token_id",
+               "head_dim", "hidden_act", "hidden_size", "intermediate_size", "layer_norm_epsilon", "layer_types",
+               "max_position_embeddings", "mlp_bias", "model_type", "n_embd", "n_head", "n_inner", "n_layer",
+               "n_positions", "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "pretraining_tp",
+               "rms_norm_eps", "rope_parameters", "rope_scaling", "rope_theta", "scale_attn_by_inverse_layer_idx",
+               "scale_attn_weights", "sliding_window", "tie_word_embeddings", "use_sliding_window", "vocab_size",
+               "partial_rotary_factor", "torch_dtype", "dtype"]
 
 
 def split_safetensors(data: bytes):
@@ -110,12 +120,11 @@ def mutate_folder(folder: Path, source: Path, draw) -> None:
     if how == "config" and config_path.is_file():
         try:
             config = json.loads(config_path.read_text())
-        except ValueError:
+        except (ValueError, RecursionError):      # an earlier mutation broke it: nothing more to edit
             return
         if not isinstance(config, dict):
             return
-        keys = sorted(config) + ["n_layer", "num_hidden_layers", "max_position_embeddings", "eos_token_id",
-                                 "rope_scaling", "head_dim", "sliding_window"]
+        keys = sorted(set(config) | set(CONFIG_KEYS))
         for _ in range(draw(st.integers(1, 3))):
             config[draw(st.sampled_from(keys))] = draw(JSON_VALUES)
         config_path.write_text(json.dumps(config))
@@ -247,10 +256,11 @@ OUTCOMES: dict[str, int] = {}
 
 def main(argv) -> int:
     target, examples = argv[0], int(argv[1]) if len(argv) > 1 else 60
+    fixed = len(argv) < 3 or argv[2] != "random"      # "random": explore beyond the CI's fixed examples
 
     # No shrinking: the first failing example is reported as found (shrinking a crash under a memory
     # cap can take minutes).
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=fixed,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     @given(st.data())
     def run(data):

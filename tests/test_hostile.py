@@ -216,6 +216,20 @@ def test_a_million_layers_fail_on_the_tensor_count_before_any_table(tmp_path, so
     assert "1000000 layers" in load_refused(folder)
 
 
+@pytest.mark.parametrize("changes", [
+    {"layer_types": [None, 18]},          # found by the fuzz: a TypeError from sorted() inside the reader
+    {"layer_types": 3},
+    {"rope_scaling": [1, 2]},
+    {"hidden_act": ["silu"]},
+    {"num_key_value_heads": [2]},
+    {"rms_norm_eps": {"a": 1}},
+])
+def test_config_values_of_the_wrong_type_are_config_errors(tmp_path, changes):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    edit_config(folder, **changes)
+    load_refused(folder, ConfigError)
+
+
 @pytest.mark.parametrize("eos", [2**63, 2**64 + 1, [1, 2**70]])
 def test_eos_ids_beyond_int64_are_config_errors(tmp_path, eos):
     folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
