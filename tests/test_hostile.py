@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 import minikv
@@ -563,3 +565,38 @@ def test_a_cache_larger_than_the_machine_is_a_config_error_not_a_memory_error(mo
 def test_a_bogus_cache_dtype_is_a_config_error(model):
     with pytest.raises(ConfigError, match="bogus"):
         model.generate([1, 2], max_new_tokens=2, cache_dtype="bogus")
+
+
+# ---------------------------------------------------------------- a property over hostile arguments
+
+HOSTILE = st.sampled_from([None, 0, -1, 1, 2, 3, 2**70, -2**70, 0.5, 1.5, float("nan"), float("inf"), "a", "", True,
+                           False, [], [1], [104.9], ["a"], {}, np.int64(2), np.float32(0.5)])
+GENERATE_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "rng",
+                 "stop_tokens", "prefill_chunk", "max_seq_len", "cache_dtype", "window", "block_size", "num_blocks")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["none", "concat", "static", "paged", "sliding", "bogus", None, 3]),
+       args=st.dictionaries(st.sampled_from(GENERATE_ARGS), HOSTILE, max_size=3),
+       prompt=st.sampled_from([[1, 2, 3], [[1, 2], [3]], [1.5], [True], "hi", [[]], [200], [-1], np.array([1, 2])]))
+def test_hostile_generate_arguments_give_a_result_or_a_minikv_error_and_leave_a_cache_alone(model, kind, args,
+                                                                                            prompt):
+    """Every combination is a GenerationOutput or a MinikvError; a caller's cache is untouched on failure."""
+    try:
+        out = model.generate(prompt, cache=kind, **{"max_new_tokens": 2, **args})
+        assert all(0 <= t < model.config.vocab_size for row in out.tokens for t in row)
+    except MinikvError:
+        pass
+    cache = model.new_cache("static", batch_size=1, max_seq_len=16)
+    model.forward(np.array([[5, 6]]), cache)
+    before = snapshot(cache)
+    try:
+        model.generate([7, 8], cache=cache, **{"max_new_tokens": 2, **{k: v for k, v in args.items()
+                                                                        if k not in _CACHE_MAKING}})
+        return
+    except MinikvError:
+        pass
+    assert_cache_unchanged(cache, before)
+
+
+_CACHE_MAKING = ("max_seq_len", "cache_dtype", "window", "block_size", "num_blocks")
