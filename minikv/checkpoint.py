@@ -190,7 +190,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
     path = regular_file(path, "safetensors file", CheckpointError)
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except SafetensorError as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
     except (TypeError, ValueError) as exc:
@@ -204,6 +204,13 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
                               "checkpoint as float32 or float16") from None
     except OSError as exc:
         raise CheckpointError(f"{path} could not be read: {exc}") from None
+    for name, tensor in tensors.items():
+        # Once the ml_dtypes package is imported (by any library), NumPy reads bfloat16/float8 as
+        # opaque kind-"V" types it cannot compute with: the same refusal as without it.
+        if tensor.dtype.kind == "V":
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype.name}, which NumPy cannot compute "
+                                  "in; if it is bfloat16, re-save it as float16 or float32")
+    return tensors
 
 
 def load_checkpoint(path: str | Path, dtype="float32") -> tuple[ModelConfig, dict[str, np.ndarray]]:

@@ -21,8 +21,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .cache import CACHE_KINDS, KVCache
 from . import validate
+from .cache import CACHE_KINDS, KVCache
 from .errors import (CacheMismatchError, CacheOverflowError, ConfigError, InvalidInputError, MinikvError,
                      SequenceTooLongError)
 from .sampling import SamplingParams, sample
