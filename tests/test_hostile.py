@@ -600,3 +600,22 @@ def test_hostile_generate_arguments_give_a_result_or_a_minikv_error_and_leave_a_
 
 
 _CACHE_MAKING = ("max_seq_len", "cache_dtype", "window", "block_size", "num_blocks")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "dev_zero", "deep", "bad_utf8", "huge_eos"])
+def test_a_hostile_generation_config_is_a_config_error(tmp_path, kind):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    path = folder / "generation_config.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dir":
+        path.mkdir()
+    elif kind == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif kind == "bad_utf8":
+        path.write_bytes(b'{"eos_token_id": "\xff"}')
+    else:
+        path.write_text(json.dumps({"eos_token_id": 2**64}))
+    load_refused(folder, ConfigError)
