@@ -38,7 +38,10 @@ import minikv  # noqa: E402
 from minikv.errors import MinikvError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "tests" / "fixtures" / "hf" / name for name in ("llama_gqa", "gpt2", "mistral_window")]
+SOURCES = [ROOT / "tests" / "fixtures" / "hf" / name for name in ("llama_gqa", "gpt2", "mistral_window")] + [
+    ROOT / "tests" / "fixtures" / "chat" / "chatml"]          # with tokenizer.json, tokenizer_config.json
+TOKENIZER_CONFIG_KEYS = ["chat_template", "bos_token", "eos_token", "pad_token", "clean_up_tokenization_spaces",
+                         "added_tokens_decoder", "model_max_length"]
 
 # ---------------------------------------------------------------- values a hostile file may hold
 
@@ -79,6 +82,8 @@ def join_safetensors(header, body: bytes) -> bytes:
 def mutate_header(data: bytes, draw) -> bytes:
     """One change to the safetensors header: a dtype, a shape, offsets, the length prefix, the bytes."""
     how = draw(st.sampled_from(["dtype", "shape", "offsets", "length", "truncate", "flip", "drop", "junk"]))
+    if len(data) < 8:
+        return data + draw(st.binary(max_size=16))
     if how == "length":
         return struct.pack("<Q", draw(st.one_of(HUGE_INTS.filter(lambda v: 0 <= v < 2**64),
                                                 st.integers(0, len(data) + 8)))) + data[8:]
@@ -115,7 +120,8 @@ def mutate_header(data: bytes, draw) -> bytes:
 
 
 def mutate_folder(folder: Path, source: Path, draw) -> None:
-    how = draw(st.sampled_from(["config", "config", "header", "header", "filetype", "index", "generation"]))
+    how = draw(st.sampled_from(["config", "config", "header", "header", "filetype", "index", "generation",
+                                "tokenizer_config"]))
     config_path, weights = folder / "config.json", folder / "model.safetensors"
     if how == "config" and config_path.is_file():
         try:
@@ -131,7 +137,8 @@ def mutate_folder(folder: Path, source: Path, draw) -> None:
     elif how == "header" and weights.is_file():      # (not a FIFO made by an earlier mutation)
         weights.write_bytes(mutate_header(weights.read_bytes(), draw))
     elif how == "filetype":
-        target = draw(st.sampled_from([config_path, weights, folder / "tokenizer.json"]))
+        target = draw(st.sampled_from([config_path, weights, folder / "tokenizer.json",
+                                       folder / "tokenizer_config.json", folder / "generation_config.json"]))
         kind = draw(st.sampled_from(["fifo", "dir", "dev_zero", "empty", "junk", "dangling", "deep_json"]))
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
@@ -159,8 +166,18 @@ def mutate_folder(folder: Path, source: Path, draw) -> None:
         if draw(st.booleans()):
             index = draw(JSON_VALUES)
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    else:
-        (folder / "generation_config.json").write_text(json.dumps(draw(JSON_VALUES)))
+    elif how == "tokenizer_config" and (folder / "tokenizer_config.json").is_file():
+        try:
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+        except (ValueError, RecursionError):
+            return
+        if isinstance(config, dict):
+            config[draw(st.sampled_from(TOKENIZER_CONFIG_KEYS))] = draw(JSON_VALUES)
+            (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    elif how == "generation":
+        target = folder / "generation_config.json"
+        if not (target.exists() or target.is_symlink()) or (target.is_file() and not target.is_symlink()):
+            target.write_text(json.dumps(draw(JSON_VALUES)))     # (never into a FIFO an earlier draw made)
 
 
 def check_checkpoint(draw) -> None:
@@ -173,6 +190,9 @@ def check_checkpoint(draw) -> None:
         try:
             model = minikv.load(folder)
             model.forward(np.array([[0, 1, 2]]))
+            if model.tokenizer is not None:
+                model.generate("hi", max_new_tokens=2)
+                model.chat([{"role": "user", "content": "hi"}], max_new_tokens=2)
             OUTCOMES["loaded and ran"] = OUTCOMES.get("loaded and ran", 0) + 1
         except MinikvError as exc:
             OUTCOMES[type(exc).__name__] = OUTCOMES.get(type(exc).__name__, 0) + 1
