@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .validate import read_json, regular_file
+from .validate import read_json, regular_file, writable_file
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -322,6 +322,8 @@ def save_checkpoint(path: str | Path, config: ModelConfig, weights: dict[str, np
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CheckpointError(f"cannot create the checkpoint folder {folder}: {exc}") from None
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        writable_file(folder / name, "checkpoint file", CheckpointError)
     hf = weights_to_hf(weights, config)
     if dtype is not None:
         hf = {k: v.astype(dtype) for k, v in hf.items()}

@@ -32,7 +32,7 @@ from .backend import Backend, get_backend
 from .cache import KVCache, KVView, make_cache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
-from .errors import ConfigError, InvalidInputError, SequenceTooLongError
+from .errors import CheckpointError, ConfigError, InvalidInputError, SequenceTooLongError
 from .rope import cos_sin_table
 
 SUPPORTED_DTYPES = ("float32", "float64")
@@ -404,11 +404,21 @@ class Transformer:
         """Write a Hugging Face checkpoint folder: config.json + model.safetensors, and the tokenizer
         files (tokenizer.json, tokenizer_config.json, chat template) and generation_config.json when
         the model has them, so that ``minikv.load(path)`` chats and stops as this model does."""
+        from .generation_config import GENERATION_CONFIG_FILE
+        from .validate import writable_file
+
+        # Every file this writes is checked before the first is written (a FIFO there would block).
+        extra = list(getattr(self.tokenizer, "files", {})) + ([GENERATION_CONFIG_FILE] if self.generation_config else [])
+        for name in extra:
+            writable_file(Path(path) / name, "checkpoint file", CheckpointError)
         folder = save_checkpoint(path, self.config, self.weights, dtype=dtype)
-        if hasattr(self.tokenizer, "save"):
-            self.tokenizer.save(folder)
-        if self.generation_config is not None:
-            self.generation_config.save(folder)
+        try:
+            if hasattr(self.tokenizer, "save"):
+                self.tokenizer.save(folder)
+            if self.generation_config is not None:
+                self.generation_config.save(folder)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write the tokenizer or generation config to {folder}: {exc}") from None
         return folder
 
     def __repr__(self) -> str:

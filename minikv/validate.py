@@ -134,6 +134,21 @@ def regular_file(path, what: str, error: type[MinikvError]) -> Path:
     return path
 
 
+def writable_file(path, what: str, error: type[MinikvError]) -> Path:
+    """``path`` if writing it replaces a regular file or creates one: writing into a FIFO would block
+    until a reader comes, and a directory or device there is not ours to replace."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:     # e.g. a dangling symlink
+            raise error(f"cannot write {what} {path}: {exc}") from None
+        if not stat.S_ISREG(mode):
+            raise error(f"cannot write {what} {path}: something other than a regular file is there "
+                        "(a folder, FIFO or device); remove it or choose another folder")
+    return path
+
+
 def read_bytes(path, what: str, error: type[MinikvError], max_bytes: int) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``, or ``error`` naming it."""
     path = regular_file(path, what, error)

@@ -619,3 +619,39 @@ def test_a_hostile_generation_config_is_a_config_error(tmp_path, kind):
     else:
         path.write_text(json.dumps({"eos_token_id": 2**64}))
     load_refused(folder, ConfigError)
+
+
+CHATML = ROOT / "tests" / "fixtures" / "chat" / "chatml"
+
+
+def copy_chat_checkpoint(tmp_path):
+    folder = tmp_path / "chat"
+    shutil.copytree(CHATML, folder, ignore=shutil.ignore_patterns("expected.json"))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["fifo", "deep", "bad_utf8", "dir"])
+def test_a_hostile_tokenizer_config_is_a_tokenizer_error(tmp_path, kind):
+    folder = copy_chat_checkpoint(tmp_path)
+    path = folder / "tokenizer_config.json"
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "deep":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif kind == "bad_utf8":
+        path.write_bytes(b'{"bos_token": "\xff"}')
+    else:
+        path.mkdir()
+    load_refused(folder, TokenizerError)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "generation_config.json"])
+def test_saving_over_a_fifo_is_refused_before_writing_anything(tmp_path, name):
+    model = minikv.load(CHATML)
+    target = tmp_path / "out"
+    target.mkdir()
+    os.mkfifo(target / name)
+    with within(10), pytest.raises(CheckpointError, match="regular file"):
+        model.save(target)
+    assert sorted(p.name for p in target.iterdir()) == [name]
