@@ -232,7 +232,7 @@ class KVCache:
         """Write the cache (K, V, lengths, block table) to a safetensors file."""
         from safetensors.numpy import save_file
 
-        path = Path(path)
+        path = validate.path_argument(path, "path")
         if path.is_dir() or not path.parent.is_dir():
             raise CheckpointError(f"cannot save the cache to {path}: " + (
                 "it is a folder; pass a file path" if path.is_dir() else
@@ -641,7 +641,7 @@ def load_cache(path, backend=None) -> KVCache:
     block table must never reach a kernel, which would read outside the pool."""
     from safetensors import SafetensorError, safe_open
 
-    path = validate.regular_file(path, "cache file", CheckpointError)
+    path = validate.regular_file(validate.path_argument(path, "path"), "cache file", CheckpointError)
     try:
         with safe_open(str(path), framework="np") as handle:
             meta = handle.metadata() or {}

@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .validate import read_json, regular_file, writable_file
+from .validate import path_argument, read_json, regular_file, writable_file
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -314,7 +314,7 @@ def save_checkpoint(path: str | Path, config: ModelConfig, weights: dict[str, np
     """Write a Hugging Face checkpoint folder (config.json + model.safetensors) that transformers loads."""
     from safetensors.numpy import save_file
 
-    folder = Path(path)
+    folder = path_argument(path, "path")
     if _exists(folder) and not folder.is_dir():
         raise CheckpointError(f"cannot save a checkpoint to {folder}: it is a file, and a checkpoint is a folder "
                               "(config.json + model.safetensors); pass a folder path")

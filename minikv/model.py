@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import layers
+from . import layers, validate
 from .backend import Backend, get_backend
 from .cache import KVCache, KVView, make_cache
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -408,6 +408,7 @@ class Transformer:
         from .validate import writable_file
 
         # Every file this writes is checked before the first is written (a FIFO there would block).
+        path = validate.path_argument(path, "path")
         extra = list(getattr(self.tokenizer, "files", {})) + ([GENERATION_CONFIG_FILE] if self.generation_config else [])
         for name in extra:
             writable_file(Path(path) / name, "checkpoint file", CheckpointError)
@@ -440,6 +441,8 @@ def load(path=None, *, dtype: str = "float32", backend: Optional[str] = None,
     from .tokenizer import tokenizer_for
 
     dtype = model_dtype(dtype)          # before reading any weights
+    if path is not None:
+        validate.path_argument(path, "path")        # a str or PathLike, not bytes or a number
     folder = BUNDLED_MODEL if path is None else resolve_checkpoint(path)
     config, weights = load_checkpoint(folder, dtype=dtype)
     return Transformer(config, weights, dtype=dtype, backend=backend, attention=attention,

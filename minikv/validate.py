@@ -114,6 +114,15 @@ def allocation(nbytes: int, what: str, fix: str, error: type[MinikvError] = Conf
 # ---------------------------------------------------------------- files
 
 
+def path_argument(value, what: str, error: type[MinikvError] = InvalidInputError) -> Path:
+    """A path passed by the caller: a str or an os.PathLike of one (not bytes, a number or a list)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise error(f"{what}={value!r:.80} must be a path (a str or pathlib.Path)")
+    return Path(value)
+
+
 def regular_file(path, what: str, error: type[MinikvError]) -> Path:
     """``path`` if it is a regular file (symlinks to one are fine: the Hugging Face cache is made of them).
 

@@ -655,3 +655,15 @@ def test_saving_over_a_fifo_is_refused_before_writing_anything(tmp_path, name):
     with within(10), pytest.raises(CheckpointError, match="regular file"):
         model.save(target)
     assert sorted(p.name for p in target.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("path", [123, b"folder", ["a"], 1.5])
+def test_a_path_that_is_not_a_path_is_an_invalid_input_error(path, model, tmp_path):
+    with pytest.raises(InvalidInputError, match="must be a path"):
+        minikv.load(path)
+    with pytest.raises(InvalidInputError, match="must be a path"):
+        minikv.load_cache(path)
+    with pytest.raises(InvalidInputError, match="must be a path"):
+        model.new_cache("static", max_seq_len=4).save(path)
+    with pytest.raises(InvalidInputError, match="must be a path"):
+        model.save(path)
