@@ -570,9 +570,11 @@ def test_a_bogus_cache_dtype_is_a_config_error(model):
 # ---------------------------------------------------------------- a property over hostile arguments
 
 HOSTILE = st.sampled_from([None, 0, -1, 1, 2, 3, 2**70, -2**70, 0.5, 1.5, float("nan"), float("inf"), "a", "", True,
-                           False, [], [1], [104.9], ["a"], {}, np.int64(2), np.float32(0.5)])
+                           False, [], [1], [104.9], ["a"], {}, np.int64(2), np.float32(0.5), "prompt_lookup",
+                           [[1, 2]], [[1.5, 2]]])
 GENERATE_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "rng",
-                 "stop_tokens", "prefill_chunk", "max_seq_len", "cache_dtype", "window", "block_size", "num_blocks")
+                 "stop_tokens", "prefill_chunk", "max_seq_len", "cache_dtype", "window", "block_size", "num_blocks",
+                 "speculative", "num_speculative_tokens", "cached_tokens")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -599,7 +601,8 @@ def test_hostile_generate_arguments_give_a_result_or_a_minikv_error_and_leave_a_
     assert_cache_unchanged(cache, before)
 
 
-_CACHE_MAKING = ("max_seq_len", "cache_dtype", "window", "block_size", "num_blocks")
+_CACHE_MAKING = ("max_seq_len", "cache_dtype", "window", "block_size", "num_blocks", "speculative",
+                 "num_speculative_tokens")
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dir", "dev_zero", "deep", "bad_utf8", "huge_eos"])
