@@ -87,8 +87,9 @@ class KVCache:
                  dtype="float32", backend: Optional[Backend] = None):
         for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
                             ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(f"{self.kind} cache: {name}={value!r} must be a positive integer")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= validate.MAX_SIZE:
+                raise ConfigError(f"{self.kind} cache: {name}={value!r} must be a positive integer "
+                                  f"<= {validate.MAX_SIZE} (2**31 - 1)")
         self.n_layers, self.n_kv_heads, self.head_dim = int(n_layers), int(n_kv_heads), int(head_dim)
         self.batch_size, self.max_seq_len = int(batch_size), int(max_seq_len)
         try:
@@ -625,7 +626,7 @@ def make_cache(kind: str, *, n_layers: int, n_kv_heads: int, head_dim: int, batc
     """Build a cache of ``kind`` ("none" returns None: recompute everything)."""
     if kind == "none":
         return None
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:
         raise ConfigError(f"cache kind {kind!r} is unknown; choose one of {CACHE_KINDS}")
     return _KINDS[kind](n_layers, n_kv_heads, head_dim, batch_size, max_seq_len, dtype=dtype, backend=backend,
                         **options)

@@ -670,3 +670,14 @@ def test_a_path_that_is_not_a_path_is_an_invalid_input_error(path, model, tmp_pa
         model.new_cache("static", max_seq_len=4).save(path)
     with pytest.raises(InvalidInputError, match="must be a path"):
         model.save(path)
+
+
+@pytest.mark.parametrize("kwargs", [{"kind": ["static"]}, {"kind": {}}, {"batch_size": 2**70}, {"max_seq_len": 2**70},
+                                    {"kind": "paged", "block_size": 2**70}, {"kind": "paged", "num_blocks": 2**70},
+                                    {"kind": "sliding", "window": 2**70, "max_seq_len": 8}])
+def test_new_cache_refuses_unrepresentable_options_by_name(model, kwargs):
+    try:
+        cache = model.new_cache(**kwargs)
+    except ConfigError:
+        return
+    assert kwargs.get("kind") == "sliding" and cache.window == 8      # a window wider than the cache is clamped
