@@ -619,15 +619,23 @@ class SlidingCache(_PerLayerArrays):
 
 
 _KINDS = {"concat": ConcatCache, "static": StaticCache, "paged": PagedCache, "sliding": SlidingCache}
+# The keyword options each kind takes (also what a saved cache's "extra" metadata holds).
+CACHE_OPTIONS = {"none": (), "concat": (), "static": (), "paged": ("block_size", "num_blocks"), "sliding": ("window",)}
 
 
 def make_cache(kind: str, *, n_layers: int, n_kv_heads: int, head_dim: int, batch_size: int, max_seq_len: int,
                dtype="float32", backend=None, **options) -> Optional[KVCache]:
     """Build a cache of ``kind`` ("none" returns None: recompute everything)."""
+    if not isinstance(kind, str) or kind not in CACHE_OPTIONS:
+        raise ConfigError(f"cache kind {kind!r} is unknown; choose one of {CACHE_KINDS}")
+    # Each option belongs to one kind: name it instead of failing with a TypeError in a constructor.
+    for option in options:
+        if option not in CACHE_OPTIONS[kind]:
+            owners = [k for k, names in CACHE_OPTIONS.items() if option in names]
+            where = f"cache={owners[0]!r}" if owners else "no cache kind (options are block_size, num_blocks, window)"
+            raise ConfigError(f"{option}={options[option]!r} applies to {where}, not cache={kind!r}")
     if kind == "none":
         return None
-    if not isinstance(kind, str) or kind not in _KINDS:
-        raise ConfigError(f"cache kind {kind!r} is unknown; choose one of {CACHE_KINDS}")
     return _KINDS[kind](n_layers, n_kv_heads, head_dim, batch_size, max_seq_len, dtype=dtype, backend=backend,
                         **options)
 
@@ -664,9 +672,6 @@ def load_cache(path, backend=None) -> KVCache:
     return cache
 
 
-_CACHE_OPTIONS = {"concat": (), "static": (), "paged": ("block_size", "num_blocks"), "sliding": ("window",)}
-
-
 def _checked_metadata(path, meta: dict) -> tuple[str, dict, dict]:
     """(kind, the five sizes, the kind's options) from a cache file's metadata, each a checked int."""
     def size(name: str, text) -> int:
@@ -686,9 +691,9 @@ def _checked_metadata(path, meta: dict) -> tuple[str, dict, dict]:
         extra = json.loads(meta.get("extra", "{}"))
     except (ValueError, RecursionError):
         extra = None
-    if not isinstance(extra, dict) or set(extra) != set(_CACHE_OPTIONS[kind]):
+    if not isinstance(extra, dict) or set(extra) != set(CACHE_OPTIONS[kind]):
         raise CheckpointError(f"{path}: cache metadata extra={meta.get('extra')!r:.200} must be a JSON object with "
-                              f"exactly {list(_CACHE_OPTIONS[kind])} for a {kind} cache")
+                              f"exactly {list(CACHE_OPTIONS[kind])} for a {kind} cache")
     options = {name: size(name, value) for name, value in extra.items()}
     if kind == "sliding" and options["window"] > sizes["max_seq_len"]:
         raise CheckpointError(f"{path}: sliding window={options['window']} is larger than max_seq_len="

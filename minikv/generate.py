@@ -225,10 +225,6 @@ def resolve_options(model, **given) -> dict:
     return resolved
 
 
-# Which cache kind each keyword option of generate/stream configures.
-_CACHE_OPTIONS = {"block_size": "paged", "num_blocks": "paged", "window": "sliding"}
-
-
 class Stream:
     """An iterator of ``TokenEvent``s; after it is exhausted, ``.output`` holds the GenerationOutput."""
 
@@ -297,12 +293,6 @@ class Stream:
             cache = "none"
         if cache not in CACHE_KINDS:
             raise ConfigError(f"cache={cache!r} is unknown; choose one of {CACHE_KINDS}")
-        # Each option belongs to one kind; name it instead of failing with a TypeError deep in a constructor.
-        for option in options:
-            owner = _CACHE_OPTIONS.get(option)
-            if owner != cache:
-                where = f"cache={owner!r}" if owner else f"no cache kind (options are {sorted(_CACHE_OPTIONS)})"
-                raise ConfigError(f"{option}={options[option]!r} applies to {where}, not cache={cache!r}")
         limit = self.model.config.max_position_embeddings
         if max_seq_len is None:
             max_seq_len = min(int(self._positions_needed(None).max()), limit)

@@ -360,9 +360,11 @@ class Transformer:
         if kind == "sliding" and cfg.sliding_window is not None:
             # The ring never exceeds the model's own window: slots beyond it could never be attended to.
             window = options.get("window")
-            options["window"] = cfg.sliding_window if window is None else min(window, cfg.sliding_window)
+            if window is None or validate.is_integer(window):     # (any other value: the cache names it)
+                options["window"] = cfg.sliding_window if window is None else min(window, cfg.sliding_window)
         return make_cache(kind, n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                          batch_size=batch_size, max_seq_len=max_seq_len, dtype=dtype or self.dtype.name,
+                          batch_size=batch_size, max_seq_len=max_seq_len,
+                          dtype=self.dtype.name if dtype is None else dtype,
                           backend=self.backend, **options)
 
     def generate(self, prompt, max_new_tokens: Optional[int] = None, **kwargs):

@@ -681,3 +681,29 @@ def test_new_cache_refuses_unrepresentable_options_by_name(model, kwargs):
     except ConfigError:
         return
     assert kwargs.get("kind") == "sliding" and cache.window == 8      # a window wider than the cache is clamped
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["none", "concat", "static", "paged", "sliding", "bogus", None, 3, ["static"]]),
+       args=st.dictionaries(st.sampled_from(["batch_size", "max_seq_len", "dtype", "block_size", "num_blocks",
+                                             "window"]), HOSTILE, max_size=3))
+def test_hostile_new_cache_arguments_give_a_cache_or_a_minikv_error(model, windowed, kind, args):
+    """new_cache("static", block_size=4) was a raw TypeError; any mix of kinds and options is a cache or
+    a MinikvError. The fixture with a sliding window also runs it (its window is clamped to the model's)."""
+    for m in (model, windowed):
+        new_cache_or_minikv_error(m, kind, args)
+
+
+@pytest.fixture(scope="module")
+def windowed():
+    return minikv.load(FIXTURE_ROOT / "mistral_window", dtype="float64")
+
+
+def new_cache_or_minikv_error(model, kind, args):
+    try:
+        cache = model.new_cache(kind, **args)
+    except MinikvError:
+        return
+    if cache is not None:      # a cache that was made works: one token in, one position held
+        model.forward(np.ones((cache.batch_size, 1), dtype=np.int64), cache)
+        assert cache.lengths.tolist() == [1] * cache.batch_size
