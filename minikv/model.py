@@ -265,6 +265,9 @@ class Transformer:
         batch, seq = ids.shape
         n_new = np.full(batch, seq, dtype=np.int64) if n_new is None else self._check_n_new(n_new, batch, seq)
         if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise InvalidInputError(f"cache={cache!r:.60} is not a KVCache; pass one made by model.new_cache(...) "
+                                        "or minikv.load_cache(...), or None to recompute")
             cache.check_compatible(cfg, batch)
         q_offset = np.zeros(batch, dtype=np.int64) if cache is None else cache.lengths
         if positions is None:

@@ -707,3 +707,15 @@ def new_cache_or_minikv_error(model, kind, args):
     if cache is not None:      # a cache that was made works: one token in, one position held
         model.forward(np.ones((cache.batch_size, 1), dtype=np.int64), cache)
         assert cache.lengths.tolist() == [1] * cache.batch_size
+
+
+@pytest.mark.parametrize("value", [[], ["numpy"], {}, np.array([1.5])])
+def test_a_backend_name_that_is_not_a_string_is_a_config_error(value):
+    with pytest.raises(ConfigError, match="backend"):
+        minikv.load(FIXTURE_ROOT / "llama_gqa", backend=value)
+
+
+@pytest.mark.parametrize("value", [0, "static", [], np.int64(2)])
+def test_forward_with_a_cache_that_is_not_a_cache_is_an_invalid_input_error(model, value):
+    with pytest.raises(InvalidInputError, match="not a KVCache"):
+        model.forward(np.array([[1, 2, 3]]), cache=value)
