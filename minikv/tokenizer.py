@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import BackendUnavailableError, CheckpointError, InvalidInputError, TokenizerError
-from .validate import JSON_MAX_BYTES, TOKENIZER_MAX_BYTES, read_bytes
+from .validate import JSON_MAX_BYTES, TOKENIZER_MAX_BYTES, read_bytes, token_ids
 
 
 class ByteTokenizer:
@@ -125,7 +125,13 @@ class HFTokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        # Type-checked, not range-checked: a model's vocabulary may be padded past the tokenizer's,
+        # and the library skips ids it does not know.
+        return self._decode(token_ids(ids, "ids", None), skip_special_tokens)
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """decode on ids already checked (a stream re-decodes its whole output every token)."""
+        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up_spaces else text
 
     def token_id(self, token: str) -> Optional[int]:
@@ -187,15 +193,15 @@ class _ReDecoder:
         self._tokenizer, self._ids, self._emitted = tokenizer, [], ""
 
     def feed(self, token: int) -> str:
-        self._ids.append(int(token))
-        text = self._tokenizer.decode(self._ids)
+        self._ids += token_ids([token], "the streamed token", None)
+        text = self._tokenizer._decode(self._ids)
         if text.endswith("\ufffd"):      # an incomplete multi-byte character: wait for more
             return ""
         new, self._emitted = text[len(self._emitted):], text
         return new
 
     def flush(self) -> str:
-        text = self._tokenizer.decode(self._ids)
+        text = self._tokenizer._decode(self._ids)
         new, self._emitted = text[len(self._emitted):], text
         return new
 

@@ -74,8 +74,10 @@ def rng(value) -> np.random.Generator:
     return value
 
 
-def token_ids(values, what: str, vocab_size: int) -> list[int]:
-    """A sequence of token ids as ints, each an integer in [0, vocab_size) (no float, str or bool)."""
+def token_ids(values, what: str, vocab_size: Optional[int]) -> list[int]:
+    """A sequence of token ids as ints, each an integer in [0, vocab_size) (no float, str or bool).
+
+    vocab_size None: any id a tokenizer can hold (0 .. 2**32 - 1; the tokenizers library's ids are u32)."""
     if isinstance(values, np.ndarray):
         if values.ndim != 1:
             raise InvalidInputError(f"{what} has shape {values.shape}; expected one row of token ids")
@@ -87,7 +89,9 @@ def token_ids(values, what: str, vocab_size: int) -> list[int]:
         if not is_integer(t):
             raise InvalidInputError(f"token id {t!r} in {what} is a {type(t).__name__}; token ids are integers "
                                     "(e.g. 104, not 104.9, '104' or True)")
-        if not 0 <= t < vocab_size:
+        if vocab_size is None and not 0 <= t < 2**32:
+            raise InvalidInputError(f"token id {t} in {what} is out of range: token ids are 0..2**32-1")
+        if vocab_size is not None and not 0 <= t < vocab_size:
             raise InvalidInputError(f"token id {t} in {what} is out of range for a vocabulary of {vocab_size} "
                                     f"(valid ids are 0..{vocab_size - 1})")
         out.append(int(t))

@@ -719,3 +719,10 @@ def test_a_backend_name_that_is_not_a_string_is_a_config_error(value):
 def test_forward_with_a_cache_that_is_not_a_cache_is_an_invalid_input_error(model, value):
     with pytest.raises(InvalidInputError, match="not a KVCache"):
         model.forward(np.array([[1, 2, 3]]), cache=value)
+
+
+@pytest.mark.parametrize("ids", [["a"], [2**70], [-1], 5, "x", [[1]], [1.5], [True]])
+def test_decoding_ids_that_are_not_token_ids_is_an_invalid_input_error(ids):
+    tokenizer = minikv.load(CHATML).tokenizer
+    with pytest.raises(InvalidInputError):
+        tokenizer.decode(ids)
