@@ -96,14 +96,15 @@ class Backend:
         """Wait for queued device work (timing needs it on a GPU; nothing to wait for on the CPU)."""
 
     # ---- kernels ----
-    def attention(self, q, k, v, *, causal=True, q_offset=0, lengths=None, window=None, algorithm=None):
+    def attention(self, q, k, v, *, causal=True, q_offset=0, lengths=None, window=None, algorithm=None, scale=None):
+        # scale: the score scale, None = 1/sqrt(head_dim); T5 passes 1.0 (it scales nothing).
         if algorithm is None:
             # Measured (benchmarks/results/prefill.md): naive wins below ~512 keys, tiled above, and
             # tiled's memory stays O(seq * block) where naive's scores grow O(seq^2).
             algorithm = "tiled" if k.shape[2] >= self.tiled_from_keys else self.default_attention
         # Trusted inside: the model checked its inputs at the door, so the algorithm's core runs directly.
         core = reference_attention.CORES[algorithm]
-        return core(*reference_attention.trusted_args(q, k, v, q_offset, lengths, window), causal=causal,
+        return core(*reference_attention.trusted_args(q, k, v, q_offset, lengths, window, scale), causal=causal,
                     return_lse=True)
 
     # Split-K pays where the splits run in parallel (GPU blocks); NumPy runs them one after another,
@@ -111,7 +112,7 @@ class Backend:
     decode_splits = 1
     transposed_from_keys = 320    # decode scores as K q^T from here on (see decode_attention)
 
-    def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None, n_splits=None):
+    def decode_attention(self, q, k_cache, v_cache, lengths, *, window=None, n_splits=None, scale=None):
         """One query per sequence at position lengths[b] - 1 against the cache's keys 0..lengths[b]-1.
 
         The math of ``minikv.attention.decode`` with one split (NumPy runs splits one after another),
@@ -128,7 +129,7 @@ class Backend:
         (and widened from float16 where the cache is stored so)."""
         if q.shape[2] != 1 or (n_splits or self.decode_splits) != 1:
             return reference_attention.decode(q, k_cache, v_cache, lengths, window=window, return_lse=True,
-                                              n_splits=self.decode_splits if n_splits is None else n_splits)
+                                              scale=scale, n_splits=self.decode_splits if n_splits is None else n_splits)
         batch, n_heads, _, head_dim = q.shape
         n_kv = k_cache.shape[1]
         group = n_heads // n_kv
@@ -136,7 +137,7 @@ class Backend:
         width = int(lengths.max(initial=0))
         k = k_cache[:, :, :width].astype(q.dtype, copy=False)               # (b, kv, width, hd)
         v = v_cache[:, :, :width].astype(q.dtype, copy=False)
-        scale = q.dtype.type(1.0 / math.sqrt(head_dim))
+        scale = q.dtype.type(1.0 / math.sqrt(head_dim) if scale is None else scale)
         q_rows = (q * scale).reshape(batch, n_kv, group, head_dim)          # (b, H, 1, hd) -> (b, kv, group, hd)
         if width >= self.transposed_from_keys:
             # (b, kv, width, hd) @ (b, kv, hd, group) -> (b, kv, width, group) -> rows (b, kv, group, width)
@@ -156,17 +157,23 @@ class Backend:
         # (b, kv, group, [1,] hd) -> (b, H, 1, hd)
         return out.reshape(batch, n_heads, 1, head_dim), lse.reshape(batch, n_heads, 1)
 
-    def paged_decode_attention(self, q, k_pool, v_pool, block_table, lengths, *, window=None, n_splits=None):
+    def paged_decode_attention(self, q, k_pool, v_pool, block_table, lengths, *, window=None, n_splits=None,
+                               scale=None):
         # Reference: gather each sequence's blocks into a contiguous view, then run plain decode.
         # The view's table holds only the columns with positions: the copy grows with the length.
         k_cache, v_cache = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)
-        return self.decode_attention(q, k_cache, v_cache, lengths, window=window, n_splits=n_splits)
+        # scale only when asked for: the accelerated backends' decode_attention has no scale= (the encoder-
+        # decoder models that pass one run on numpy)
+        extra = {} if scale is None else {"scale": scale}
+        return self.decode_attention(q, k_cache, v_cache, lengths, window=window, n_splits=n_splits, **extra)
 
-    def paged_attention(self, q, k_pool, v_pool, block_table, *, q_offset, lengths, window=None, algorithm=None):
+    def paged_attention(self, q, k_pool, v_pool, block_table, *, q_offset, lengths, window=None, algorithm=None,
+                        scale=None):
         """Prefill (many queries per sequence) through a block table: gather, then ``attention``."""
         k_all, v_all = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)
+        extra = {} if scale is None else {"scale": scale}     # as in paged_decode_attention
         return self.attention(q, k_all, v_all, causal=True, q_offset=q_offset, lengths=lengths, window=window,
-                              algorithm=algorithm)
+                              algorithm=algorithm, **extra)
 
     def apply_rope(self, x, cos, sin, convention="half"):
         return reference_rope.apply_rope(x, cos, sin, convention)

@@ -9,13 +9,19 @@ and how its layout changes. minikv's canonical names use PyTorch's (out_features
 layout for projections; GPT-2's ``Conv1D`` stores (in, out), so its rows say ``transpose``, and
 its fused ``c_attn`` splits into q, k and v.
 
+Tensors are read one at a time (``read_safetensors``) and converted right away to the model dtype:
+float32, float64, float16 and bfloat16 files are read (bfloat16 by widening its bits, see
+``bfloat16_to_float32``), so loading never holds a second full copy of the weights.
+
 Every problem is a ``CheckpointError`` naming the file or tensor and what was expected: a missing
-tensor, an unexpected one, a shape that disagrees with the config, a truncated or corrupt file.
+tensor, an unexpected one, a shape that disagrees with the config, a dtype minikv does not read
+(float8, integers), a truncated or corrupt file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional
@@ -24,7 +30,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .validate import path_argument, read_json, regular_file, writable_file
+from .validate import is_integer, path_argument, read_json, regular_file, writable_file
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -79,6 +85,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "mlp.down.weight"] = (d, inter)
         if config.mlp_bias:
             shapes[p + "mlp.down.bias"] = (d,)
+        if config.qk_norm:
+            shapes[p + "attn.q_norm.weight"] = (hd,)
+            shapes[p + "attn.k_norm.weight"] = (hd,)
+        if config.is_gemma3:
+            shapes[p + "post_attn_norm.weight"] = (d,)
+            shapes[p + "post_mlp_norm.weight"] = (d,)
     return shapes
 
 
@@ -115,8 +127,19 @@ def tensor_table(config: ModelConfig) -> list[TensorMapping]:
                "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
     for i in range(config.n_layers):
         hf, p = f"model.layers.{i}.", f"layers.{i}."
-        rows += [TensorMapping(hf + "input_layernorm.weight", (p + "attn_norm.weight",)),
-                 TensorMapping(hf + "post_attention_layernorm.weight", (p + "mlp_norm.weight",))]
+        if config.is_gemma3:
+            # Gemma's "post_attention_layernorm" normalises the attention *output*; the MLP's input norm
+            # is "pre_feedforward_layernorm" (in LLaMA, post_attention_layernorm is the MLP's input norm).
+            rows += [TensorMapping(hf + "input_layernorm.weight", (p + "attn_norm.weight",)),
+                     TensorMapping(hf + "post_attention_layernorm.weight", (p + "post_attn_norm.weight",)),
+                     TensorMapping(hf + "pre_feedforward_layernorm.weight", (p + "mlp_norm.weight",)),
+                     TensorMapping(hf + "post_feedforward_layernorm.weight", (p + "post_mlp_norm.weight",))]
+        else:
+            rows += [TensorMapping(hf + "input_layernorm.weight", (p + "attn_norm.weight",)),
+                     TensorMapping(hf + "post_attention_layernorm.weight", (p + "mlp_norm.weight",))]
+        if config.qk_norm:
+            rows += [TensorMapping(hf + "self_attn.q_norm.weight", (p + "attn.q_norm.weight",)),
+                     TensorMapping(hf + "self_attn.k_norm.weight", (p + "attn.k_norm.weight",))]
         for ours, theirs in hf_proj.items():
             block = "self_attn" if ours in "qkvo" else "mlp"
             mine = f"attn.{ours}" if block == "self_attn" else f"mlp.{ours}"
@@ -183,40 +206,119 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {folder}")
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file as NumPy arrays, or a CheckpointError naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+# The safetensors library refuses headers above 100 MB; so do we (a real one is kilobytes to a few MB).
+MAX_HEADER_BYTES = 100_000_000
+# safetensors dtype names -> the little-endian NumPy dtype of their bytes. bfloat16 has no NumPy
+# dtype: its bytes are read as uint16 and widened by bfloat16_to_float32 (below).
+FLOAT_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+# Names for the error message of a dtype minikv refuses (float8 needs per-block scales minikv does not implement).
+OTHER_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "F4": "float4",
+                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32",
+                "U16": "uint16", "U8": "uint8", "BOOL": "bool", "C64": "complex64"}
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32 values, exactly.
+
+    bfloat16 is the top half of a float32 (1 sign bit, the same 8 exponent bits, 7 of the 23 mantissa
+    bits), so ``float32_bits = bf16_bits << 16`` is the same number for every one of the 65536 patterns,
+    zeros, subnormals, infinities and NaNs included (NaN payloads are kept). Doing it with NumPy's
+    integer ops keeps the base install free of a bfloat16 package (ml_dtypes would do the same thing;
+    the tests compare against it).
+    """
+    widened = bits.astype(np.uint32)       # (n,) uint16 -> (n,) uint32: the only new array
+    widened <<= 16
+    return widened.view(np.float32)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header, data_start) of a safetensors file: 8-byte little-endian header length n, n bytes of
+    JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the data. Checked here so a
+    truncated or corrupt file is a CheckpointError before any tensor is read."""
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {why}")
+
+    path = regular_file(path, "safetensors file", CheckpointError)    # not a FIFO, device or folder
 
     path = regular_file(path, "safetensors file", CheckpointError)
     try:
-        tensors = load_file(str(path))
-    except SafetensorError as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
-    except (TypeError, ValueError) as exc:
-        # NumPy has no bfloat16: safetensors' numpy loader refuses such files.
-        raise CheckpointError(
-            f"{path} could not be read as NumPy arrays ({exc}); if it is bfloat16, re-save it as float16 or float32"
-        ) from None
-    except AttributeError as exc:
-        # A dtype NumPy has no name for (float8_e4m3fn, ...): safetensors' numpy loader asks np for it.
-        raise CheckpointError(f"{path} holds a tensor dtype NumPy cannot represent ({exc}); re-save the "
-                              "checkpoint as float32 or float16") from None
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                raise corrupt(f"{size} bytes is shorter than the 8-byte header length")
+            n = int.from_bytes(prefix, "little")
+            if n > size - 8:
+                raise corrupt(f"the header claims {n} bytes but the file has {size - 8} after the length")
+            if n > MAX_HEADER_BYTES:     # the safetensors library's own limit
+                raise corrupt(f"the header claims {n} bytes, more than safetensors allows ({MAX_HEADER_BYTES})")
+            header = json.loads(file.read(n))
     except OSError as exc:
         raise CheckpointError(f"{path} could not be read: {exc}") from None
-    for name, tensor in tensors.items():
-        # Once the ml_dtypes package is imported (by any library), NumPy reads bfloat16/float8 as
-        # opaque kind-"V" types it cannot compute with: the same refusal as without it.
-        if tensor.dtype.kind == "V":
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype.name}, which NumPy cannot compute "
-                                  "in; if it is bfloat16, re-save it as float16 or float32")
+    except RecursionError:
+        raise corrupt("the header is nested too deeply to be a safetensors header") from None
+    except ValueError as exc:      # JSONDecodeError, UnicodeDecodeError, an integer of > 4300 digits
+        raise corrupt(f"the header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            shape = list(info["shape"])
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"tensor {name!r} has a malformed entry {info!r:.200}") from None
+        # Integers only (int("3") or int(2.5) would quietly read another shape), and sizes in Python
+        # ints: np.prod of a huge shape wraps around int64 and could match the byte count.
+        if not all(is_integer(x) for x in [begin, end, *shape]) or not isinstance(dtype, str):
+            raise corrupt(f"tensor {name!r} has a malformed entry {info!r:.200} (offsets and shape are integers, "
+                          "dtype a name)")
+        if not (0 <= begin <= end <= data_size) or min(shape, default=0) < 0:
+            raise corrupt(f"tensor {name!r} spans bytes {begin}..{end} of {data_size} data bytes")
+        if dtype in FLOAT_DTYPES and end - begin != FLOAT_DTYPES[dtype].itemsize * math.prod(shape):
+            raise corrupt(f"tensor {name!r} has {end - begin} bytes for shape {shape} of {dtype}")
+    return header, 8 + n
+
+
+def read_safetensors(path: Path, dtype=None, skip=lambda name: False) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file (except those ``skip(name)`` rejects) as NumPy arrays.
+
+    Tensor by tensor: each one's bytes are read, converted to ``dtype`` (None: float16/32/64 stay as
+    stored, bfloat16 becomes float32), and only the converted array is kept. So loading a bfloat16
+    checkpoint as float32 peaks at the float32 weights plus one tensor's bytes, never two copies.
+    float8, integer and other dtypes are a CheckpointError naming the tensor and its dtype."""
+    path = Path(path)
+    header, data_start = read_safetensors_header(path)
+    tensors: dict[str, np.ndarray] = {}
+    with open(path, "rb") as file:
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            if skip(name):
+                continue
+            stored = info["dtype"]
+            if stored not in FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"tensor {name!r} in {path} has dtype {stored} ({OTHER_DTYPES.get(stored, 'unknown')}); "
+                    "minikv reads float32, float64, float16 and bfloat16 weights: use a release of the "
+                    "checkpoint stored in one of those"
+                )
+            shape = tuple(int(d) for d in info["shape"])
+            file.seek(data_start + info["data_offsets"][0])
+            raw = np.fromfile(file, dtype=FLOAT_DTYPES[stored], count=int(np.prod(shape)))
+            tensor = bfloat16_to_float32(raw) if stored == "BF16" else raw
+            del raw
+            if dtype is not None and tensor.dtype != dtype:
+                with np.errstate(over="ignore"):   # float64 -> float32 overflow becomes inf, refused later
+                    tensor = tensor.astype(dtype)
+            tensors[name] = tensor.reshape(shape).astype(tensor.dtype.newbyteorder("="), copy=False)
     return tensors
 
 
 def load_checkpoint(path: str | Path, dtype="float32") -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Read a Hugging Face checkpoint folder into (config, weights with minikv's canonical names).
 
-    Weights are converted to ``dtype`` here, once."""
+    Weights are converted to ``dtype`` here, once, one tensor at a time (see read_safetensors)."""
     folder = Path(path)
     if "\0" in str(folder) or not folder.is_dir():
         raise CheckpointError(f"checkpoint path {folder} is not a folder (it needs config.json and model.safetensors)")
@@ -225,18 +327,24 @@ def load_checkpoint(path: str | Path, dtype="float32") -> tuple[ModelConfig, dic
     raw: dict[str, np.ndarray] = {}
     found_in: dict[str, Path] = {}
     for file in _weight_files(folder):
-        for name, tensor in read_safetensors(file).items():
+        tensors = read_safetensors(file, dtype=dtype,
+                                   skip=lambda name: _normalise_hf_name(name, config).endswith(IGNORED_SUFFIXES))
+        for name, tensor in tensors.items():
             name = _normalise_hf_name(name, config)
             if name in found_in:
                 # Two shards with one tensor: which one is right is a guess, so refuse.
                 raise CheckpointError(f"tensor {name!r} is in both {found_in[name].name} and {file.name} in {folder}")
             raw[name], found_in[name] = tensor, file
-    return config, weights_from_hf(raw, config, dtype, source=str(folder))
+        del tensors
+    return config, weights_from_hf(raw, config, dtype, source=str(folder), consume=True)
 
 
 def weights_from_hf(raw: dict[str, np.ndarray], config: ModelConfig, dtype=np.float32,
-                    source: str = "checkpoint") -> dict[str, np.ndarray]:
-    """Translate HF-named tensors to minikv's names and layouts, checking every name and shape."""
+                    source: str = "checkpoint", consume: bool = False) -> dict[str, np.ndarray]:
+    """Translate HF-named tensors to minikv's names and layouts, checking every name and shape.
+
+    consume=True empties ``raw`` as it goes, so a tensor that needs a new layout (a transpose, a split)
+    never exists twice for longer than its own conversion."""
     dtype = np.dtype(dtype)
     _check_tensor_count(raw, config, source)
     table = tensor_table(config)
@@ -254,7 +362,7 @@ def weights_from_hf(raw: dict[str, np.ndarray], config: ModelConfig, dtype=np.fl
         if row.hf not in raw:
             raise CheckpointError(f"{source} is missing tensor {row.hf!r} (minikv {row.ours[0]!r}, "
                                   f"expected shape {_hf_shape(row, shapes)})")
-        tensor = raw[row.hf]
+        tensor = raw.pop(row.hf) if consume else raw[row.hf]
         if not np.issubdtype(tensor.dtype, np.floating):
             raise CheckpointError(f"tensor {row.hf!r} in {source} has dtype {tensor.dtype}; expected floating point")
         want = _hf_shape(row, shapes)

@@ -130,7 +130,11 @@ def _proposer(args):
 
 
 def cmd_generate(args) -> int:
+    from .seq2seq import EncoderDecoder
+
     model = _load(args)
+    if isinstance(model, EncoderDecoder):
+        return _generate_seq2seq(model, args)
     options = _given_sampling(args)
     if model.generation_config is None or "do_sample" not in model.generation_config.raw:
         # The checkpoint does not say how to sample it: the command's own defaults.
@@ -146,6 +150,16 @@ def cmd_generate(args) -> int:
     out.write("\n")
     out.flush()            # the text first, then the stats line
     print(f"[{stream.stats}]", file=sys.stderr)
+    return 0
+
+
+def _generate_seq2seq(model, args) -> int:
+    """An encoder-decoder (T5, BART) reads the prompt as its source and writes a new text, not a continuation."""
+    options = {"temperature": 0.8, "top_p": 0.95, **_given_sampling(args)}     # the command's defaults
+    out = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, cache=args.cache, seed=args.seed,
+                         **options)
+    print(out.text, flush=True)
+    print(f"[{out.stats}]", file=sys.stderr)
     return 0
 
 
@@ -183,9 +197,13 @@ def cmd_bench(args) -> int:
 
 def cmd_info(args) -> int:
     from .backend import available_backends
+    from .seq2seq import EncoderDecoder
 
     model = _load(args)
     cfg = model.config
+    if isinstance(model, EncoderDecoder):      # T5 / BART: its own summary
+        print(f"model         {model.source}\n{model!r}")
+        return 0
     print(f"model         {model.source}")
     print(f"architecture  {cfg.model_type} ({cfg.family} family)")
     print(f"layers        {cfg.n_layers}, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}")

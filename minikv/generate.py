@@ -242,11 +242,11 @@ class Stream:
                                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                   stop_tokens=stop_tokens)
         max_new_tokens, stop_tokens = options.pop("max_new_tokens"), options.pop("stop_tokens")
-        limit = model.config.max_position_embeddings
+        limit = model.config.max_positions
         max_new_tokens = validate.integer(max_new_tokens, "max_new_tokens")
         if max_new_tokens > limit:
             raise SequenceTooLongError(f"max_new_tokens={max_new_tokens} is more than the model's "
-                                       f"max_position_embeddings={limit}; pass max_new_tokens<={limit}")
+                                       f"{model.config.max_positions_name}={limit}; pass max_new_tokens<={limit}")
         prefill_chunk = validate.optional_integer(prefill_chunk, "prefill_chunk")
         self.model = model
         self.prompts, self._single = _prompts_to_ids(model, prompt)
@@ -265,6 +265,14 @@ class Stream:
         if speculative is None and num_speculative_tokens is not None:
             raise ConfigError(f"num_speculative_tokens={num_speculative_tokens!r} applies to speculative decoding; "
                               "pass speculative=\"prompt_lookup\" or a draft model too")
+        scaling = model.config.rope_scaling
+        if scaling is not None and scaling.rope_type == "dynamic" and (speculative is not None or prefill_chunk):
+            # Dynamic NTK rotates each forward call by that call's length (as transformers does): verifying
+            # k drafted tokens in one call, or prefilling in chunks, would rotate differently from plain decoding.
+            what = "speculative decoding" if speculative is not None else f"prefill_chunk={prefill_chunk}"
+            raise ConfigError(f"{what} is not supported with dynamic NTK RoPE (rope_scaling rope_type 'dynamic'): "
+                              "its frequencies depend on each forward call's length, so the tokens would differ "
+                              "from plain generation")
         if speculative is not None:
             self._start_speculative(speculative, num_speculative_tokens, cache, cache_dtype, cache_options)
         self.stats = GenerationStats(batch_size=len(self.prompts),
@@ -293,7 +301,7 @@ class Stream:
             cache = "none"
         if cache not in CACHE_KINDS:
             raise ConfigError(f"cache={cache!r} is unknown; choose one of {CACHE_KINDS}")
-        limit = self.model.config.max_position_embeddings
+        limit = self.model.config.max_positions
         if max_seq_len is None:
             max_seq_len = min(int(self._positions_needed(None).max()), limit)
         return self.model.new_cache(cache, batch_size=len(self.prompts), max_seq_len=max_seq_len,
@@ -321,12 +329,13 @@ class Stream:
         held = int(self.cache.lengths[worst]) if self.cache is not None else 0
         what = (f"sequence {worst} ({held} cached + {len(self.prompts[worst])} prompt tokens + "
                 f"max_new_tokens={self.max_new_tokens}) needs {int(needed[worst])} positions")
-        limit = self.model.config.max_position_embeddings
+        limit = self.model.config.max_positions
         if needed[worst] > limit:
             room = limit - (int(needed[worst]) - self.max_new_tokens)
             fix = (f"pass max_new_tokens<={room}" if room >= 1 else
                    f"shorten the prompt so that prompt + max_new_tokens - 1 <= {limit - held}")
-            raise SequenceTooLongError(f"{what} but the model has max_position_embeddings={limit}; {fix}")
+            raise SequenceTooLongError(f"{what} but the model has {self.model.config.max_positions_name}={limit}; "
+                                       f"{fix}")
         if self.cache is not None and needed[worst] > self.cache.capacity:
             room = self.max_new_tokens - int(needed[worst]) + self.cache.capacity
             fix = f"max_seq_len>={int(needed[worst])}" + (f" or max_new_tokens<={room}" if room >= 1 else "")

@@ -24,6 +24,12 @@ def rms_norm(x, weight, eps: float):
     return x * (1.0 / np.sqrt(variance + x.dtype.type(eps))) * weight
 
 
+def rms_norm_one_plus(x, weight, eps: float):
+    """Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w). Gemma stores each gain as its offset
+    from 1 (initialised to zeros), so a checkpoint's w = 0 means "no change"."""
+    return rms_norm(x, 1 + weight, eps)
+
+
 def layer_norm(x, weight, bias, eps: float):
     """LayerNorm (GPT-2): (x - mean) / sqrt(var + eps) * weight + bias, var the biased variance."""
     mean = x.mean(axis=-1, keepdims=True)
@@ -64,3 +70,14 @@ def gelu_tanh(x):
     # x^3 overflows to +-inf for |x| > ~7e12 (float32); tanh(+-inf) = +-1 gives the exact limits x and -0.
     with np.errstate(over="ignore"):
         return 0.5 * x * (1.0 + np.tanh(c * (x + x.dtype.type(0.044715) * (x * x * x))))
+
+
+def geglu(gate, up):
+    """GeGLU's elementwise part (Gemma): gelu_tanh(x W_gate) * (x W_up); the down projection follows."""
+    return gelu_tanh(gate) * up
+
+
+def softcap(x, cap: float):
+    """Soft-capping (Gemma's final logits): cap * tanh(x / cap), smooth, odd, and bounded by +-cap."""
+    cap = x.dtype.type(cap)
+    return np.tanh(x / cap) * cap

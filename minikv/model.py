@@ -16,6 +16,12 @@ For the llama family (pre-norm residual blocks)::
 GPT-2 differs only in its pieces: LayerNorm with bias, learned position embeddings added to x
 instead of RoPE, biases on every projection, and a GELU (tanh) MLP.
 
+Qwen3 adds one step: q and k are RMS-normalised per head (over head_dim) before RoPE. Gemma 3 adds
+that too, and: x = embed[ids] * sqrt(d); every norm gains (1 + w); a norm after attention and after
+the MLP (before each residual add); GeGLU (gelu_tanh(gate) * up); scores scaled by
+query_pre_attn_scalar^-1/2; sliding-window layers with their own RoPE base between global layers;
+optionally logits = cap * tanh(logits / cap).
+
 ``forward(ids)`` with no cache recomputes everything: the baseline every cache is measured against.
 """
 
@@ -33,7 +39,7 @@ from .cache import KVCache, KVView, make_cache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, InvalidInputError, SequenceTooLongError
-from .rope import cos_sin_table
+from .rope import RopeTable
 
 SUPPORTED_DTYPES = ("float32", "float64")
 
@@ -68,12 +74,16 @@ class LayerWeights:
     mlp_in_bias: Any
     mlp_down: Any       # (intermediate, d)
     mlp_down_bias: Any
+    qk_norm: Any = None         # Qwen3, Gemma 3: (n_heads + n_kv_heads, 1, head_dim): q_norm per q head, k_norm per k head
+    post_attn_norm: Any = None  # Gemma 3: norm of the attention output before the residual add (d,)
+    post_mlp_norm: Any = None   # Gemma 3: norm of the MLP output before the residual add (d,)
 
 
 class Transformer:
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], *, dtype="float32",
                  backend: Optional[str | Backend] = None, attention: Optional[str] = None,
-                 tokenizer=None, source: Optional[Path] = None, generation_config=None):
+                 tokenizer=None, source: Optional[Path] = None, generation_config=None,
+                 _take_weights: bool = False):
         dtype = model_dtype(dtype)
         self.config = config
         self.dtype = dtype
@@ -87,8 +97,15 @@ class Transformer:
         self.source = source
         # The checkpoint's generation_config.json (stop ids, default sampling), or None.
         self.generation_config = generation_config
-        # Canonical weights on the host, in the model dtype (what save() and conversions use).
-        self.weights = {name: np.ascontiguousarray(w, dtype=dtype) for name, w in weights.items()}
+        # Canonical weights on the host, in the model dtype (what save() and conversions use). load()
+        # hands its dict over (_take_weights): the model keeps that very dict, so each weight that
+        # _prepare replaces by a view of its prepared copy is freed at once (loading peaks near one copy).
+        if _take_weights:
+            for name, w in weights.items():
+                weights[name] = np.ascontiguousarray(w, dtype=dtype)
+            self.weights = weights
+        else:
+            self.weights = {name: np.ascontiguousarray(w, dtype=dtype) for name, w in weights.items()}
         self._prepare()
 
     # ------------------------------------------------------------ set-up
@@ -96,18 +113,30 @@ class Transformer:
         """Lay the weights out for the forward pass, once, on the backend's device."""
         cfg, w, dev = self.config, self.weights, self.backend.to_device
         # Facts the forward pass asks every layer, read once (config properties are Python calls).
-        self.is_gpt2, self.uses_rope = cfg.family == "gpt2", cfg.uses_rope
+        self.is_gpt2, self.uses_rope, self.is_gemma3 = cfg.family == "gpt2", cfg.uses_rope, cfg.is_gemma3
 
         def get(name):
             return dev(w[name]) if name in w else None
 
         def fused(names):
             # (out, in) projections side by side as one (in, sum of outs) matrix.
+            if len(names) == 1:
+                return dev(np.ascontiguousarray(w[names[0]].T))
             return dev(np.ascontiguousarray(np.concatenate([w[n] for n in names], axis=0).T))
 
         def fused_bias(names):
             return dev(np.concatenate([w[n] for n in names])) if names[0] in w else None
 
+        def qk_norm(p):
+            # One gain row per head, q heads then k heads as in the fused projection: one norm call for both.
+            if not cfg.qk_norm:
+                return None
+            rows = [w[p + "attn.q_norm.weight"]] * cfg.n_heads + [w[p + "attn.k_norm.weight"]] * cfg.n_kv_heads
+            return dev(np.stack(rows)[:, None, :])          # (n_heads + n_kv_heads, 1, head_dim)
+
+        # On the host (NumPy arrays) the canonical weights become views of the prepared ones: each
+        # weight is held once. (On a GPU the prepared copy lives on the device, the canonical on the host.)
+        share = self.backend.xp is np
         self.layers: list[LayerWeights] = []
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
@@ -120,18 +149,68 @@ class Transformer:
                 mlp_norm=get(p + "mlp_norm.weight"), mlp_norm_bias=get(p + "mlp_norm.bias"),
                 mlp_in=fused(mlp_in), mlp_in_bias=fused_bias([n.replace("weight", "bias") for n in mlp_in]),
                 mlp_down=fused([p + "mlp.down.weight"]), mlp_down_bias=get(p + "mlp.down.bias"),
+                qk_norm=qk_norm(p), post_attn_norm=get(p + "post_attn_norm.weight"),
+                post_mlp_norm=get(p + "post_mlp_norm.weight"),
             ))
+            if share:
+                self._share_layer(p, self.layers[-1])
         self.embed = get("embed.weight")
         self.pos_embed = get("pos_embed.weight")
         self.final_norm, self.final_norm_bias = get("final_norm.weight"), get("final_norm.bias")
         head = "embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"
         self.lm_head = fused([head])
+        if share and not cfg.tie_word_embeddings:
+            w["lm_head.weight"] = self.lm_head.T
+        # Each layer's own attention window (None: full causal attention) and the RoPE table it reads.
+        self.layer_windows = list(cfg.layer_windows)
+        self.layer_rope = ["sliding_attention" if cfg.is_gemma3 and t == "sliding_attention" else "full_attention"
+                           for t in (cfg.layer_types or ("full_attention",) * cfg.n_layers)]
+        self.rope_tables: dict[str, RopeTable] = {}
         if cfg.uses_rope:
-            # Every position's cos/sin, computed once: a step only gathers rows.
-            cos, sin = cos_sin_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta, self.dtype)
-            self.rope_cos, self.rope_sin = dev(cos), dev(sin)
-        # Each layer's own attention window (None: full causal attention).
-        self.layer_windows = [cfg.sliding_window] * cfg.n_layers
+            # cos/sin rows, computed once per position (a step only gathers rows), built for the
+            # positions used so far (see RopeTable). Gemma 3's sliding layers rotate with their own base.
+            self.rope_tables["full_attention"] = RopeTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                                           self.dtype, cfg.max_positions, dev)
+            if "sliding_attention" in self.layer_rope:
+                self.rope_tables["sliding_attention"] = RopeTable(cfg.head_dim, cfg.rope_local_theta, None,
+                                                                  self.dtype, cfg.max_positions, dev)
+        # Gemma 3: x = embed[ids] * sqrt(d), the factor rounded to the model dtype (as transformers does);
+        # scores scaled by query_pre_attn_scalar^-1/2: attention scales by head_dim^-1/2, so q is
+        # multiplied by the ratio of the two.
+        self.embed_scale = self.dtype.type(np.sqrt(cfg.hidden_size)) if cfg.is_gemma3 else None
+        self.q_scale = (self.dtype.type(np.sqrt(cfg.head_dim / cfg.query_pre_attn_scalar))
+                        if cfg.query_pre_attn_scalar not in (None, cfg.head_dim) else None)
+
+    def _share_layer(self, p: str, layer: LayerWeights) -> None:
+        """Point layer ``p``'s canonical (out, in) weights at views of its prepared (in, out) arrays:
+        W_q = qkv[:, :H hd].T, W_k and W_v the next column blocks, W_o = o.T, W_gate | W_up = mlp_in's
+        column blocks transposed, W_down = mlp_down.T. The replaced arrays are freed unless the caller
+        still holds them."""
+        cfg, w = self.config, self.weights
+
+        def split(prefix, names, fused, fused_bias, sizes):
+            start = 0
+            for name, size in zip(names, sizes):
+                w[f"{prefix}{name}.weight"] = fused[:, start:start + size].T        # (out, in) view
+                if fused_bias is not None:
+                    w[f"{prefix}{name}.bias"] = fused_bias[start:start + size]
+                start += size
+
+        q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        split(p + "attn.", "qkv", layer.qkv, layer.qkv_bias, (q_out, kv_out, kv_out))
+        w[p + "attn.o.weight"] = layer.o.T
+        mlp_in = ("up",) if self.is_gpt2 else ("gate", "up")
+        split(p + "mlp.", mlp_in, layer.mlp_in, layer.mlp_in_bias, (cfg.intermediate_size,) * len(mlp_in))
+        w[p + "mlp.down.weight"] = layer.mlp_down.T
+
+    @property
+    def rope_cos(self):
+        """The (full-attention layers') RoPE cos table built so far: (positions, head_dim/2)."""
+        return self.rope_tables["full_attention"].cos
+
+    @property
+    def rope_sin(self):
+        return self.rope_tables["full_attention"].sin
 
     @property
     def n_parameters(self) -> int:
@@ -177,16 +256,21 @@ class Transformer:
         # Activations are (tokens, d) rows: a 2-D matmul per projection (a decode step's is a BLAS
         # matrix-vector product).
         x = layers.embedding(self.embed, backend.to_device(ids.reshape(-1)))       # (batch*seq, d)
+        if self.embed_scale is not None:
+            x *= self.embed_scale                                                   # Gemma: * sqrt(d)
+        rope = {}
+        for kind, table in self.rope_tables.items():
+            # (batch, seq, head_dim/2) -> (batch, 1, seq, head_dim/2): broadcast over heads. The
+            # checked positions' maximum is the highest real one (padding is clamped to it).
+            cos, sin = table.lookup(positions, int(positions.max()))
+            rope[kind] = cos[:, None], sin[:, None]
         positions = backend.to_device(positions)
         if self.pos_embed is not None:
             x += self.pos_embed[positions.reshape(-1)]                              # (batch*seq, d)
-        cos = sin = None
-        if self.uses_rope:
-            # (batch, seq, head_dim/2) -> (batch, 1, seq, head_dim/2): broadcast over heads
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         no_cache_offset = np.zeros(batch, dtype=np.int64)
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.attn_norm, layer.attn_norm_bias)
+            cos, sin = rope.get(self.layer_rope[index], (None, None))
             q, k, v = self._qkv(h, layer, batch, seq, cos, sin)     # (b, H, seq, hd), (b, KV, seq, hd) x 2
             if cache is None:
                 view = KVView(k, v, no_cache_offset, n_new)          # attend over this call's tokens only
@@ -195,14 +279,23 @@ class Transformer:
             out = self._attend(q, view, windows[index])              # ... then attend over everything held
             # (b, H, seq, hd) -> (b, seq, H, hd) -> (b*seq, H*hd): the heads side by side again
             out = out.transpose(0, 2, 1, 3).reshape(batch * seq, cfg.n_heads * cfg.head_dim)
-            x += layers.linear(out, layer.o, layer.o_bias)           # residual adds in place: no new array
+            attended = layers.linear(out, layer.o, layer.o_bias)
+            if layer.post_attn_norm is not None:
+                attended = self._norm(attended, layer.post_attn_norm, None)    # Gemma 3: norm before the add
+            x += attended                                            # residual adds in place: no new array
             h = self._norm(x, layer.mlp_norm, layer.mlp_norm_bias)
-            x += self._mlp(h, layer)
+            mlp_out = self._mlp(h, layer)
+            if layer.post_mlp_norm is not None:
+                mlp_out = self._norm(mlp_out, layer.post_mlp_norm, None)
+            x += mlp_out
         if last_only:
             # (batch*seq, d) -> (batch, seq, d) -> each row's last real token: (batch, d)
             x = x.reshape(batch, seq, -1)[backend.xp.arange(batch), backend.to_device(n_new - 1)]
         x = self._norm(x, self.final_norm, self.final_norm_bias)
-        logits = backend.to_host(x @ self.lm_head)                   # (tokens, vocab)
+        logits = x @ self.lm_head                                    # (tokens, vocab)
+        if cfg.final_logit_softcapping is not None:
+            logits = layers.softcap(logits, cfg.final_logit_softcapping)
+        logits = backend.to_host(logits)
         return logits if last_only else logits.reshape(batch, seq, -1)
 
     def _attend(self, q, view: KVView, window):
@@ -230,6 +323,8 @@ class Transformer:
     def _norm(self, x, weight, bias):
         if self.is_gpt2:
             return layers.layer_norm(x, weight, bias, self.config.norm_eps)
+        if self.is_gemma3:
+            return layers.rms_norm_one_plus(x, weight, self.config.norm_eps)
         return layers.rms_norm(x, weight, self.config.norm_eps)
 
     def _mlp(self, h, layer: LayerWeights):
@@ -239,11 +334,12 @@ class Transformer:
         else:
             # (tokens, 2 intermediate) = gate | up side by side
             gate, up = hidden[..., :self.config.intermediate_size], hidden[..., self.config.intermediate_size:]
-            act = layers.swiglu(gate, up)
+            act = layers.geglu(gate, up) if self.is_gemma3 else layers.swiglu(gate, up)
         return layers.linear(act, layer.mlp_down, layer.mlp_down_bias)
 
     def _qkv(self, h, layer: LayerWeights, batch: int, seq: int, cos, sin):
-        """h (batch*seq, d) -> q (batch, H, seq, hd), k and v (batch, KV, seq, hd), RoPE applied to q and k."""
+        """h (batch*seq, d) -> q (batch, H, seq, hd), k and v (batch, KV, seq, hd), with the per-head q/k
+        norm (Qwen3, Gemma 3) and RoPE applied to q and k."""
         cfg = self.config
         n_q, n_kv = cfg.n_heads, cfg.n_kv_heads
         qkv = layers.linear(h, layer.qkv, layer.qkv_bias)          # (batch*seq, (H + 2 KV) hd)
@@ -251,10 +347,16 @@ class Transformer:
         # (batch*seq, (H + 2 KV) hd) -> (batch, seq, H + 2 KV, hd) -> (batch, H + 2 KV, seq, hd)
         heads = qkv.reshape(batch, seq, n_q + 2 * n_kv, cfg.head_dim).transpose(0, 2, 1, 3)
         qk = heads[:, : n_q + n_kv]
+        if layer.qk_norm is not None:
+            # RMSNorm of each head's vector over head_dim, q heads with q_norm's gain, k heads with k_norm's
+            qk = self._norm(qk, layer.qk_norm, None)
         if self.uses_rope:
             # q and k heads sit side by side and share the positions: one rotation for both.
             qk = self.backend.apply_rope(qk, cos, sin, cfg.rope_convention)
-        return qk[:, :n_q], qk[:, n_q:], heads[:, n_q + n_kv:]
+        q = qk[:, :n_q]
+        if self.q_scale is not None:
+            q = q * self.q_scale      # scores = (c q) . k / sqrt(head_dim) = q . k / sqrt(query_pre_attn_scalar)
+        return q, qk[:, n_q:], heads[:, n_q + n_kv:]
 
     # ------------------------------------------------------------ input checks (the door)
     def _check_forward(self, token_ids, cache, positions, n_new):
@@ -285,14 +387,15 @@ class Transformer:
             if (positions[real] < 0).any():
                 raise InvalidInputError(f"position {int(positions[real].min())} is negative; positions start at 0")
             highest = int(positions[real].max(initial=-1))
-        if highest >= cfg.max_position_embeddings:
+        if highest >= cfg.max_positions:
             raise SequenceTooLongError(
                 f"position {highest} is beyond the model's maximum of "
-                f"{cfg.max_position_embeddings} positions (max_position_embeddings); shorten the input to at most "
-                f"{cfg.max_position_embeddings} tokens"
+                f"{cfg.max_positions} positions ({cfg.max_positions_name}); shorten the input to at most "
+                f"{cfg.max_positions} tokens"
             )
-        # Padding columns may run past the table: clamp them (their outputs are never used).
-        return ids, n_new, np.minimum(positions, cfg.max_position_embeddings - 1).astype(np.int64, copy=False)
+        # Padding columns may run past the table: clamp them to the highest real position (their outputs
+        # are never used), so positions.max() is the highest real one (what the RoPE tables need).
+        return ids, n_new, np.minimum(positions, max(highest, 0)).astype(np.int64, copy=False)
 
     def _layer_windows(self, window, cache) -> list:
         """Each layer's attention window: the smallest of the model's own (config), the caller's
@@ -359,7 +462,13 @@ class Transformer:
         max_seq_len defaults to the model's maximum position; dtype to the model's (or "float16" to
         halve the memory); options: block_size/num_blocks (paged), window (sliding)."""
         cfg = self.config
-        max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
+        max_seq_len = cfg.max_positions if max_seq_len is None else max_seq_len
+        full_layers = [i for i, w in enumerate(cfg.layer_windows) if w is None]
+        if kind == "sliding" and full_layers and len(full_layers) < cfg.n_layers:
+            # Gemma 3 mixes sliding and full-attention layers: one ring of W positions cannot serve both.
+            raise ConfigError(
+                f"a sliding cache keeps only the last {cfg.sliding_window} positions, but the full-attention "
+                f"layers {full_layers} attend to every position; use a static or paged cache")
         if kind == "sliding" and cfg.sliding_window is not None:
             # The ring never exceeds the model's own window: slots beyond it could never be attended to.
             window = options.get("window")
@@ -440,16 +549,23 @@ BUNDLED_MODEL = Path(__file__).parent / "data" / "tiny-fortunes"
 def load(path=None, *, dtype: str = "float32", backend: Optional[str] = None,
          attention: Optional[str] = None) -> Transformer:
     """Load a Hugging Face checkpoint: a folder, or a Hub id such as ``"Qwen/Qwen3-0.6B"`` (from the
-    local Hugging Face cache, else downloaded; see ``minikv.hub``). Default: the bundled tiny model."""
+    local Hugging Face cache, else downloaded; see ``minikv.hub``). Default: the bundled tiny model.
+
+    An encoder-decoder checkpoint (model_type "t5" or "bart") gives a ``minikv.seq2seq.EncoderDecoder``."""
     from .generation_config import read_generation_config
     from .hub import resolve_checkpoint
+    from .seq2seq_checkpoint import is_seq2seq_folder
     from .tokenizer import tokenizer_for
 
     dtype = model_dtype(dtype)          # before reading any weights
     if path is not None:
         validate.path_argument(path, "path")        # a str or PathLike, not bytes or a number
     folder = BUNDLED_MODEL if path is None else resolve_checkpoint(path)
+    if is_seq2seq_folder(folder):
+        from .seq2seq import load_seq2seq
+
+        return load_seq2seq(folder, dtype=dtype, backend=backend)
     config, weights = load_checkpoint(folder, dtype=dtype)
     return Transformer(config, weights, dtype=dtype, backend=backend, attention=attention,
                        tokenizer=tokenizer_for(folder, config.vocab_size), source=folder,
-                       generation_config=read_generation_config(folder))
+                       generation_config=read_generation_config(folder), _take_weights=True)

@@ -4,6 +4,7 @@ Run by hand (never by the tests; the tests must not need torch):
 
     python scripts/make_hf_fixtures.py            # writes tests/fixtures/hf/<name>/
     python scripts/make_hf_fixtures.py --check    # rebuild in a temp dir, compare with the committed files
+    python scripts/make_hf_fixtures.py --families-only   # only tests/fixtures/hf_families/ (see below)
 
 Needs torch (2.13.0) and transformers (5.x). For each tiny, randomly initialised model it writes
 
@@ -29,6 +30,18 @@ reference we patch those three spots to keep float64 (`float64_everywhere`). The
 computes the same mathematical function; the script checks that its logits agree with the
 unpatched HF float32 model to float32 accuracy, and records both gaps in the metadata.
 
+The bfloat16 families (tests/fixtures/hf_families/)
+--------------------------------------------------
+LLaMA with RoPE scaling llama3 / linear / dynamic / yarn, Qwen3 (plain and yarn) and Gemma 3 text,
+each saved the way Hub checkpoints are: **bfloat16**. A tiny original length (16) and 40-token
+inputs cross every scaling's original_max_position_embeddings; Gemma's window of 8 is crossed too.
+expected.safetensors holds input_ids (2, 40), `logits` (float64: the patched exact reference on the
+weights upcast from bf16), `logits_float32` (transformers' own float32 model on the same upcast
+weights, unpatched) and `generated` (transformers' float32 greedy `generate` ids, new tokens only).
+The float64 reference computes the scaled inverse frequencies in float64 with the formulas of
+transformers' modeling_rope_utils (checked against transformers' float32 ones to 1e-6), keeps
+Gemma's (1 + w) RMSNorm in float64, and uses the float64 sqrt(d) embedding scale.
+
 Bias and norm parameters
 ------------------------
 HF initialises every bias to 0 and every norm weight to 1, so a loader that forgot a bias or a
@@ -42,6 +55,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -52,6 +66,8 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -60,10 +76,13 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_DIR = REPO_ROOT / "tests" / "fixtures" / "hf"
+FAMILY_FIXTURE_DIR = REPO_ROOT / "tests" / "fixtures" / "hf_families"
 
 BATCH, SEQ = 2, 11  # the fixed input shape
 SLIDING_WINDOW = 4  # mistral_window: shorter than SEQ so the window changes the logits
@@ -372,6 +391,277 @@ def check_sliding_window_semantics() -> dict:
     return {"window": W, "first_position_that_differs": first_diff, "per_position_max_diff": per_position.tolist()}
 
 
+# ---------------------------------------------------------------------------------------------
+# bfloat16 families: RoPE scaling, Qwen3, Gemma 3 (see the module docstring)
+# ---------------------------------------------------------------------------------------------
+
+FAMILY_SEQ = 40          # > ORIGINAL: crosses every scaling's original length (and Gemma's window)
+ORIGINAL = 16            # original_max_position_embeddings of the scaled fixtures
+GEMMA_WINDOW = 8
+NEW_TOKENS = 8           # greedy tokens generated per row
+
+
+def family_specs():
+    llama = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128, initializer_range=0.2,
+                 tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+    def llama_rope(rope):
+        return LlamaConfig(**llama, rope_parameters=rope)
+
+    qwen3 = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-6, max_position_embeddings=128,
+                 initializer_range=0.2, tie_word_embeddings=True, use_sliding_window=False,
+                 bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return [
+        ("llama_rope_llama3", 2001, LlamaForCausalLM, llama_rope(
+            {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": ORIGINAL})),
+        ("llama_rope_linear", 2002, LlamaForCausalLM, llama_rope(
+            {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
+        # dynamic NTK's original length is max_position_embeddings itself; minikv allows factor x 16 = 64
+        ("llama_rope_dynamic", 2003, LlamaForCausalLM, LlamaConfig(
+            **{**llama, "max_position_embeddings": ORIGINAL},
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0})),
+        # a small theta and narrow betas so the ramp spans several of the 8 frequency pairs
+        ("llama_rope_yarn", 2004, LlamaForCausalLM, llama_rope(
+            {"rope_type": "yarn", "rope_theta": 100.0, "factor": 4.0, "original_max_position_embeddings": ORIGINAL,
+             "beta_fast": 4.0, "beta_slow": 0.25})),
+        ("qwen3", 2005, Qwen3ForCausalLM, Qwen3Config(
+            **qwen3, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+        # yarn as Qwen3 ships it for long context (default betas; attention factor 0.1 ln 4 + 1)
+        ("qwen3_yarn", 2006, Qwen3ForCausalLM, Qwen3Config(
+            **qwen3, rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                                      "original_max_position_embeddings": ORIGINAL})),
+        ("gemma3_text", 2007, Gemma3ForCausalLM, Gemma3TextConfig(
+            vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24, rms_norm_eps=1e-6,
+            max_position_embeddings=128, initializer_range=0.2, sliding_window=GEMMA_WINDOW,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+            final_logit_softcapping=5.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None)),
+    ]
+
+
+def float64_inverse_frequencies(params: dict, head_dim: int, max_position_embeddings: int,
+                                seq_len: int) -> tuple[torch.Tensor, float]:
+    """transformers 5.24's _compute_<type>_parameters, in float64 (theirs run in float32)."""
+    base = params["rope_theta"]
+    rope_type = params.get("rope_type", "default")
+    dim = head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    inv_freq = 1.0 / (base ** exponents)
+    if rope_type == "default":
+        return inv_freq, 1.0
+    factor = params["factor"]
+    if rope_type == "linear":
+        return inv_freq / factor, 1.0
+    if rope_type == "dynamic":
+        seq_len = max(seq_len, max_position_embeddings)
+        base = base * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base ** exponents), 1.0
+    original = params["original_max_position_embeddings"]
+    if rope_type == "llama3":
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    assert rope_type == "yarn", rope_type
+    attention_factor = params.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
+    return inv, float(attention_factor)
+
+
+def _rope_params(module, layer_type):
+    params = module.config.rope_parameters
+    return params[layer_type] if layer_type is not None else params
+
+
+def _rotary_forward_float64_scaled(self, x, position_ids, layer_type=None):
+    """Any supported RoPE type in float64; dynamic NTK uses L = max(position) + 1 of this call, like
+    transformers' dynamic_rope_update for a fresh model and growing inputs."""
+    config = self.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    inv_freq, scaling = float64_inverse_frequencies(_rope_params(self, layer_type), head_dim,
+                                                    config.max_position_embeddings, int(position_ids.max()) + 1)
+    freqs = position_ids[..., None].to(torch.float64) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
+
+
+def _gemma_rms_norm_keep_dtype(self, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+
+@contextlib.contextmanager
+def float64_families(model):
+    """float64_everywhere for the new families: scaled RoPE, Gemma's norm and embedding scale too."""
+    original_softmax = torch.nn.functional.softmax
+
+    def softmax_keep_float64(input, dim=None, _stacklevel=3, dtype=None):
+        if dtype == torch.float32 and input.dtype == torch.float64:
+            dtype = torch.float64
+        return original_softmax(input, dim=dim, dtype=dtype)
+
+    patched = []
+    for module in model.modules():
+        cls_name = type(module).__name__
+        if cls_name == "Gemma3RMSNorm":
+            patched.append(module)
+            module.forward = _gemma_rms_norm_keep_dtype.__get__(module)
+        elif cls_name.endswith("RMSNorm"):
+            patched.append(module)
+            module.forward = _rms_norm_keep_dtype.__get__(module)
+        elif cls_name.endswith("RotaryEmbedding"):
+            patched.append(module)
+            module.forward = _rotary_forward_float64_scaled.__get__(module)
+        elif cls_name == "Gemma3TextScaledWordEmbedding":
+            # transformers builds the scale as a float32 tensor: sqrt(d) rounded to float32
+            module.embed_scale.fill_(math.sqrt(model.config.hidden_size))
+    torch.nn.functional.softmax = softmax_keep_float64
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = original_softmax
+        for module in patched:
+            delattr(module, "forward")
+
+
+def check_inverse_frequencies_against_transformers(model) -> float:
+    """Our float64 formulas must be transformers' own (their float32 buffers) to float32 accuracy."""
+    worst = 0.0
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for module in model.modules():
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            continue
+        layer_types = sorted(set(config.layer_types)) if hasattr(module, "layer_types") else [None]
+        for layer_type in layer_types:
+            prefix = "" if layer_type is None else f"{layer_type}_"
+            theirs = getattr(module, f"{prefix}original_inv_freq").double()
+            scaling = getattr(module, f"{prefix}attention_scaling", getattr(module, "attention_scaling", 1.0))
+            ours, our_scaling = float64_inverse_frequencies(_rope_params(module, layer_type), head_dim,
+                                                           config.max_position_embeddings, 0)
+            rel = float(((ours - theirs).abs() / theirs.abs()).max())
+            assert rel < 1e-6 and abs(our_scaling - scaling) < 1e-6, (layer_type, rel, our_scaling, scaling)
+            worst = max(worst, rel)
+    return worst
+
+
+def build_family_model(model_cls, config, seed):
+    model = build_model(model_cls, config, seed)
+    if model_cls is Gemma3ForCausalLM:
+        # Gemma's norm weights are offsets from 1 (zero init): random offsets instead of build_model's 1 + N.
+        gen = torch.Generator().manual_seed(seed + 11)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def make_family_fixture(name, seed, model_cls, config, out_root: Path) -> dict:
+    folder = out_root / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    model = build_family_model(model_cls, config, seed)
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    header = json.loads((folder / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (folder / "model.safetensors").read_bytes()[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}, name
+
+    rng = np.random.default_rng(seed)
+    input_ids = rng.integers(0, config.vocab_size, size=(BATCH, FAMILY_SEQ), dtype=np.int64)
+    input_ids[0, 2], input_ids[1, 5] = 0, config.vocab_size - 1
+
+    def load(dtype):
+        loaded = model_cls.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+        return loaded.eval()
+
+    hf32 = load(torch.float32)                     # the bf16 weights upcast, exactly
+    rope_gap = check_inverse_frequencies_against_transformers(hf32)
+    logits_float32 = run_logits(hf32, input_ids).astype(np.float32)
+    with torch.no_grad():
+        generated = hf32.generate(torch.from_numpy(input_ids), attention_mask=torch.ones_like(torch.from_numpy(input_ids)),
+                                  max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    generated = generated[:, FAMILY_SEQ:].numpy().astype(np.int64)
+
+    hf64 = load(torch.float64)
+    with float64_families(hf64):
+        logits = run_logits(hf64, input_ids)
+        with torch.no_grad():
+            generated64 = hf64.generate(torch.from_numpy(input_ids),
+                                        attention_mask=torch.ones_like(torch.from_numpy(input_ids)),
+                                        max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert logits.dtype == np.float64 and logits.shape == (BATCH, FAMILY_SEQ, config.vocab_size)
+    gap_float32 = float(np.max(np.abs(logits - logits_float32)))
+    assert gap_float32 < 1e-4, (name, gap_float32)
+    # Greedy ids must not hinge on rounding: the exact reference picks the same tokens.
+    assert np.array_equal(generated64[:, FAMILY_SEQ:].numpy(), generated), (name, generated, generated64)
+    assert float(np.std(logits)) > 0.1, name
+    metadata = {
+        "model": name, "model_class": model_cls.__name__, "seed": str(seed), "weights": "bfloat16",
+        "transformers_version": transformers.__version__, "torch_version": torch.__version__,
+        "numpy_version": np.__version__, "attn_implementation": "eager", "attention_mask": "all ones",
+        "reference": "HF float64 model on the bf16 weights; RMSNorm (also Gemma's 1 + w), scaled RoPE (float64 "
+                     "formulas of modeling_rope_utils), softmax and the embedding scale kept in float64",
+        "logits_float32": "HF float32 model, unpatched, on the same weights",
+        "generated": f"HF float32 greedy generate, {NEW_TOKENS} new tokens, no eos",
+        "max_abs_diff_vs_hf_float32": repr(gap_float32),
+        "max_rel_diff_inv_freq_vs_hf_float32": repr(rope_gap),
+        "generator": "scripts/make_hf_fixtures.py",
+    }
+    save_file({"input_ids": input_ids, "logits": logits, "logits_float32": logits_float32, "generated": generated},
+              str(folder / "expected.safetensors"), metadata=metadata)
+    sort_safetensors_metadata(folder / "expected.safetensors")
+    return {"name": name, "logits_std": float(np.std(logits)), "gap_vs_hf_float32": gap_float32,
+            "gap_vs_hf_double_unpatched": rope_gap}
+
+
+def check_gemma3_window_semantics() -> dict:
+    """Gemma 3's sliding layers in transformers 5.24: is key j visible to query i iff i - j < W (W keys,
+    as Mistral) or i - j <= W? A model whose layers all slide, against the same weights with a window
+    longer than the input: the first position that differs is W under "i - j < W"."""
+    name, seed, model_cls, config = next(s for s in family_specs() if s[0] == "gemma3_text")
+    base = {**config.to_dict(), "layer_types": ["sliding_attention"] * config.num_hidden_layers}
+    base.pop("sliding_window_pattern", None)
+    windowed = build_family_model(model_cls, Gemma3TextConfig(**base), seed).double()
+    wide = build_family_model(model_cls, Gemma3TextConfig(**{**base, "sliding_window": 1000}), seed).double()
+    input_ids = np.random.default_rng(seed).integers(0, config.vocab_size, size=(BATCH, FAMILY_SEQ))
+    with float64_families(windowed):
+        a = run_logits(windowed, input_ids)
+    with float64_families(wide):
+        b = run_logits(wide, input_ids)
+    per_position = np.max(np.abs(a - b), axis=(0, 2))
+    W = config.sliding_window
+    assert np.all(per_position[:W] == 0.0) and per_position[W] > 1e-6, per_position
+    return {"window": W, "first_position_that_differs": int(np.argmax(per_position > 0))}
+
+
+def write_families(out_root: Path) -> list[dict]:
+    out_root.mkdir(parents=True, exist_ok=True)
+    return [make_family_fixture(*spec, out_root=out_root) for spec in family_specs()]
+
+
 def write_all(out_root: Path) -> list[dict]:
     out_root.mkdir(parents=True, exist_ok=True)
     return [make_fixture(*spec, out_root=out_root) for spec in model_specs()]
@@ -389,6 +679,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="rebuild in a temp dir and compare with the committed fixtures")
     parser.add_argument("--out", type=Path, default=FIXTURE_DIR)
+    parser.add_argument("--families-out", type=Path, default=FAMILY_FIXTURE_DIR)
+    parser.add_argument("--families-only", action="store_true", help="only the bf16 families (hf_families/)")
     args = parser.parse_args(argv)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)  # the same reduction order every run
@@ -396,17 +688,31 @@ def main(argv=None) -> int:
     window = check_sliding_window_semantics()
     print(f"sliding window W={window['window']}: first position that differs from no window = "
           f"{window['first_position_that_differs']}  => key j visible iff i - j < W")
+    gemma_window = check_gemma3_window_semantics()
+    print(f"gemma3 sliding window W={gemma_window['window']}: first position that differs = "
+          f"{gemma_window['first_position_that_differs']}  => key j visible iff i - j < W (as Mistral)")
+
+    if args.families_only:
+        for row in write_families(args.families_out):
+            print(f"{row['name']:18s} logits std {row['logits_std']:.3f}  |ref - hf float32| "
+                  f"{row['gap_vs_hf_float32']:.2e}  inv_freq rel gap {row['gap_vs_hf_double_unpatched']:.1e}")
+        return 0
 
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
-            write_all(Path(tmp))
-            new, old = file_digests(Path(tmp)), file_digests(args.out)
+            write_all(Path(tmp) / "hf")
+            write_families(Path(tmp) / "hf_families")
+            new = {**file_digests(Path(tmp) / "hf"),
+                   **{"hf_families/" + k: v for k, v in file_digests(Path(tmp) / "hf_families").items()}}
+            old = {**file_digests(args.out),
+                   **{"hf_families/" + k: v for k, v in file_digests(args.families_out).items()}}
         if new != old:
             print("MISMATCH:", json.dumps({k: (old.get(k), new.get(k)) for k in set(new) | set(old) if old.get(k) != new.get(k)}, indent=1))
             return 1
         print(f"OK: {len(new)} files identical")
         return 0
 
+    write_families(args.families_out)
     for row in write_all(args.out):
         print(f"{row['name']:16s} logits std {row['logits_std']:.3f}  "
               f"|ref - hf float32| {row['gap_vs_hf_float32']:.2e}  "

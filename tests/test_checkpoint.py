@@ -3,7 +3,7 @@
 What is proven here
 -------------------
 * Each broken checkpoint is a CheckpointError naming the tensor or file and what was expected: a
-  missing tensor, an unexpected one, a wrong shape, a non-float or bfloat16 tensor, NaN/inf weights
+  missing tensor, an unexpected one, a wrong shape, a float8, integer or other unreadable dtype, NaN/inf weights
   (also float64 values that overflow float32), a truncated file, a corrupt header, no
   model.safetensors at all, a sharded index naming a missing shard or a malformed index, a tensor
   present in two shards.
@@ -14,6 +14,8 @@ What is proven here
 * GPT-2's Conv1D (in, out) layout and fused c_attn are handled in the table: weights_to_hf(weights_from_hf(file))
   gives back the file's tensors bit for bit, and the minikv q weight is the transposed first block of c_attn.
 * Weights are converted to the requested dtype at load: every canonical and prepared weight has it.
+* bfloat16 and float16 files load exactly: bf16 -> float32 is bit-exact for all 65536 patterns (against
+  ml_dtypes), and a checkpoint re-saved in bf16/f16 gives the weights and logits of its rounded values.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ import pickle
 import shutil
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 import minikv
-from minikv.checkpoint import (expected_shapes, load_checkpoint, read_safetensors, tensor_table,
+from minikv.checkpoint import (bfloat16_to_float32, expected_shapes, load_checkpoint, read_safetensors, tensor_table,
                                weights_from_hf, weights_to_hf)
 from minikv.config import ModelConfig
 from minikv.errors import CheckpointError, ConfigError
@@ -140,14 +145,86 @@ def test_float64_value_overflowing_float32_is_refused(tmp_path):
     assert "model.embed_tokens.weight" in message and "float32" in message
 
 
-def test_bfloat16_file_is_refused_with_the_fix(tmp_path):
+def write_raw_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> None:
+    """Write the raw format (8-byte header length, JSON header, data) for dtypes safetensors' NumPy API
+    cannot write (BF16, F8_*): tensors maps name -> (safetensors dtype, shape, little-endian bytes)."""
+    header, data, offset = {}, b"", 0
+    for name, (dtype, shape, payload) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(payload)]}
+        data, offset = data + payload, offset + len(payload)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def rewrite_as(folder: Path, file_dtype: str) -> dict[str, np.ndarray]:
+    """Re-save the folder's weights as bfloat16 or float16 (rounded to nearest even by ml_dtypes / NumPy);
+    return the float64 values the file now holds, computed independently of minikv's reader."""
+    tensors = load_file(str(folder / "model.safetensors"))
+    stored, exact = {}, {}
+    for name, tensor in tensors.items():
+        low = tensor.astype(ml_dtypes.bfloat16 if file_dtype == "BF16" else np.float16)
+        stored[name] = (file_dtype, tensor.shape, low.tobytes())
+        exact[name] = low.astype(np.float64)
+    write_raw_safetensors(folder / "model.safetensors", stored)
+    return exact
+
+
+@pytest.mark.parametrize("file_dtype", ["BF16", "F16"])
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])
+def test_bfloat16_and_float16_checkpoints_load_exactly(tmp_path, name, file_dtype):
+    folder = copy_fixture(name, tmp_path)
+    exact = rewrite_as(folder, file_dtype)
+    for dtype in ("float32", "float64"):
+        config, weights = load_checkpoint(folder, dtype=dtype)
+        # The same translation applied to the independently converted values: identical bits.
+        expected = weights_from_hf(exact, config, dtype=dtype)
+        assert weights.keys() == expected.keys()
+        for tensor_name, tensor in weights.items():
+            assert tensor.dtype == np.dtype(dtype) and tensor.flags.c_contiguous
+            assert np.array_equal(tensor, expected[tensor_name]), tensor_name
+    # And the model runs on them: logits from the bf16/f16 file equal a model built from the exact values.
+    model = minikv.load(folder, dtype="float64")
+    reference = minikv.Transformer(model.config, weights_from_hf(exact, model.config, dtype="float64"), dtype="float64")
+    assert np.array_equal(model.forward(IDS), reference.forward(IDS))
+
+
+@pytest.mark.parametrize("stored, named", [("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                                           ("I8", "int8"), ("C64", "complex64")])
+def test_float8_and_other_dtypes_are_refused_naming_tensor_and_dtype(tmp_path, stored, named):
     folder = copy_fixture("llama_gqa", tmp_path)
-    # safetensors' NumPy API cannot write bfloat16: write the raw format (8-byte header length, JSON, data).
-    header = json.dumps({"model.norm.weight": {"dtype": "BF16", "shape": [32], "data_offsets": [0, 64]}}).encode()
-    header += b" " * (-len(header) % 8)
-    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
+    tensors = load_file(str(folder / "model.safetensors"))
+    raw = {n: ("F32", t.shape, t.tobytes()) for n, t in tensors.items()}
+    itemsize = 8 if stored == "C64" else 1
+    raw["model.norm.weight"] = (stored, (32,), bytes(32 * itemsize))
+    write_raw_safetensors(folder / "model.safetensors", raw)
     message = load_error(folder)
-    assert "model.safetensors" in message and "bfloat16" in message
+    assert "model.norm.weight" in message and stored in message and named in message
+
+
+def test_bfloat16_to_float32_is_exact_for_every_bit_pattern():
+    """All 65536 patterns, compared bit for bit with ml_dtypes (NaN payloads and signed zeros included)."""
+    bits = np.arange(2 ** 16, dtype=np.uint16)
+    ours = bfloat16_to_float32(bits)
+    theirs = bits.view(ml_dtypes.bfloat16).astype(np.float32)
+    assert ours.dtype == np.float32
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+    # A deliberately broken variant (truncating float32 -> bf16 -> float32 the other way round) differs.
+    assert not np.array_equal((bits.astype(np.uint32) << 15).view(np.float32).view(np.uint32), theirs.view(np.uint32))
+
+
+@settings(max_examples=25, deadline=None)
+@given(patterns=st.lists(st.integers(0, 2 ** 16 - 1), min_size=1, max_size=64), dtype=st.sampled_from(["float32", "float64"]))
+def test_bfloat16_file_reads_exactly_through_the_reader(tmp_path_factory, patterns, dtype):
+    """Arbitrary bf16 bit patterns (inf and NaN included) written to a file come back as ml_dtypes reads them."""
+    bits = np.array(patterns, dtype=np.uint16)
+    path = tmp_path_factory.mktemp("bf16") / "t.safetensors"
+    write_raw_safetensors(path, {"t": ("BF16", bits.shape, bits.astype("<u2").tobytes())})
+    ours = read_safetensors(path, dtype=dtype)["t"]
+    theirs = bits.view(ml_dtypes.bfloat16).astype(np.float32).astype(dtype)
+    assert ours.dtype == np.dtype(dtype)
+    assert np.array_equal(ours, theirs, equal_nan=True)
+    assert np.array_equal(np.signbit(ours), np.signbit(theirs))
 
 
 # ------------------------------------------------------------------ broken files and folders
@@ -382,3 +459,17 @@ def test_weights_are_converted_once_to_the_requested_dtype(name, dtype):
     if config.uses_rope:
         prepared += [model.rope_cos, model.rope_sin]
     assert all(np.asarray(a).dtype == np.dtype(dtype) for a in prepared)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias", "gpt2"])
+def test_the_model_holds_each_weight_once(name):
+    """On the host the canonical weights are views of the prepared (fused, transposed) arrays, with the
+    values read from the file: loading a checkpoint does not leave two copies of it in memory."""
+    model = minikv.load(FIXTURE_ROOT / name, dtype="float64")
+    _, fresh = load_checkpoint(FIXTURE_ROOT / name, dtype="float64")
+    prepared = [a for a in (model.embed, model.pos_embed, model.lm_head, model.final_norm, model.final_norm_bias)
+                if a is not None] + [a for layer in model.layers for a in vars(layer).values()
+                                              if a is not None]
+    for tensor_name, tensor in model.weights.items():
+        assert np.array_equal(tensor, fresh[tensor_name]), tensor_name
+        assert any(np.shares_memory(tensor, array) for array in prepared), f"{tensor_name} is a second copy"

@@ -5,8 +5,12 @@ What is proven here
 * LLaMA, Mistral, Qwen2 and GPT-2 config.json dicts are read into the right fields, in both the
   transformers 4.x spelling (top-level ``rope_theta``) and the 5.x one (``rope_parameters``), with
   transformers' own defaults for fields a file leaves out (Mistral's window is 4096 unless stated).
-* Every configuration minikv cannot run exactly is a ConfigError that names the offending field:
-  another model_type, RoPE scaling (linear, dynamic, llama3, yarn, in both spellings), partial
+* RoPE scaling (linear, dynamic, llama3, yarn) is read in both spellings and resolved as transformers
+  resolves it (defaults, mscale, the top-level original_max_position_embeddings); Qwen3 and Gemma 3
+  text configs (per-layer windows, two RoPE bases, both spellings) are read with transformers' defaults.
+* Every configuration minikv cannot run exactly is a ConfigError that names the offending field and
+  never advises an edit that changes the numbers: another model_type, longrope or an unknown RoPE field,
+  Gemma 3's attention softcapping or bidirectional attention, partial
   rotary, an odd head_dim, heads not divisible by kv heads, Qwen2's use_sliding_window, GPT-2's
   scale_attn_by_inverse_layer_idx, a hidden_act other than silu, missing or malformed required
   fields, an invalid JSON file. (A wrong answer would be worse than no answer.)
@@ -17,12 +21,13 @@ What is proven here
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minikv.config import ModelConfig
+from minikv.config import ModelConfig, RopeScaling
 from minikv.errors import ConfigError, MinikvError
 
 FIXTURE_ROOT = Path(__file__).parent / "fixtures" / "hf"
@@ -175,14 +180,132 @@ def test_other_model_types_are_refused(model_type):
     refused(with_changes(LLAMA_4X, model_type=model_type), "model_type", repr(model_type))
 
 
-@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "llama3", "yarn", "longrope"])
-def test_rope_scaling_is_refused_in_both_spellings(rope_type):
-    # transformers 4.x: rope_scaling (older files spell the key "type")
-    refused(with_changes(LLAMA_4X, rope_scaling={"rope_type": rope_type, "factor": 8.0}), "rope_scaling", rope_type)
-    refused(with_changes(LLAMA_4X, rope_scaling={"type": rope_type, "factor": 2.0}), "rope_scaling", rope_type)
-    # transformers 5.x: rope_parameters
-    refused(with_changes(LLAMA_5X, rope_parameters={"rope_type": rope_type, "factor": 8.0, "rope_theta": 5e5}),
-            "rope_parameters", rope_type)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}   # Llama 3.2's config.json
+YARN_SCALING = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}   # Qwen2.5's, 4.x spelling
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ({"rope_type": "linear", "factor": 8.0}, RopeScaling("linear", 8.0)),
+    ({"type": "linear", "factor": 2}, RopeScaling("linear", 2.0)),
+    # dynamic: the original length is max_position_embeddings (512 here), as transformers reads it
+    ({"rope_type": "dynamic", "factor": 2.0}, RopeScaling("dynamic", 2.0, 512)),
+    (LLAMA3_SCALING, RopeScaling("llama3", 32.0, 8192, low_freq_factor=1.0, high_freq_factor=4.0)),
+    # yarn: attention_factor = 0.1 ln(4) + 1, beta_fast/beta_slow default to 32/1
+    (YARN_SCALING, RopeScaling("yarn", 4.0, 32768, beta_fast=32.0, beta_slow=1.0,
+                               attention_factor=0.1 * math.log(4.0) + 1.0)),
+    # yarn without original_max_position_embeddings: standardize_rope_params fills in max_position_embeddings
+    ({"rope_type": "yarn", "factor": 2.0, "beta_fast": 16, "mscale": 2.0, "mscale_all_dim": 1.0},
+     RopeScaling("yarn", 2.0, 512, beta_fast=16.0, beta_slow=1.0,
+                 attention_factor=(0.2 * math.log(2.0) + 1.0) / (0.1 * math.log(2.0) + 1.0))),
+    ({"rope_type": "yarn", "factor": 2.0, "attention_factor": 0.5, "truncate": False},
+     RopeScaling("yarn", 2.0, 512, beta_fast=32.0, beta_slow=1.0, attention_factor=0.5, truncate=False)),
+])
+def test_rope_scaling_is_read_in_both_spellings(spec, expected):
+    four = ModelConfig.from_hf(with_changes(LLAMA_4X, rope_scaling=spec))
+    five = ModelConfig.from_hf(with_changes(LLAMA_5X, rope_parameters={**spec, "rope_theta": 5e5}))
+    assert four.rope_scaling == five.rope_scaling == expected
+    assert four.rope_theta == five.rope_theta == 5e5
+    assert ModelConfig.from_hf(four.to_hf()) == four        # and it saves back as it was read
+    # dynamic NTK runs past max_position_embeddings: minikv allows factor times it
+    assert four.max_positions == (int(expected.factor * 512) if expected.rope_type == "dynamic" else 512)
+
+
+def test_top_level_original_max_position_embeddings_wins_as_in_transformers():
+    c = ModelConfig.from_hf(with_changes(LLAMA_4X, rope_scaling=LLAMA3_SCALING, original_max_position_embeddings=64))
+    assert c.rope_scaling.original_max_position_embeddings == 64
+
+
+@pytest.mark.parametrize("spec,names", [
+    ({"rope_type": "longrope", "factor": 8.0, "long_factor": [1.0], "short_factor": [1.0]}, ("rope_type", "longrope")),
+    ({"type": "su", "factor": 2.0}, ("rope_type", "su")),
+    ({"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0}, ("low_freq_factor", "linear")),
+    ({"rope_type": "linear"}, ("factor",)),
+    ({"rope_type": "dynamic", "factor": 0}, ("factor",)),
+    ({**LLAMA3_SCALING, "low_freq_factor": None}, ("low_freq_factor",)),
+    ({**LLAMA3_SCALING, "low_freq_factor": 4.0}, ("high_freq_factor",)),
+    ({**YARN_SCALING, "truncate": "yes"}, ("truncate",)),
+])
+def test_unsupported_rope_scaling_is_refused_without_advising_an_edit(spec, names):
+    for hf, source in ((with_changes(LLAMA_4X, rope_scaling=spec), "rope_scaling"),
+                       (with_changes(LLAMA_5X, rope_parameters={**spec, "rope_theta": 5e5}), "rope_parameters")):
+        error = refused(hf, source, *names)
+        # The old message said "remove the scaling": that runs the model with other numbers.
+        assert "remove" not in str(error) and "set it to" not in str(error)
+
+
+QWEN3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 300, "hidden_size": 64,
+         "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 24, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "use_sliding_window": False,
+         "sliding_window": None, "max_window_layers": 2, "layer_types": ["full_attention"] * 2,
+         "attention_bias": False, "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": 5}
+GEMMA3 = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 300, "hidden_size": 64,
+          "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1,
+          "head_dim": 16, "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+          "query_pre_attn_scalar": 24, "sliding_window": 8,
+          "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+          "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+          "final_logit_softcapping": None, "attn_logit_softcapping": None, "use_bidirectional_attention": False,
+          "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": [1, 106]}
+GEMMA3_4X = {**{k: v for k, v in GEMMA3.items() if k not in ("rope_parameters", "layer_types")},
+             "rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+             "sliding_window_pattern": 3}
+
+
+def test_qwen3():
+    c = ModelConfig.from_hf(QWEN3)
+    assert (c.model_type, c.family, c.qk_norm, c.head_dim, c.rope_theta, c.tie_word_embeddings) == (
+        "qwen3", "llama", True, 24, 1e6, True)
+    assert (c.qkv_bias, c.o_bias, c.layer_windows) == (False, False, (None, None))
+    assert ModelConfig.from_hf(with_changes(QWEN3, head_dim=...)).head_dim == 128   # Qwen3Config's default
+    assert ModelConfig.from_hf(with_changes(QWEN3, attention_bias=True)).o_bias
+    refused(with_changes(QWEN3, use_sliding_window=True, sliding_window=16), "use_sliding_window")
+
+
+@pytest.mark.parametrize("hf", [GEMMA3, GEMMA3_4X], ids=["transformers5", "transformers4"])
+def test_gemma3_text(hf):
+    c = ModelConfig.from_hf(hf)
+    assert (c.model_type, c.family, c.qk_norm, c.is_gemma3) == ("gemma3_text", "llama", True, True)
+    assert c.layer_types == ("sliding_attention", "sliding_attention", "full_attention")
+    assert c.layer_windows == (8, 8, None)
+    assert (c.rope_theta, c.rope_local_theta, c.rope_scaling) == (1e6, 1e4, RopeScaling("linear", 8.0))
+    assert (c.query_pre_attn_scalar, c.final_logit_softcapping, c.eos_token_ids) == (24, None, (1, 106))
+    assert ModelConfig.from_hf(c.to_hf()) == c
+
+
+def test_gemma3_defaults_are_transformers_defaults():
+    bare = {k: GEMMA3[k] for k in ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                                   "num_hidden_layers", "num_attention_heads")}
+    c = ModelConfig.from_hf({**bare, "num_hidden_layers": 7})
+    assert (c.head_dim, c.n_kv_heads, c.query_pre_attn_scalar, c.sliding_window, c.tie_word_embeddings) == (
+        256, 4, 256, 4096, True)
+    # sliding_window_pattern 6: layer i is global iff (i + 1) % 6 == 0
+    assert c.layer_windows == (4096,) * 5 + (None, 4096)
+    assert (c.rope_theta, c.rope_local_theta, c.rope_scaling) == (1e6, 1e4, None)
+
+
+@pytest.mark.parametrize("changes,names", [
+    (dict(attn_logit_softcapping=50.0), ("attn_logit_softcapping",)),
+    (dict(use_bidirectional_attention=True), ("use_bidirectional_attention",)),
+    (dict(hidden_activation="relu"), ("hidden_activation", "relu")),
+    (dict(layer_types=["sliding_attention", "chunked_attention", "full_attention"]), ("layer_types",)),
+    (dict(layer_types=["full_attention"]), ("layer_types",)),
+    (dict(layer_types="sliding_attention"), ("layer_types",)),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                           "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+     ("sliding_attention", "linear")),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}), ("rope_parameters",)),
+    (dict(query_pre_attn_scalar=0), ("query_pre_attn_scalar",)),
+    (dict(query_pre_attn_scalar=24.5), ("query_pre_attn_scalar",)),
+])
+def test_gemma3_refusals(changes, names):
+    refused(with_changes(GEMMA3, **changes), *names)
+
+
+def test_gemma3_final_logit_softcapping_is_read():
+    assert ModelConfig.from_hf(with_changes(GEMMA3, final_logit_softcapping=30.0)).final_logit_softcapping == 30.0
 
 
 def test_default_rope_type_is_accepted_in_both_spellings():
@@ -387,3 +510,33 @@ def test_a_list_of_eos_ids_keeps_every_one_and_generation_stops_on_any():
     weights = {n: rng.standard_normal(s) for n, s in expected_shapes(config).items()}
     model = minikv.Transformer(config, weights, dtype="float64")
     assert list(Stream(model, [[1, 2]], 4).stop_tokens) == [5, 9, 11]
+
+
+# ------------------------------------------------------------------ the real checkpoints the README names
+
+REAL_CONFIGS = Path(__file__).parent / "fixtures" / "real_configs"
+# name -> parameters as transformers 5.24 counts them for that config.json (a model built on the meta
+# device, sum of numel), and what minikv must read from the file.
+REAL = {
+    "SmolLM2-135M": (134_515_008, "llama", None),
+    "Llama-3.2-1B": (1_235_814_400, "llama", "llama3"),
+    "Qwen2.5-0.5B": (494_032_768, "qwen2", None),
+    "Qwen3-0.6B": (596_049_920, "qwen3", None),
+    "gemma-3-270m": (268_098_176, "gemma3_text", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_checkpoint_configs_are_read_with_transformers_parameter_count(name):
+    """The config.json files of the smallest real checkpoint of each family (as published, bf16) are
+    accepted, and the tensors minikv expects add up to transformers' parameter count (the README's
+    float32 sizes are these counts x 4 bytes)."""
+    from minikv.checkpoint import expected_shapes
+
+    n_params, model_type, rope_type = REAL[name]
+    config = ModelConfig.from_json(REAL_CONFIGS / f"{name}.json")
+    assert config.model_type == model_type
+    assert (config.rope_scaling.rope_type if config.rope_scaling else None) == rope_type
+    assert sum(math.prod(shape) for shape in expected_shapes(config).values()) == n_params
+    if model_type == "gemma3_text":
+        assert config.layer_windows == ((512,) * 5 + (None,)) * 3 and config.rope_local_theta == 1e4

@@ -42,11 +42,10 @@ def run_capped(script: str, timeout: int = 120) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env)
 
 
-@pytest.mark.xfail(strict=False, reason="the RoPE table is built for every position at load until the lazy tables "
-                                        "of issue 13a land: a raw MemoryError under the 2 GiB cap")
 def test_a_billion_max_positions_load_and_run_in_bounded_memory(tmp_path):
     """max_position_embeddings=10**9 fits the config's limits, so it must load and run without allocating
-    per position (or be refused by name): never a raw MemoryError."""
+    per position (or be refused by name): never a raw MemoryError (it was one while the RoPE table was
+    built for every position at load)."""
     script = f"""
 import json, shutil, numpy as np, minikv
 src = {str(ROOT / 'tests' / 'fixtures' / 'hf' / 'llama_gqa')!r}

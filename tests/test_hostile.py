@@ -726,3 +726,27 @@ def test_decoding_ids_that_are_not_token_ids_is_an_invalid_input_error(ids):
     tokenizer = minikv.load(CHATML).tokenizer
     with pytest.raises(InvalidInputError):
         tokenizer.decode(ids)
+
+
+SEQ2SEQ = ROOT / "tests" / "fixtures" / "seq2seq"
+
+
+@pytest.mark.parametrize("changes, error", [
+    ({"num_layers": 10**6}, CheckpointError),           # before a per-layer table of a million rows
+    ({"num_layers": 2**64}, ConfigError),
+    ({"num_heads": [4]}, ConfigError),
+    ({"d_model": "256"}, ConfigError),
+])
+def test_a_hostile_encoder_decoder_config_is_a_named_error(tmp_path, changes, error):
+    folder = tmp_path / "t5"
+    shutil.copytree(SEQ2SEQ / "t5_v1_1", folder, ignore=shutil.ignore_patterns("expected.safetensors"))
+    edit_config(folder, **changes)
+    load_refused(folder, error)
+
+
+def test_an_encoder_decoder_generation_config_that_is_a_fifo_is_refused_not_a_hang(tmp_path):
+    folder = tmp_path / "t5"
+    shutil.copytree(SEQ2SEQ / "t5_v1_1", folder, ignore=shutil.ignore_patterns("expected.safetensors"))
+    (folder / "generation_config.json").unlink()
+    os.mkfifo(folder / "generation_config.json")
+    assert "FIFO" in load_refused(folder, ConfigError)

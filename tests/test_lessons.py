@@ -28,6 +28,7 @@ EXPECTED = [
     "05_batching_paging_sliding",
     "06_flash_decoding_and_gpu",
     "07_real_checkpoints",
+    "08_encoder_decoder",
     "10_speculative_decoding",
 ]
 NOTEBOOK_BUDGET_S = 300
@@ -41,7 +42,7 @@ def read(path: Path) -> nbformat.NotebookNode:
     return nbformat.read(str(path), as_version=4)
 
 
-def test_the_seven_lessons_exist():
+def test_every_lesson_exists():
     # Parametrising over whatever files exist would silently test nothing if one went missing.
     assert [p.stem for p in notebook_paths()] == EXPECTED
     readme = (LESSONS / "README.md").read_text(encoding="utf-8")

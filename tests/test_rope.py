@@ -238,3 +238,137 @@ def test_inverse_frequencies_follow_the_formula():
     inv = inverse_frequencies(8, 10000.0)
     assert inv.dtype == np.float64
     np.testing.assert_allclose(inv, [1.0, 10000.0 ** -0.25, 10000.0 ** -0.5, 10000.0 ** -0.75], rtol=1e-15)
+
+
+# ------------------------------------------------------------------ scaled RoPE (long context)
+#
+# Each scaling against the formula written out here per frequency pair with the math module, as the
+# papers / transformers 5.24's modeling_rope_utils state it (the fixtures in tests/fixtures/hf_families
+# then check the whole model against transformers itself).
+
+def direct_frequency(p: int, d: int, theta: float) -> float:
+    return theta ** (-(2 * p) / d)
+
+
+def direct_llama3(p, d, theta, factor, low, high, original):
+    f = direct_frequency(p, d, theta)
+    wavelength = 2 * math.pi / f
+    if wavelength < original / high:
+        return f                                    # fast pairs: unchanged
+    if wavelength > original / low:
+        return f / factor                           # slow pairs: interpolated
+    s = (original / wavelength - low) / (high - low)
+    return (1 - s) * f / factor + s * f
+
+
+def direct_yarn(p, d, theta, factor, original, beta_fast, beta_slow, truncate):
+    f = direct_frequency(p, d, theta)
+    # the pair index that turns r times over the original length: r = original * f_p / (2 pi)
+    def pair_dim(r):
+        return d * math.log(original / (r * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = pair_dim(beta_fast), pair_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = min(max((p - low) / (high - low), 0.0), 1.0)     # 0: keep f (extrapolate), 1: f / factor
+    return f / factor * ramp + f * (1 - ramp)
+
+
+scaled_kinds = st.sampled_from(["linear", "dynamic", "llama3", "yarn"])
+
+
+@settings(max_examples=80, deadline=None)
+@given(kind=scaled_kinds, head_dim=st.integers(2, 64).map(lambda n: 2 * n),
+       theta=st.sampled_from([100.0, 10000.0, 500000.0, 1e6]), factor=st.sampled_from([1.5, 2.0, 4.0, 8.0, 32.0]),
+       original=st.sampled_from([16, 64, 4096, 8192, 32768]), seq_len=st.integers(1, 200_000),
+       betas=st.sampled_from([(32.0, 1.0), (4.0, 0.25), (8.0, 2.0)]), truncate=st.booleans(),
+       freq_factors=st.sampled_from([(1.0, 4.0), (2.0, 8.0)]))
+def test_scaled_inverse_frequencies_match_the_direct_formula(kind, head_dim, theta, factor, original, seq_len, betas,
+                                                             truncate, freq_factors):
+    from minikv.config import RopeScaling
+    from minikv.rope import scaled_inverse_frequencies
+
+    low, high = freq_factors
+    scaling = RopeScaling(kind, factor, original, low_freq_factor=low, high_freq_factor=high,
+                          beta_fast=betas[0], beta_slow=betas[1], attention_factor=1.25, truncate=truncate)
+    ours, attention_factor = scaled_inverse_frequencies(head_dim, theta, scaling, seq_len=seq_len)
+    pairs = range(head_dim // 2)
+    if kind == "linear":
+        direct = [direct_frequency(p, head_dim, theta) / factor for p in pairs]
+    elif kind == "dynamic":
+        length = max(seq_len, original)
+        base = theta * (factor * length / original - (factor - 1)) ** (head_dim / (head_dim - 2))
+        direct = [direct_frequency(p, head_dim, base) for p in pairs]
+    elif kind == "llama3":
+        direct = [direct_llama3(p, head_dim, theta, factor, low, high, original) for p in pairs]
+    else:
+        direct = [direct_yarn(p, head_dim, theta, factor, original, betas[0], betas[1], truncate) for p in pairs]
+    assert ours.dtype == np.float64 and ours.shape == (head_dim // 2,)
+    np.testing.assert_allclose(ours, direct, rtol=1e-12, atol=0)
+    assert attention_factor == (1.25 if kind == "yarn" else 1.0)
+
+
+def test_dynamic_ntk_is_plain_rope_up_to_the_original_length():
+    from minikv.config import RopeScaling
+    from minikv.rope import scaled_inverse_frequencies
+
+    scaling = RopeScaling("dynamic", 4.0, 64)
+    for seq_len in (1, 63, 64):
+        np.testing.assert_array_equal(scaled_inverse_frequencies(16, 1e4, scaling, seq_len)[0],
+                                      inverse_frequencies(16, 1e4))
+    assert np.all(scaled_inverse_frequencies(16, 1e4, scaling, 65)[0][1:] < inverse_frequencies(16, 1e4)[1:])
+
+
+def test_llama3_scaling_of_llama_3_2_by_wavelength():
+    """Llama 3.2's numbers (factor 32, low 1, high 4, original 8192, theta 5e5, head_dim 64): pair 0 keeps its
+    frequency, the slowest pair is divided by 32 exactly, and the medium pairs lie strictly between."""
+    from minikv.config import RopeScaling
+    from minikv.rope import scaled_inverse_frequencies
+
+    scaling = RopeScaling("llama3", 32.0, 8192, low_freq_factor=1.0, high_freq_factor=4.0)
+    ours, _ = scaled_inverse_frequencies(64, 5e5, scaling)
+    plain = inverse_frequencies(64, 5e5)
+    wavelength = 2 * math.pi / plain
+    assert np.array_equal(ours[wavelength < 2048], plain[wavelength < 2048])
+    assert np.array_equal(ours[wavelength > 8192], plain[wavelength > 8192] / 32)
+    medium = (wavelength >= 2048) & (wavelength <= 8192)
+    assert medium.any() and np.all((ours[medium] < plain[medium]) & (ours[medium] > plain[medium] / 32))
+
+
+def test_yarn_table_carries_the_attention_factor():
+    from minikv.config import RopeScaling
+
+    scaling = RopeScaling("yarn", 4.0, 16, beta_fast=32.0, beta_slow=1.0, attention_factor=1.1386)
+    cos, sin = cos_sin_table(50, 8, 1e4, np.float64, scaling)
+    np.testing.assert_allclose(cos ** 2 + sin ** 2, 1.1386 ** 2, rtol=1e-14)
+
+
+# ------------------------------------------------------------------ the table is built for the positions used
+
+
+def test_rope_table_grows_on_demand_and_stays_exact():
+    """Issue 18: max_position_embeddings of 4M must not build 4M rows at load. The table starts small,
+    doubles when a later position needs it, and every row equals the directly computed one."""
+    from minikv.checkpoint import expected_shapes
+    from minikv.config import ModelConfig
+
+    config = ModelConfig(model_type="llama", vocab_size=50, hidden_size=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                         head_dim=8, intermediate_size=32, max_position_embeddings=4_000_000, norm_eps=1e-5)
+    rng = np.random.default_rng(0)
+    weights = {n: rng.standard_normal(s) * 0.3 for n, s in expected_shapes(config).items()}
+    model = minikv.Transformer(config, weights, dtype="float64")
+    table = model.rope_tables["full_attention"]
+    start = len(table.cos)
+    assert start <= 4096 and table.cos.nbytes <= 4096 * 4 * 8
+    ids = np.array([[3, 1, 4]])
+    positions = np.array([[0, 5000, 9000]])
+    logits = model.forward(ids, positions=positions)
+    assert len(table.cos) == 16384 == start * 4                # doubled twice to cover position 9000
+    direct_cos, direct_sin = cos_sin_table(16384, 8, config.rope_theta, np.float64)
+    assert np.array_equal(table.cos, direct_cos) and np.array_equal(table.sin, direct_sin)
+    # the same logits as a model whose table was built that large from the start
+    fresh = minikv.Transformer(config, weights, dtype="float64")
+    fresh.rope_tables["full_attention"]._grow(16384)
+    assert np.array_equal(fresh.forward(ids, positions=positions), logits)
