@@ -750,3 +750,28 @@ def test_an_encoder_decoder_generation_config_that_is_a_fifo_is_refused_not_a_ha
     (folder / "generation_config.json").unlink()
     os.mkfifo(folder / "generation_config.json")
     assert "FIFO" in load_refused(folder, ConfigError)
+
+
+def write_raw_safetensors(path: Path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": "F32", "shape": ["32"], "data_offsets": [0, 128]},          # int("32") would read it
+    {"dtype": "F32", "shape": [32.5], "data_offsets": [0, 128]},          # int(32.5) would read 32
+    {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]},   # np.prod wraps to 0 bytes
+    {"dtype": "F32", "shape": [32], "data_offsets": ["0", 128]},
+    {"dtype": ["F32"], "shape": [32], "data_offsets": [0, 128]},
+])
+def test_a_safetensors_header_with_non_integer_or_overflowing_sizes_is_a_checkpoint_error(tmp_path, entry):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    write_raw_safetensors(folder / "model.safetensors", {"model.norm.weight": entry}, bytes(128))
+    assert "model.safetensors" in load_refused(folder)
+
+
+def test_a_deeply_nested_safetensors_header_is_a_checkpoint_error(tmp_path):
+    folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
+    (folder / "model.safetensors").write_bytes((200_000).to_bytes(8, "little") + b"[" * 200_000)
+    assert "nested too deeply" in load_refused(folder)
