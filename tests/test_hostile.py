@@ -775,3 +775,11 @@ def test_a_deeply_nested_safetensors_header_is_a_checkpoint_error(tmp_path):
     folder = copy_checkpoint(FIXTURE_ROOT / "llama_gqa", tmp_path)
     (folder / "model.safetensors").write_bytes((200_000).to_bytes(8, "little") + b"[" * 200_000)
     assert "nested too deeply" in load_refused(folder)
+
+
+@pytest.mark.parametrize("kwargs", [{"seed": -1}, {"seed": "a"}, {"seed": 0.5}, {"stop_tokens": 0},
+                                    {"stop_tokens": ["x"]}, {"stop_tokens": [104.9]}, {"rng": 3, "temperature": 1.0}])
+def test_encoder_decoder_generate_checks_seed_rng_and_stop_tokens_like_generate(kwargs):
+    model = minikv.load(SEQ2SEQ / "t5_v1_1")
+    with pytest.raises(InvalidInputError):
+        model.generate([[1, 2, 3]], max_new_tokens=2, **kwargs)
