@@ -159,12 +159,17 @@ class Engine:
         ids, positions, tables, last_rows = self._flatten(schedule.chunks)
         self.store.bind(positions, tables)
         t0 = time.perf_counter()
-        logits = self.model.forward(ids[:, None], cache=self.store, last_only=True)     # (T, vocab)
+        # Logits only for the rows that end a chunk at its sequence's last token (they sample next).
+        sampling = [i for i, (c, row) in enumerate(zip(schedule.chunks, last_rows))
+                    if c.seq.num_computed + c.n_tokens == len(c.seq.token_ids)]
+        logits = self.model.forward(ids[:, None], cache=self.store, last_only=True,
+                                    logit_rows=np.array([last_rows[i] for i in sampling], dtype=np.int64))
+        logit_of = dict(zip(sampling, range(len(sampling))))        # chunk -> its row of logits
         self.stats.forward_s += time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.scheduled_tokens += len(ids)
         outputs = []
-        for chunk, row in zip(schedule.chunks, last_rows):
+        for i, chunk in enumerate(schedule.chunks):
             seq = chunk.seq
             seq.num_computed += chunk.n_tokens
             self.blocks.register_full_blocks(seq)
@@ -172,7 +177,7 @@ class Engine:
                 continue                     # a prefill chunk that did not reach the end of the prompt
             family = [seq] + self._fork_children(seq)
             for member in family:
-                outputs.append(self._append_token(member, logits[row:row + 1]))
+                outputs.append(self._append_token(member, logits[logit_of[i]:logit_of[i] + 1]))
         return outputs
 
     def _flatten(self, chunks):
