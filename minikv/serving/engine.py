@@ -91,6 +91,7 @@ class Engine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.requests: dict[str, list[Sequence]] = {}
+        self.last_step: list[tuple[str, int, int, int]] = []
 
     # ------------------------------------------------------------ requests in and out
     def add_request(self, prompt_ids: TypingSequence[int], max_tokens: int = 16, *, temperature: float = 0.0,
@@ -156,6 +157,8 @@ class Engine:
         if not schedule.chunks:
             return []
         self.store.copy_blocks(schedule.copies)
+        # What ran, for lessons and debugging: (request, answer, first position, tokens) per chunk.
+        self.last_step = [(c.seq.request_id, c.seq.index, c.seq.num_computed, c.n_tokens) for c in schedule.chunks]
         ids, positions, tables, last_rows = self._flatten(schedule.chunks)
         self.store.bind(positions, tables)
         t0 = time.perf_counter()
