@@ -215,3 +215,36 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server, client, m
     # ... and it keeps serving.
     out = client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=0)
     assert out.choices[0].text == alone(model, "Hi", 8)
+
+
+def test_minikv_serve_binds_loopback_by_default_and_answers(tmp_path):
+    import subprocess
+    import sys
+
+    from minikv.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    process = subprocess.Popen([sys.executable, "-m", "minikv", "serve", "--port", str(port), "--dtype", "float64"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.stdout.read()
+                assert time.time() < deadline, "minikv serve did not start"
+                time.sleep(0.2)
+        assert response.json()["data"][0]["id"] == MODEL
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        out = client.completions.create(model=MODEL, prompt="Hi", max_tokens=6, temperature=0)
+        assert out.choices[0].text == alone(minikv.load(dtype="float64"), "Hi", 6)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -89,6 +89,32 @@ def test_served_equals_generated_alone(workload, block_size, budget, spare_block
         assert engine.blocks.num_cached == 0 and engine.blocks.stats.cached_tokens == 0
 
 
+@settings(max_examples=12, deadline=None)
+@given(prompts=st.lists(st.lists(st.integers(0, 89), min_size=1, max_size=11), min_size=1, max_size=3),
+       n=st.integers(1, 3), block_size=st.sampled_from([2, 3, 4]), budget=st.integers(2, 16),
+       spare_blocks=st.integers(0, 6), seed=st.integers(0, 1000))
+def test_sampled_answers_equal_generate_with_their_seeds(prompts, n, block_size, budget, spare_blocks, seed):
+    # n answers per request share the prompt's blocks (copy-on-write on the partial one); answer i draws
+    # from default_rng(seed + i), as generate(seed=seed + i) does, preempted or not.
+    model = model_for("llama_gqa")
+    max_tokens = 6
+    needed = max(-(-(len(p) + max_tokens - 1) // block_size) for p in prompts)
+    engine = Engine(model, num_blocks=needed + spare_blocks, block_size=block_size, max_num_tokens=budget)
+    ids = [engine.add_request(p, max_tokens, temperature=1.0, seed=seed + 10 * k, n=n, stop_token_ids=[])
+           for k, p in enumerate(prompts)]
+    answers = {(r, i): [] for r in ids for i in range(n)}
+    while engine.has_unfinished():
+        for out in engine.step():
+            answers[(out.request_id, out.index)] += out.new_token_ids
+        engine.check_blocks()
+    for k, (r, p) in enumerate(zip(ids, prompts)):
+        for i in range(n):
+            want = model.generate([p], max_new_tokens=max_tokens, temperature=1.0, seed=seed + 10 * k + i,
+                                  stop_tokens=[]).tokens[0]
+            assert answers[(r, i)] == want
+    assert engine.blocks.num_in_use == 0
+
+
 @pytest.mark.parametrize("name", FIXTURES)
 def test_every_fixture_family_served_exactly(name):
     # gpt2 (learned positions), GQA/MQA, qkv bias, Mistral with a sliding window narrower than the prompts.
@@ -302,3 +328,34 @@ def test_bundled_model_float32_batch_equals_alone():
     assert engine.generate(prompts, 12) == [model.generate(p, max_new_tokens=12, temperature=0.0).tokens[0]
                                             for p in prompts]
     assert engine.store.k_pool[0].dtype == np.float32
+
+
+def test_forward_logit_rows_are_those_rows_of_last_only():
+    model = model_for("llama_gqa")
+    ids = np.array([[1, 2, 3], [4, 5, 0], [6, 0, 0]])
+    n_new = np.array([3, 2, 1])
+    every = model.forward(ids, n_new=n_new, last_only=True)
+    some = model.forward(ids, n_new=n_new, last_only=True, logit_rows=np.array([2, 0]))
+    assert np.array_equal(some, every[[2, 0]])
+    for bad in (np.array([3]), np.array([[0]]), np.array([0.0])):
+        with pytest.raises(InvalidInputError, match="logit_rows"):
+            model.forward(ids, n_new=n_new, last_only=True, logit_rows=bad)
+    with pytest.raises(InvalidInputError, match="last_only"):
+        model.forward(ids, n_new=n_new, logit_rows=np.array([0]))
+
+
+def test_serving_benchmark_quick_run(tmp_path):
+    # The benchmark script runs end to end (small model, 4 requests, no transformers); times not asserted.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--quick", "--no-peer", "--out", str(tmp_path)],
+                          cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "serving.json").read_text())
+    assert [len(t) for t in report["engine"]["4"]["tokens"]] == [len(t) for t in report["one_at_a_time"]["tokens"]]
+    assert report["shared_prefix"]["with_cache"]["hit_rate"] > 0
+    assert (tmp_path / "serving.md").read_text().startswith("## Serving")
