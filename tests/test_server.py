@@ -149,6 +149,26 @@ def test_chat_without_a_template_is_a_clear_400(client):
     assert error["type"] == "invalid_request_error" and error["param"] == "messages"
 
 
+def test_chat_completions_use_the_models_template(client, model, monkeypatch):
+    # A stand-in template (the bundled model has none): the server must render with it, then generate.
+    def template(messages, add_generation_prompt=False):
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+        return model.tokenizer.encode(text)
+
+    monkeypatch.setattr(model, "apply_chat_template", template, raising=False)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a fortune."}]
+    want = model.generate([template(messages, True)], max_new_tokens=16, temperature=0.0).tokens[0]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == model.tokenizer.decode(want)
+    assert out.usage.prompt_tokens == len(template(messages, True)) and out.usage.completion_tokens == 16
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == model.tokenizer.decode(want)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 BAD_REQUESTS = [
     # (body or raw bytes, status, param, code)
     (b"{not json", 400, None, "invalid_json"),
