@@ -33,6 +33,7 @@ from typing import Iterable, Optional, Sequence as TypingSequence
 import numpy as np
 
 from ..errors import CacheOverflowError, ConfigError, InvalidInputError, SequenceTooLongError
+from ..generate import resolve_options
 from ..sampling import SamplingParams, sample
 from .blocks import BlockManager, PrefixStats
 from .kv_store import PagedKVStore
@@ -85,9 +86,8 @@ class Engine:
         self.store = PagedKVStore(model, num_blocks, block_size, dtype=cache_dtype)
         self.scheduler = Scheduler(self.blocks, max_num_tokens=max_num_tokens, max_num_seqs=max_num_seqs)
         self.stats = EngineStats(prefix=self.blocks.stats)
-        config = model.config
-        self.default_stop_ids = frozenset(config.eos_token_ids) if config.eos_token_ids else (
-            frozenset() if config.eos_token_id is None else frozenset([config.eos_token_id]))
+        # The stop ids generate uses by default: generation_config.json's eos ids, else config.json's.
+        self.default_stop_ids = frozenset(resolve_options(model, stop_tokens=None)["stop_tokens"])
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.requests: dict[str, list[Sequence]] = {}
