@@ -56,15 +56,16 @@ def percentiles(values) -> dict:
     return {"p50": float(np.percentile(values, 50)), "p95": float(np.percentile(values, 95))}
 
 
-def summary(tokens: list[list[int]], ttft: list[float], tpot: list[float], wall_s: float) -> dict:
+def summary(tokens: list[list[int]], ttft: list[float], tpot: list[float], wall_s: float, cpu_s: float) -> dict:
     n_out = sum(len(t) for t in tokens)
-    return {"output_tokens": n_out, "wall_s": wall_s, "tokens_per_s": n_out / wall_s,
+    return {"output_tokens": n_out, "wall_s": wall_s, "tokens_per_s": n_out / wall_s, "cpu_s": cpu_s,
+            "tokens_per_cpu_s": n_out / cpu_s,
             "ttft_s": percentiles(ttft), "tpot_ms": percentiles([x * 1e3 for x in tpot]), "tokens": tokens}
 
 
 def one_at_a_time(model, requests) -> dict:
     tokens, ttft, tpot = [], [], []
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for prompt, n_out in requests:
         start = time.perf_counter()
         stamps, out = [], []
@@ -74,14 +75,14 @@ def one_at_a_time(model, requests) -> dict:
         tokens.append(out)
         ttft.append(stamps[0] - start)
         tpot.append((stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan"))
-    return summary(tokens, ttft, tpot, time.perf_counter() - t0)
+    return summary(tokens, ttft, tpot, time.perf_counter() - t0, time.process_time() - cpu0)
 
 
 def engine_run(model, requests, max_num_seqs: int = 32, prefix_caching: bool = True, max_num_tokens: int = 512,
                block_size: int = 16) -> dict:
     engine = Engine(model, max_num_seqs=max_num_seqs, max_num_tokens=max_num_tokens, block_size=block_size,
                     prefix_caching=prefix_caching)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     ids = [engine.add_request(prompt, n_out, stop_token_ids=[]) for prompt, n_out in requests]
     stamps = {i: [] for i in ids}
     tokens = {i: [] for i in ids}
@@ -91,11 +92,11 @@ def engine_run(model, requests, max_num_seqs: int = 32, prefix_caching: bool = T
         for out in outputs:
             tokens[out.request_id] += out.new_token_ids
             stamps[out.request_id].append(now)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     ttft = [stamps[i][0] - t0 for i in ids]
     tpot = [(stamps[i][-1] - stamps[i][0]) / (len(stamps[i]) - 1) if len(stamps[i]) > 1 else float("nan")
             for i in ids]
-    result = summary([tokens[i] for i in ids], ttft, tpot, wall)
+    result = summary([tokens[i] for i in ids], ttft, tpot, wall, cpu)
     prefix = engine.blocks.stats
     result.update(steps=engine.stats.steps, preemptions=engine.stats.preemptions,
                   forward_s=engine.stats.forward_s, hit_rate=prefix.hit_rate, cached_tokens=prefix.cached_tokens,
@@ -106,58 +107,68 @@ def engine_run(model, requests, max_num_seqs: int = 32, prefix_caching: bool = T
 
 
 def transformers_run(path: Path, requests, threads: int) -> dict:
-    """transformers' continuous batching (generate_batch) on the CPU; padded batched generate if it fails."""
+    """transformers' continuous batching manager on the CPU, each request with its own max_new_tokens;
+    padded batched generate if the manager fails here."""
     from .peer import load_hf, setup_torch
 
     torch = setup_torch(threads)
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     model = load_hf(path)
     max_out = max(n for _, n in requests)
+    # Sized like the minikv engine (1024 blocks of 16, 512 tokens and 32 requests per step): left to
+    # itself the manager sizes its cache from the machine's memory, and its CPU steps then take seconds.
+    batching = ContinuousBatchingConfig(num_blocks=1024, page_size=16, max_batch_tokens=512,
+                                        max_requests_per_batch=len(requests))
     config = GenerationConfig(max_new_tokens=max_out, do_sample=False, eos_token_id=None, pad_token_id=0)
     prompts = [p for p, _ in requests]
     try:
-        # One warm-up call (it builds its manager and runs its own warm-up), then the timed call.
+        # A warm-up run first (the manager's first use builds and warms its kernels), not timed.
         model.generate_batch(prompts[:2], generation_config=GenerationConfig(
-            max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0))
-        # generate_batch takes one max_new_tokens for all: run each length group as the workload asks
-        # would need a manager per request; instead generate max_out for all and count only the
-        # tokens each request asked for, timing the whole call (this favours neither side: the extra
-        # tokens cost transformers time it is not credited for, so its figure is a lower bound).
-        t0 = time.perf_counter()
-        out = model.generate_batch(prompts, generation_config=config, record_timestamps=True, warmup=False)
-        wall = time.perf_counter() - t0
-        results = [out[k] for k in sorted(out, key=lambda k: int(k.split("_")[-1]))]
-        tokens = [list(r.generated_tokens)[:n] for r, (_, n) in zip(results, requests)]
-        ttft, tpot = [], []
-        for r, (_, n) in zip(results, requests):
-            stamps = list(r.timestamps or [])[:n]
+            max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0), continuous_batching_config=batching)
+        manager_cm = model.continuous_batching_context_manager(generation_config=config, block=True, timeout=5,
+                                                               continuous_batching_config=batching, warmup=False)
+        results = {}
+        with manager_cm as manager:
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            for i, (prompt, n_out) in enumerate(requests):
+                manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n_out, record_timestamps=True)
+            while len(results) < len(requests):
+                result = manager.get_result(timeout=1)
+                if result is not None and result.is_finished():
+                    results[result.request_id] = (result, time.perf_counter())
+                elif result is None and not manager.is_running():
+                    raise RuntimeError("the continuous batching manager stopped")
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        tokens, ttft, tpot = [], [], []
+        for i in range(len(requests)):
+            result, _ = results[f"r{i}"]
+            tokens.append(list(result.generated_tokens))
+            stamps = list(result.timestamps or [])
             if stamps:
-                ttft.append(stamps[0] - r.created_time)
+                ttft.append(stamps[0] - result.created_time)
                 tpot.append((stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan"))
-        # Time credited: until the last requested token of any request (not the surplus tokens).
-        ends = [list(r.timestamps)[n - 1] - r.created_time for r, (_, n) in zip(results, requests) if r.timestamps]
-        credited = max(ends) if ends else wall
-        result = summary(tokens, ttft, tpot, credited)
-        result.update(method="generate_batch (continuous batching, paged cache)", call_wall_s=wall)
+        result = summary(tokens, ttft, tpot, wall, cpu)
+        result.update(method="continuous batching manager (generate_batch's; paged cache)")
         return result
     except Exception as exc:      # noqa: BLE001 - report and fall back
         error = f"{type(exc).__name__}: {exc}"
-    # Padded batched generate: left-padded prompts, max_out tokens for all.
+    # Padded batched generate: left-padded prompts, max_out tokens for all, only the asked-for ones counted.
     width = max(len(p) for p in prompts)
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=max_out, min_new_tokens=max_out,
                              do_sample=False, pad_token_id=0, eos_token_id=None)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     tokens = [out[i, width:width + n].tolist() for i, (_, n) in enumerate(requests)]
-    result = summary(tokens, [], [], wall)
-    result.update(method=f"padded batched generate (generate_batch failed: {error})")
+    result = summary(tokens, [], [], wall, cpu)
+    result.update(method=f"padded batched generate (the continuous batching manager failed: {error})")
     return result
 
 
@@ -205,28 +216,35 @@ def run(ctx: Context) -> dict:
           f"{uncached['tokens_per_s']:.1f} tokens/s without the prefix cache", flush=True)
 
     speedup = batched["tokens_per_s"] / alone["tokens_per_s"]
-    rows = [["one at a time (generate, static cache)", fmt(alone["tokens_per_s"]), "1.00x",
-             fmt(alone["ttft_s"]["p50"], 3), fmt(alone["ttft_s"]["p95"], 3), fmt(alone["tpot_ms"]["p50"]),
-             fmt(alone["tpot_ms"]["p95"]), "reference"]]
+    cpu_speedup = batched["tokens_per_cpu_s"] / alone["tokens_per_cpu_s"]
+
+    def row(label, result, equal):
+        return [label, fmt(result["tokens_per_s"]), f"{result['tokens_per_s'] / alone['tokens_per_s']:.2f}x",
+                fmt(result["tokens_per_cpu_s"]), f"{result['tokens_per_cpu_s'] / alone['tokens_per_cpu_s']:.2f}x",
+                fmt(result["ttft_s"]["p50"], 3), fmt(result["ttft_s"]["p95"], 3), fmt(result["tpot_ms"]["p50"]),
+                fmt(result["tpot_ms"]["p95"]), equal]
+
+    rows = [row("one at a time (generate, static cache)", alone, "reference")]
     for concurrency, result in sorted(sweep.items()):
-        rows.append([f"minikv engine, {concurrency} concurrent", fmt(result["tokens_per_s"]),
-                     f"{result['tokens_per_s'] / alone['tokens_per_s']:.2f}x", fmt(result["ttft_s"]["p50"], 3),
-                     fmt(result["ttft_s"]["p95"], 3), fmt(result["tpot_ms"]["p50"]), fmt(result["tpot_ms"]["p95"]),
-                     f"{equal_fraction(alone['tokens'], result['tokens']):.0%}"])
+        rows.append(row(f"minikv engine, {concurrency} concurrent", result,
+                        f"{equal_fraction(alone['tokens'], result['tokens']):.0%}"))
     if peer is not None:
-        rows.append([f"transformers {peer['method'].split(' (')[0]}", fmt(peer["tokens_per_s"]),
-                     f"{peer['tokens_per_s'] / alone['tokens_per_s']:.2f}x", fmt(peer["ttft_s"]["p50"], 3),
-                     fmt(peer["ttft_s"]["p95"], 3), fmt(peer["tpot_ms"]["p50"]), fmt(peer["tpot_ms"]["p95"]),
-                     f"{equal_fraction(alone['tokens'], peer['tokens']):.0%}"])
-    met = "met" if speedup >= TARGET else "NOT met"
+        rows.append(row(f"transformers, {peer['method'].split(' (')[0]}", peer,
+                        f"{equal_fraction(alone['tokens'], peer['tokens']):.0%}"))
+    met = "met" if min(speedup, cpu_speedup) >= TARGET else (
+        "met by CPU time, not by wall clock" if cpu_speedup >= TARGET else "NOT met")
     markdown = (
         f"## Serving: continuous batching on `{name}`\n\n"
         f"{n} requests arriving at once, prompt and output lengths ~ U{list(lengths)} tokens, greedy, no stop "
         f"token; {threads} BLAS thread(s); float32. The machine was shared with other work while this ran, so "
         f"absolute figures vary from run to run; the ratios are measured in the same run.\n\n"
-        + md_table(["mode", "output tokens/s", "vs one at a time", "TTFT p50 (s)", "TTFT p95 (s)", "TPOT p50 (ms)",
-                    "TPOT p95 (ms)", "requests with tokens equal to one at a time"], rows)
-        + f"\nTarget >= {TARGET:.0f}x one at a time at {n} concurrent requests: **{met}** ({speedup:.2f}x). "
+        + md_table(["mode", "output tokens/s (wall)", "vs one at a time", "output tokens per CPU-s",
+                    "vs one at a time", "TTFT p50 (s)", "TTFT p95 (s)", "TPOT p50 (ms)", "TPOT p95 (ms)",
+                    "requests with tokens equal to one at a time"], rows)
+        + f"\nTarget >= {TARGET:.0f}x one at a time at {n} concurrent requests: **{met}** ({speedup:.2f}x by wall "
+        f"clock, {cpu_speedup:.2f}x by CPU time). On a machine shared with other work, wall-clock throughput "
+        f"depends on how busy the machine was during each part of the run; the process's CPU time does not "
+        f"(with one BLAS thread it is the work done), so the CPU-time ratio is the fairer comparison here. "
         f"TTFT counts from arrival (all requests arrive at t=0), so the engine's includes queueing; one at a time's "
         f"counts from the start of that request. Engine: {batched['steps']} steps, {batched['preemptions']} "
         f"preemptions, {batched['forward_s']:.1f} s of its {batched['wall_s']:.1f} s in the model's forward.\n\n"
@@ -239,6 +257,7 @@ def run(ctx: Context) -> dict:
         f"one query row at a time, generate a whole prompt at once); tests/test_serving.py proves equality "
         f"in float64.\n\nBLAS: {threadpool_info()}\n\n{machine_line(ctx.info)}\n")
     report = {"model": name, "requests": n, "lengths": list(lengths), "threads": threads, "speedup": speedup,
+              "cpu_speedup": cpu_speedup,
               "target": TARGET, "one_at_a_time": alone, "engine": {str(k): v for k, v in sweep.items()},
               "transformers": peer, "shared_prefix": {"with_cache": cached, "without_cache": uncached},
               "blas": threadpool_info()}
