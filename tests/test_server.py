@@ -268,3 +268,14 @@ def test_minikv_serve_binds_loopback_by_default_and_answers(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_stop_string_in_one_of_n_answers_stops_only_that_one(client, model):
+    prompt = "Once upon a time"
+    texts = [alone(model, prompt, 30, temperature=1.0, seed=21 + i) for i in range(2)]
+    stop = texts[0][3:5]
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=1.0, seed=21, n=2,
+                                    stop=stop)
+    got = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    assert got == [t[:t.find(stop)] if stop in t else t for t in texts]
+    assert out.choices[0].finish_reason == "stop"

@@ -359,3 +359,23 @@ def test_serving_benchmark_quick_run(tmp_path):
     assert [len(t) for t in report["engine"]["4"]["tokens"]] == [len(t) for t in report["one_at_a_time"]["tokens"]]
     assert report["shared_prefix"]["with_cache"]["hit_rate"] > 0
     assert (tmp_path / "serving.md").read_text().startswith("## Serving")
+
+
+def test_abort_of_one_answer_leaves_the_others():
+    model = model_for("llama_gqa")
+    engine = Engine(model, block_size=4, num_blocks=40)
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    rid = engine.add_request(prompt, 8, temperature=1.0, seed=4, n=3, stop_token_ids=[])
+    answers = {0: [], 1: [], 2: []}
+    for out in engine.step() + engine.step():
+        answers[out.index] += out.new_token_ids
+    engine.abort(rid, 1)
+    engine.check_blocks()
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.index != 1
+            answers[out.index] += out.new_token_ids
+    for i in (0, 2):
+        assert answers[i] == model.generate([prompt], max_new_tokens=8, temperature=1.0, seed=4 + i,
+                                            stop_tokens=[]).tokens[0]
+    assert len(answers[1]) == 2 and not engine.requests and engine.blocks.num_in_use == 0

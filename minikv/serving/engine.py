@@ -140,11 +140,15 @@ class Engine:
         self.scheduler.add(seq)
         return request_id
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now (a client went away): its sequences finish and their blocks go back."""
-        for seq in self.requests.pop(request_id, []):
-            if seq.status != FINISHED:
+    def abort(self, request_id: str, index: Optional[int] = None) -> None:
+        """Stop a request now (a client went away), or only its answer ``index`` (a stop string ended
+        it): those sequences finish and their blocks go back."""
+        seqs = self.requests.get(request_id, [])
+        for seq in seqs:
+            if seq.status != FINISHED and index in (None, seq.index):
                 self.scheduler.finish(seq, "abort")
+        if index is None or all(s.status == FINISHED for s in seqs):
+            self.requests.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -107,9 +107,11 @@ class AsyncEngine:
             raise
         return request_id, outbox
 
-    def abort(self, request_id: str) -> None:
-        self._outboxes.pop(request_id, None)
-        self._inbox.put(("abort", request_id))
+    def abort(self, request_id: str, index: Optional[int] = None) -> None:
+        """Stop the request (index None: the client is gone) or one of its answers (a stop string)."""
+        if index is None:
+            self._outboxes.pop(request_id, None)
+        self._inbox.put(("abort", request_id, index))
         self._wake.set()
 
     def finished(self, request_id: str) -> None:
@@ -122,7 +124,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "abort":
-                self.engine.abort(command[1])
+                self.engine.abort(command[1], command[2])
                 continue
             _, request_id, prompt_ids, options, accepted, loop = command
             try:
@@ -326,6 +328,8 @@ def create_app(model, model_name: Optional[str] = None, *, default_max_tokens: i
                 choice = choices[out.index]
                 if choice.finish_reason is None:
                     choice.add(out)
+                    if choice.finish_reason is not None and not out.finished:
+                        async_engine.abort(request_id, out.index)     # a stop string: stop computing it
                     yield out.index, choice, out
         finally:
             # Done (or the client went away, or a stop string ended it): free the blocks now.
