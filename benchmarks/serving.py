@@ -265,6 +265,27 @@ def run(ctx: Context) -> dict:
     return report
 
 
+def profile(ctx: Context) -> None:
+    """cProfile of one engine run of the main workload: where the engine's time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    model = minikv.load(ctx.checkpoint("mid"))
+    requests = workload(model.config.vocab_size, 32, (16, 128), (16, 128), seed=0)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = engine_run(model, requests, max_num_seqs=32)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+    out = ctx.out / "profile_serving_mid.txt"
+    out.write_text(f"engine, mid, 32 requests (the workload of serving.md), {numpy_threads()} BLAS thread(s): "
+                   f"{result['output_tokens']} output tokens, {result['cpu_s']:.1f} s CPU, {result['steps']} steps\n"
+                   f"{machine_line(ctx.info)}\n\n" + text.getvalue())
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -273,9 +294,14 @@ def main(argv=None) -> int:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--threads", type=int, default=None, help="BLAS (and torch) threads (default: NumPy's)")
+    parser.add_argument("--profile", action="store_true", help="only a cProfile of the engine run (results/"
+                        "profile_serving_mid.txt)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work, blas_threads(args.threads or numpy_threads()):
         ctx = Context(out=Path(args.out), work=Path(work), quick=args.quick, peer=not args.no_peer)
+        if args.profile:
+            profile(ctx)
+            return 0
         report = run(ctx)
     return 0 if report["speedup"] > 0 else 1
 
