@@ -218,7 +218,7 @@ class Transformer:
 
     # ------------------------------------------------------------ forward
     def forward(self, token_ids, cache: Optional[KVCache] = None, positions=None, *, n_new=None,
-                window: Optional[int] = None, last_only: bool = False) -> np.ndarray:
+                window: Optional[int] = None, last_only: bool = False, logit_rows=None) -> np.ndarray:
         """Logits for ``token_ids`` (batch, seq): (batch, seq, vocab), NumPy on the host.
 
         cache:     a KVCache: this call's K/V are written into it and attention reads every K/V it
@@ -230,17 +230,21 @@ class Transformer:
         window:    None: attention is as the model defines it (its config's sliding window, if any);
                    an int W: additionally restrict every query to the last W positions.
         last_only: return only each row's last real position: (batch, vocab).
+        logit_rows: with last_only, only these rows' logits: (len(logit_rows), vocab). A serving step
+                   whose rows are mostly prefill tokens needs few: the lm_head is the largest matmul.
 
         Every argument is checked here, once, before anything is written; after any exception
         (KeyboardInterrupt included) the cache is exactly as it was.
         """
         ids, n_new, positions = self._check_forward(token_ids, cache, positions, n_new)
         windows = self._layer_windows(window, cache)
+        if logit_rows is not None:
+            logit_rows = self._check_logit_rows(logit_rows, last_only, ids.shape[0])
         if cache is None:
-            return self._forward(ids, positions, n_new, None, windows, last_only)
+            return self._forward(ids, positions, n_new, None, windows, last_only, logit_rows)
         cache.reserve(n_new)                      # claim room before any layer writes (or CacheOverflowError)
         try:
-            logits = self._forward(ids, positions, n_new, cache, windows, last_only)
+            logits = self._forward(ids, positions, n_new, cache, windows, last_only, logit_rows)
         except BaseException:
             cache.rollback()                      # a failed call leaves the cache as it was
             raise
@@ -249,7 +253,7 @@ class Transformer:
 
     __call__ = forward
 
-    def _forward(self, ids, positions, n_new, cache, windows, last_only):
+    def _forward(self, ids, positions, n_new, cache, windows, last_only, logit_rows=None):
         """The forward pass itself, on checked inputs (the hot path: no checks in here)."""
         cfg, backend = self.config, self.backend
         batch, seq = ids.shape
@@ -291,6 +295,8 @@ class Transformer:
         if last_only:
             # (batch*seq, d) -> (batch, seq, d) -> each row's last real token: (batch, d)
             x = x.reshape(batch, seq, -1)[backend.xp.arange(batch), backend.to_device(n_new - 1)]
+            if logit_rows is not None:
+                x = x[backend.to_device(logit_rows)]                     # (rows, d)
         x = self._norm(x, self.final_norm, self.final_norm_bias)
         logits = x @ self.lm_head                                    # (tokens, vocab)
         if cfg.final_logit_softcapping is not None:
@@ -443,6 +449,15 @@ class Transformer:
                 f"(valid ids are 0..{self.config.vocab_size - 1})"
             )
         return ids.astype(np.int64, copy=False)
+
+    @staticmethod
+    def _check_logit_rows(logit_rows, last_only: bool, batch: int) -> np.ndarray:
+        rows = np.asarray(logit_rows)
+        if not last_only or rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and (
+                rows.min() < 0 or rows.max() >= batch)):
+            raise InvalidInputError(f"logit_rows={logit_rows!r:.60} must be a 1-D array of row indices in 0..{batch - 1}, "
+                                    "with last_only=True")
+        return rows.astype(np.int64)
 
     @staticmethod
     def _check_n_new(n_new, batch: int, seq: int) -> np.ndarray:
