@@ -55,6 +55,8 @@ from .errors import (CacheMismatchError, CacheOverflowError, CacheRewindError, C
 
 CACHE_KINDS = ("none", "concat", "static", "paged", "sliding")
 _FORMAT_VERSION = "1"
+# What Transformer.forward calls on a cache (a KVCache, or anything else that keeps the same promises).
+CACHE_PROTOCOL = ("lengths", "check_compatible", "reserve", "update", "advance", "rollback")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import layers, validate
 from .backend import Backend, get_backend
-from .cache import KVCache, KVView, make_cache
+from .cache import CACHE_PROTOCOL, KVCache, KVView, make_cache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, InvalidInputError, SequenceTooLongError
@@ -373,7 +373,8 @@ class Transformer:
         batch, seq = ids.shape
         n_new = np.full(batch, seq, dtype=np.int64) if n_new is None else self._check_n_new(n_new, batch, seq)
         if cache is not None:
-            if not isinstance(cache, KVCache):
+            # The cache protocol (minikv/cache.py), not a class: the serving engine's paged store implements it too.
+            if not isinstance(cache, KVCache) and not all(hasattr(cache, name) for name in CACHE_PROTOCOL):
                 raise InvalidInputError(f"cache={cache!r:.60} is not a KVCache; pass one made by model.new_cache(...) "
                                         "or minikv.load_cache(...), or None to recompute")
             cache.check_compatible(cfg, batch)
