@@ -260,7 +260,7 @@ def get_backend(name: Optional[str | Backend] = None) -> Backend:
         return name
     if name is None:
         name = os.environ.get(DEFAULT_ENV) or "numpy"
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ConfigError(f"backend={name!r} is unknown; choose one of {sorted(_REGISTRY)}")
     if name not in _INSTANCES:
         module_name, attribute = _REGISTRY[name]

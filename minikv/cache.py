@@ -48,12 +48,16 @@ from typing import Any, Optional
 
 import numpy as np
 
+from . import validate
 from .backend import Backend, get_backend
+from .errors import (CacheMismatchError, CacheOverflowError, CacheRewindError, CheckpointError, ConfigError,
+                     InvalidInputError)
 from .quant import quantize_rows
-from .errors import CacheMismatchError, CacheOverflowError, CacheRewindError, ConfigError, InvalidInputError
 
 CACHE_KINDS = ("none", "concat", "static", "paged", "sliding")
 _FORMAT_VERSION = "1"
+# What Transformer.forward calls on a cache (a KVCache, or anything else that keeps the same promises).
+CACHE_PROTOCOL = ("lengths", "check_compatible", "reserve", "update", "advance", "rollback")
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,9 @@ class KVCache:
                  dtype="float32", backend: Optional[Backend] = None):
         for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
                             ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(f"{self.kind} cache: {name}={value!r} must be a positive integer")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= validate.MAX_SIZE:
+                raise ConfigError(f"{self.kind} cache: {name}={value!r} must be a positive integer "
+                                  f"<= {validate.MAX_SIZE} (2**31 - 1)")
         self.n_layers, self.n_kv_heads, self.head_dim = int(n_layers), int(n_kv_heads), int(head_dim)
         self.batch_size, self.max_seq_len = int(batch_size), int(max_seq_len)
         try:
@@ -134,6 +139,14 @@ class KVCache:
     def bytes_per_position(self) -> int:
         row = self.head_dim * self.dtype.itemsize + (4 if self.quantized else 0)
         return 2 * self.n_layers * self.n_kv_heads * row
+
+    def _check_allocation(self, positions: int, extra_bytes: int = 0) -> None:
+        """Refuse, before allocating, K/V for ``positions`` slots (all sequences together) that this
+        machine cannot hold: max_seq_len=10**12 is a ConfigError, not a MemoryError."""
+        validate.allocation(positions * self.bytes_per_position() + extra_bytes,
+                            f"a {self.kind} cache of {positions:,} positions ({self.batch_size} sequences, "
+                            f"max_seq_len={self.max_seq_len:,})",
+                            "pass a smaller max_seq_len (generate sizes its cache to prompt + max_new_tokens)")
 
     def check_compatible(self, config, batch_size: int) -> None:
         """Refuse a cache built for another model or batch, naming what differs. Changes nothing."""
@@ -231,10 +244,17 @@ class KVCache:
         """Write the cache (K, V, lengths, block table) to a safetensors file."""
         from safetensors.numpy import save_file
 
-        path = Path(path)
+        path = validate.path_argument(path, "path")
+        if path.is_dir() or not path.parent.is_dir():
+            raise CheckpointError(f"cannot save the cache to {path}: " + (
+                "it is a folder; pass a file path" if path.is_dir() else
+                f"the folder {path.parent} does not exist; create it first"))
         tensors = {name: np.ascontiguousarray(self.backend.to_host(t)) for name, t in self._tensors().items()}
         tensors["lengths"] = self.lengths.copy()
-        save_file(tensors, str(path), metadata=self._metadata())
+        try:
+            save_file(tensors, str(path), metadata=self._metadata())
+        except Exception as exc:  # noqa: BLE001 (safetensors' SafetensorError wraps every I/O error)
+            raise CheckpointError(f"cannot save the cache to {path}: {exc}") from None
         return path
 
     def __repr__(self) -> str:
@@ -246,6 +266,7 @@ class _PerLayerArrays(KVCache):
     """Caches that keep one K and one V array of shape (batch, kv_heads, slots, head_dim) per layer."""
 
     def _allocate(self, slots: int):
+        self._check_allocation(self.batch_size * slots)
         shape = (self.batch_size, self.n_kv_heads, slots, self.head_dim)
         self.k = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
         self.v = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
@@ -384,6 +405,9 @@ class PagedCache(KVCache):
                                        or num_blocks < 1):
             raise ConfigError(f"paged cache: num_blocks={num_blocks!r} must be a positive integer")
         self.num_blocks = int(num_blocks) if num_blocks is not None else self.batch_size * self.blocks_per_seq
+        # The pools, plus the block table and free list (int32 and a Python int per entry).
+        self._check_allocation(self.num_blocks * self.block_size,
+                               extra_bytes=4 * self.batch_size * self.blocks_per_seq + 8 * self.num_blocks)
         shape = (self.num_blocks, self.n_kv_heads, self.block_size, self.head_dim)
         self.k_pool = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
         self.v_pool = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
@@ -625,38 +649,171 @@ class SlidingCache(_PerLayerArrays):
 
 
 _KINDS = {"concat": ConcatCache, "static": StaticCache, "paged": PagedCache, "sliding": SlidingCache}
+# The keyword options each kind takes (also what a saved cache's "extra" metadata holds).
+CACHE_OPTIONS = {"none": (), "concat": (), "static": (), "paged": ("block_size", "num_blocks"), "sliding": ("window",)}
 
 
 def make_cache(kind: str, *, n_layers: int, n_kv_heads: int, head_dim: int, batch_size: int, max_seq_len: int,
                dtype="float32", backend=None, **options) -> Optional[KVCache]:
     """Build a cache of ``kind`` ("none" returns None: recompute everything)."""
+    if not isinstance(kind, str) or kind not in CACHE_OPTIONS:
+        raise ConfigError(f"cache kind {kind!r} is unknown; choose one of {CACHE_KINDS}")
+    # Each option belongs to one kind: name it instead of failing with a TypeError in a constructor.
+    for option in options:
+        if option not in CACHE_OPTIONS[kind]:
+            owners = [k for k, names in CACHE_OPTIONS.items() if option in names]
+            where = f"cache={owners[0]!r}" if owners else "no cache kind (options are block_size, num_blocks, window)"
+            raise ConfigError(f"{option}={options[option]!r} applies to {where}, not cache={kind!r}")
     if kind == "none":
         return None
-    if kind not in _KINDS:
-        raise ConfigError(f"cache kind {kind!r} is unknown; choose one of {CACHE_KINDS}")
     return _KINDS[kind](n_layers, n_kv_heads, head_dim, batch_size, max_seq_len, dtype=dtype, backend=backend,
                         **options)
 
 
 def load_cache(path, backend=None) -> KVCache:
-    """Read a cache written by ``KVCache.save``; continue generating from it with identical results."""
+    """Read a cache written by ``KVCache.save``; continue generating from it with identical results.
+
+    A cache file is checked as a whole before anything is allocated or used (check at the door): the
+    metadata, every tensor's name, shape and dtype, lengths within what the arrays hold, and for paged
+    caches a block table whose entries lie in the pool, fill each sequence's columns without holes,
+    cover its length and never share a block. A file that fails any of it is a CheckpointError: a bad
+    block table must never reach a kernel, which would read outside the pool."""
     from safetensors import SafetensorError, safe_open
 
-    from .errors import CheckpointError
-
+    path = validate.regular_file(validate.path_argument(path, "path"), "cache file", CheckpointError)
     try:
         with safe_open(str(path), framework="np") as handle:
             meta = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, OSError) as exc:
+    except (SafetensorError, OSError, TypeError, ValueError, AttributeError) as exc:
+        # TypeError/AttributeError: a dtype NumPy has no name for (bfloat16, float8)
         raise CheckpointError(f"{path} is not a readable minikv cache file: {exc}") from None
     if meta.get("kind") not in _KINDS or meta.get("version") != _FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a minikv cache file of format version {_FORMAT_VERSION} "
                               f"(metadata kind={meta.get('kind')!r}, version={meta.get('version')!r})")
-    cache = make_cache(meta["kind"], n_layers=int(meta["n_layers"]), n_kv_heads=int(meta["n_kv_heads"]),
-                       head_dim=int(meta["head_dim"]), batch_size=int(meta["batch_size"]),
-                       max_seq_len=int(meta["max_seq_len"]), dtype=meta["dtype"], backend=backend,
-                       **json.loads(meta.get("extra", "{}")))
+    kind, sizes, options = _checked_metadata(path, meta)
+    _check_cache_tensors(path, kind, sizes, options, meta["dtype"], tensors)
+    try:
+        cache = make_cache(kind, **sizes, dtype=meta["dtype"], backend=backend, **options)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     cache._restore(tensors)
     cache.lengths = tensors["lengths"].astype(np.int64)
     return cache
+
+
+def _checked_metadata(path, meta: dict) -> tuple[str, dict, dict]:
+    """(kind, the five sizes, the kind's options) from a cache file's metadata, each a checked int."""
+    def size(name: str, text) -> int:
+        value = text
+        if isinstance(text, str) and text.isdigit() and len(text) <= 12:
+            value = int(text)
+        if not validate.is_integer(value) or not 1 <= value <= validate.MAX_SIZE:
+            raise CheckpointError(f"{path}: cache metadata {name}={text!r} must be an integer 1..{validate.MAX_SIZE}")
+        return int(value)
+
+    kind = meta["kind"]
+    sizes = {name: size(name, meta.get(name)) for name in ("n_layers", "n_kv_heads", "head_dim", "batch_size",
+                                                           "max_seq_len")}
+    if meta.get("dtype") not in ("float16", "float32", "float64"):
+        raise CheckpointError(f"{path}: cache metadata dtype={meta.get('dtype')!r} must be float16, float32 or float64")
+    try:
+        extra = json.loads(meta.get("extra", "{}"))
+    except (ValueError, RecursionError):
+        extra = None
+    if not isinstance(extra, dict) or set(extra) != set(CACHE_OPTIONS[kind]):
+        raise CheckpointError(f"{path}: cache metadata extra={meta.get('extra')!r:.200} must be a JSON object with "
+                              f"exactly {list(CACHE_OPTIONS[kind])} for a {kind} cache")
+    options = {name: size(name, value) for name, value in extra.items()}
+    if kind == "sliding" and options["window"] > sizes["max_seq_len"]:
+        raise CheckpointError(f"{path}: sliding window={options['window']} is larger than max_seq_len="
+                              f"{sizes['max_seq_len']} (a saved ring is never wider than the cache)")
+    return kind, sizes, options
+
+
+def _check_cache_tensors(path, kind: str, sizes: dict, options: dict, dtype: str, tensors: dict) -> None:
+    """Every tensor a cache of this kind needs, with the shape and dtype the metadata implies; lengths
+    and (paged) the block table consistent with them. Raises CheckpointError naming what disagrees."""
+    layers, kv, hd, batch, max_seq_len = (sizes[n] for n in ("n_layers", "n_kv_heads", "head_dim", "batch_size",
+                                                             "max_seq_len"))
+    kv_names = [f"{x}.{i}" for i in range(layers) for x in "kv"]
+    expected = set(kv_names) | {"lengths"} | ({"block_table"} if kind == "paged" else set())
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors))[:4], sorted(set(tensors) - expected)[:4]
+        raise CheckpointError(f"{path}: a {kind} cache of {layers} layers holds tensors {sorted(expected)[:6]}...; "
+                              f"missing {missing}, unexpected {unexpected}")
+
+    def need(name: str, shape: tuple, dtype_kind: Optional[str] = None, dtype_name: Optional[str] = None):
+        tensor = tensors[name]
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{path}: cache tensor {name!r} has shape {tuple(tensor.shape)}; the metadata "
+                                  f"implies {shape}")
+        if (dtype_name and tensor.dtype.name != dtype_name) or (dtype_kind and tensor.dtype.kind not in dtype_kind):
+            raise CheckpointError(f"{path}: cache tensor {name!r} has dtype {tensor.dtype}; expected "
+                                  f"{dtype_name or 'integers'}")
+
+    if kind == "static":
+        slots = max_seq_len
+    elif kind == "sliding":
+        slots = options["window"]
+    elif kind == "concat":
+        slots = tensors["k.0"].shape[2] if tensors["k.0"].ndim == 4 else -1
+        if not 0 <= slots <= max_seq_len:
+            raise CheckpointError(f"{path}: concat cache tensor 'k.0' has shape {tuple(tensors['k.0'].shape)}; "
+                                  f"expected (batch, kv_heads, 0..max_seq_len={max_seq_len}, head_dim)")
+    if kind == "paged":
+        block_size, num_blocks = options["block_size"], options["num_blocks"]
+        kv_shape = (num_blocks, kv, block_size, hd)
+    else:
+        kv_shape = (batch, kv, slots, hd)
+    for name in kv_names:
+        need(name, kv_shape, dtype_name=dtype)
+        if not np.isfinite(tensors[name]).all():
+            raise CheckpointError(f"{path}: cache tensor {name!r} holds NaN or infinite values; the file is corrupt")
+    need("lengths", (batch,), dtype_kind="iu")
+    lengths = tensors["lengths"].astype(np.int64)
+    # A sequence may not claim more positions than were written: concat holds `slots` of them, the
+    # others max_seq_len (sliding: its ring keeps the last `window` of up to max_seq_len positions).
+    limit = slots if kind == "concat" else max_seq_len
+    bad = np.nonzero((lengths < 0) | (lengths > limit))[0]
+    if bad.size:
+        b = int(bad[0])
+        raise CheckpointError(f"{path}: sequence {b} has length {int(lengths[b])}; a {kind} cache of these arrays "
+                              f"holds 0..{limit} positions")
+    if kind == "paged":
+        _check_block_table(path, tensors["block_table"], lengths, batch, max_seq_len, block_size, num_blocks)
+
+
+def _check_block_table(path, table, lengths: np.ndarray, batch: int, max_seq_len: int, block_size: int,
+                       num_blocks: int) -> None:
+    """A paged cache's table: (batch, ceil(max_seq_len / block_size)) integers; row b holds its blocks
+    in its first columns then -1 (no holes), at least ceil(lengths[b] / block_size) of them, each a
+    block of the pool (0..num_blocks-1), and no block twice (in one row or across rows)."""
+    columns = -(-max_seq_len // block_size)
+    if tuple(table.shape) != (batch, columns) or table.dtype.kind not in "iu":
+        raise CheckpointError(f"{path}: block_table has shape {tuple(table.shape)} and dtype {table.dtype}; "
+                              f"expected integers of shape (batch={batch}, ceil(max_seq_len / block_size)={columns})")
+    table = table.astype(np.int64)
+    if ((table < -1) | (table >= num_blocks)).any():
+        value = int(table[(table < -1) | (table >= num_blocks)][0])
+        raise CheckpointError(f"{path}: block_table holds block {value}, outside the pool of {num_blocks} blocks "
+                              "(entries are 0..num_blocks-1, or -1 for none)")
+    held = table >= 0
+    count = held.sum(axis=1)
+    # Row b holds blocks exactly in columns 0..count[b]-1: a prefix, no -1 before a real block.
+    prefix = np.arange(columns)[None, :] < count[:, None]
+    if (held != prefix).any():
+        b = int(np.nonzero((held != prefix).any(axis=1))[0][0])
+        raise CheckpointError(f"{path}: block_table row {b} {table[b].tolist()[:16]} has a hole (-1 before a block); "
+                              "a sequence's blocks fill its first columns")
+    needed = -(-lengths // block_size)
+    short = np.nonzero(count < needed)[0]
+    if short.size:
+        b = int(short[0])
+        raise CheckpointError(f"{path}: sequence {b} has length {int(lengths[b])} ({int(needed[b])} blocks of "
+                              f"{block_size}) but its block_table row holds {int(count[b])} blocks")
+    used = table[held]
+    if np.unique(used).size != used.size:
+        values, counts = np.unique(used, return_counts=True)
+        raise CheckpointError(f"{path}: block_table gives block {int(values[counts > 1][0])} to two places; each pool "
+                              "block belongs to one sequence position range")

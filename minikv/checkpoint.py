@@ -21,14 +21,16 @@ tensor, an unexpected one, a shape that disagrees with the config, a dtype minik
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional
 
 import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .validate import is_integer, path_argument, read_json, regular_file, writable_file
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -159,22 +161,43 @@ def _normalise_hf_name(name: str, config: ModelConfig) -> str:
 # ---------------------------------------------------------------- reading
 
 
+def _exists(path: Path) -> bool:
+    # A dangling symlink or an unreadable entry still "exists" here, so that it is reported, not skipped.
+    return path.exists() or path.is_symlink()
+
+
+def _shard_name_is_local(name: str) -> bool:
+    """A shard name must stay inside the folder, judged on the name alone (no resolving): no absolute
+    path, no drive, no '..'. Symlinks are not followed here, so the Hugging Face cache layout (snapshot
+    files that link into ../../blobs) keeps working."""
+    if not name or "\0" in name:
+        return False
+    for pure in (PurePosixPath(name), PureWindowsPath(name)):
+        if pure.is_absolute() or pure.drive or pure.root or ".." in pure.parts:
+            return False
+    return True
+
+
 def _weight_files(folder: Path) -> list[Path]:
     single, index = folder / WEIGHTS_FILE, folder / INDEX_FILE
-    if single.exists():
-        return [single]
-    if index.exists():
+    if _exists(single):
+        return [regular_file(single, "weights file", CheckpointError)]
+    if _exists(index):
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            weight_map = read_json(index, "safetensors index", CheckpointError)["weight_map"]
+        except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {exc}") from None
         if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map each tensor name to a shard file name")
         shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (folder / s).exists()]
+        outside = [s for s in shards if not _shard_name_is_local(s)]
+        if outside:
+            raise CheckpointError(f"{index} names shard(s) {outside[:3]} outside the checkpoint folder; a shard "
+                                  "name must be a relative path without '..'")
+        missing = [s for s in shards if not _exists(folder / s)]
         if missing:
-            raise CheckpointError(f"{index} names shard(s) {missing} that are not in {folder}")
-        return [folder / s for s in shards]
+            raise CheckpointError(f"{index} names shard(s) {missing[:5]} that are not in {folder}")
+        return [regular_file(folder / s, "shard", CheckpointError) for s in shards]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
         raise CheckpointError(
             f"{folder} holds only pickle weights (.bin/.pt); minikv never unpickles. Convert them to safetensors "
@@ -183,6 +206,8 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {folder}")
 
 
+# The safetensors library refuses headers above 100 MB; so do we (a real one is kilobytes to a few MB).
+MAX_HEADER_BYTES = 100_000_000
 # safetensors dtype names -> the little-endian NumPy dtype of their bytes. bfloat16 has no NumPy
 # dtype: its bytes are read as uint16 and widened by bfloat16_to_float32 (below).
 FLOAT_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
@@ -213,6 +238,9 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     def corrupt(why: str) -> CheckpointError:
         return CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {why}")
 
+    path = regular_file(path, "safetensors file", CheckpointError)    # not a FIFO, device or folder
+
+    path = regular_file(path, "safetensors file", CheckpointError)
     try:
         size = path.stat().st_size
         with open(path, "rb") as file:
@@ -222,10 +250,14 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             n = int.from_bytes(prefix, "little")
             if n > size - 8:
                 raise corrupt(f"the header claims {n} bytes but the file has {size - 8} after the length")
+            if n > MAX_HEADER_BYTES:     # the safetensors library's own limit
+                raise corrupt(f"the header claims {n} bytes, more than safetensors allows ({MAX_HEADER_BYTES})")
             header = json.loads(file.read(n))
     except OSError as exc:
         raise CheckpointError(f"{path} could not be read: {exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise corrupt("the header is nested too deeply to be a safetensors header") from None
+    except ValueError as exc:      # JSONDecodeError, UnicodeDecodeError, an integer of > 4300 digits
         raise corrupt(f"the header is not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise corrupt("the header is not a JSON object")
@@ -234,13 +266,18 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     for name, info in header.items():
         try:
             begin, end = info["data_offsets"]
-            shape = [int(d) for d in info["shape"]]
-            dtype = str(info["dtype"])
+            shape = list(info["shape"])
+            dtype = info["dtype"]
         except (KeyError, TypeError, ValueError):
-            raise corrupt(f"tensor {name!r} has a malformed entry {info!r}") from None
+            raise corrupt(f"tensor {name!r} has a malformed entry {info!r:.200}") from None
+        # Integers only (int("3") or int(2.5) would quietly read another shape), and sizes in Python
+        # ints: np.prod of a huge shape wraps around int64 and could match the byte count.
+        if not all(is_integer(x) for x in [begin, end, *shape]) or not isinstance(dtype, str):
+            raise corrupt(f"tensor {name!r} has a malformed entry {info!r:.200} (offsets and shape are integers, "
+                          "dtype a name)")
         if not (0 <= begin <= end <= data_size) or min(shape, default=0) < 0:
             raise corrupt(f"tensor {name!r} spans bytes {begin}..{end} of {data_size} data bytes")
-        if dtype in FLOAT_DTYPES and end - begin != FLOAT_DTYPES[dtype].itemsize * int(np.prod(shape)):
+        if dtype in FLOAT_DTYPES and end - begin != FLOAT_DTYPES[dtype].itemsize * math.prod(shape):
             raise corrupt(f"tensor {name!r} has {end - begin} bytes for shape {shape} of {dtype}")
     return header, 8 + n
 
@@ -283,7 +320,7 @@ def load_checkpoint(path: str | Path, dtype="float32") -> tuple[ModelConfig, dic
 
     Weights are converted to ``dtype`` here, once, one tensor at a time (see read_safetensors)."""
     folder = Path(path)
-    if not folder.is_dir():
+    if "\0" in str(folder) or not folder.is_dir():
         raise CheckpointError(f"checkpoint path {folder} is not a folder (it needs config.json and model.safetensors)")
     config = ModelConfig.from_json(folder / CONFIG_FILE)
     dtype = np.dtype(dtype)
@@ -309,6 +346,7 @@ def weights_from_hf(raw: dict[str, np.ndarray], config: ModelConfig, dtype=np.fl
     consume=True empties ``raw`` as it goes, so a tensor that needs a new layout (a transpose, a split)
     never exists twice for longer than its own conversion."""
     dtype = np.dtype(dtype)
+    _check_tensor_count(raw, config, source)
     table = tensor_table(config)
     known = {row.hf for row in table}
     unexpected = [n for n in raw if n not in known and not n.endswith(IGNORED_SUFFIXES)
@@ -346,6 +384,21 @@ def weights_from_hf(raw: dict[str, np.ndarray], config: ModelConfig, dtype=np.fl
     return weights
 
 
+# The fewest tensors one layer can have (llama: two norms and seven projections; gpt2: twelve).
+MIN_TENSORS_PER_LAYER = {"llama": 9, "gpt2": 12}
+
+
+def _check_tensor_count(raw: dict[str, np.ndarray], config: ModelConfig, source: str) -> None:
+    """Compare the config's layer count with the tensors present before building any per-layer table: a
+    config saying num_hidden_layers=10**9 must fail here, not after a table of 10**10 rows."""
+    needed = config.n_layers * MIN_TENSORS_PER_LAYER[config.family]
+    if needed > len(raw):
+        raise CheckpointError(
+            f"config says {config.n_layers} layers (at least {needed} tensors) but {source} holds only {len(raw)} "
+            "tensors; is config.json from another model?"
+        )
+
+
 def _hf_shape(row: TensorMapping, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
     parts = [shapes[name] for name in row.ours]
     fused = (sum(s[0] for s in parts),) + parts[0][1:]
@@ -369,13 +422,24 @@ def save_checkpoint(path: str | Path, config: ModelConfig, weights: dict[str, np
     """Write a Hugging Face checkpoint folder (config.json + model.safetensors) that transformers loads."""
     from safetensors.numpy import save_file
 
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = path_argument(path, "path")
+    if _exists(folder) and not folder.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {folder}: it is a file, and a checkpoint is a folder "
+                              "(config.json + model.safetensors); pass a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the checkpoint folder {folder}: {exc}") from None
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        writable_file(folder / name, "checkpoint file", CheckpointError)
     hf = weights_to_hf(weights, config)
     if dtype is not None:
         hf = {k: v.astype(dtype) for k, v in hf.items()}
     config_dict = config.to_hf()
     config_dict["torch_dtype"] = str(next(iter(hf.values())).dtype)
-    (folder / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
-    save_file(hf, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    try:
+        (folder / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
+        save_file(hf, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    except OSError as exc:
+        raise CheckpointError(f"cannot write the checkpoint to {folder}: {exc}") from None
     return folder

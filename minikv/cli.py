@@ -4,6 +4,7 @@
     minikv bench                      # every cache kind vs recompute, on the bundled model
     minikv info                       # the config, parameter count, KV bytes per token, backends
     minikv chat --model PATH_OR_HUB_ID    # multi-turn chat with the checkpoint's template; the KV cache is kept
+    minikv serve --port 8000              # an OpenAI-compatible server (pip install 'minikv[serve]')
 
 Bad arguments and bad paths print one line on stderr and exit with status 2; no traceback.
 """
@@ -36,6 +37,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (a seed is a non-negative integer)")
     return value
 
 
@@ -73,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=_positive_int, default=100)
     bench.add_argument("--repeats", type=_positive_int, default=3)
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, prefix caching)")
+    model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_positive_int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model id clients ask for (default: folder name)")
+    serve.add_argument("--block-size", type=_positive_int, default=16)
+    serve.add_argument("--num-blocks", type=_positive_int, default=None, help="K/V pool size in blocks")
+    serve.add_argument("--max-num-tokens", type=_positive_int, default=256, help="token budget per step")
+    serve.add_argument("--max-num-seqs", type=_positive_int, default=64)
+    serve.add_argument("--no-prefix-caching", action="store_true")
+
     info = sub.add_parser("info", help="the model's config, size, KV bytes per token, and the backends here")
     model_args(info)
 
@@ -94,7 +116,7 @@ def sampling_args(p, defaults: str) -> None:
     p.add_argument("--top-p", type=_float, default=None)
     p.add_argument("--min-p", type=_float, default=None)
     p.add_argument("--repetition-penalty", type=_float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
 
 def _given_sampling(args) -> dict:
@@ -227,7 +249,17 @@ def cmd_chat(args) -> int:
                     max_new_tokens=args.max_new_tokens, seed=args.seed, **_given_sampling(args))
 
 
-COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "info": cmd_info, "chat": cmd_chat}
+def cmd_serve(args) -> int:
+    from .serving.server import serve
+
+    model = _load(args)
+    serve(model, host=args.host, port=args.port, model_name=args.served_model_name, block_size=args.block_size,
+          num_blocks=args.num_blocks, max_num_tokens=args.max_num_tokens, max_num_seqs=args.max_num_seqs,
+          prefix_caching=not args.no_prefix_caching)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "bench": cmd_bench, "info": cmd_info, "chat": cmd_chat, "serve": cmd_serve}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

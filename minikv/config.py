@@ -20,13 +20,13 @@ the error never suggests an edit that would change the model's numbers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
+from .validate import INT64_MAX, MAX_SIZE, read_json
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + ("gpt2",)
@@ -202,8 +202,9 @@ class ModelConfig:
 
         def positive(name: str) -> None:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config field {spelled(name)}={value!r} must be a positive integer")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIZE:
+                raise ConfigError(f"config field {spelled(name)}={value!r} must be a positive integer "
+                                  f"<= {MAX_SIZE} (2**31 - 1)")
 
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -246,6 +247,20 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Build from a Hugging Face ``config.json`` dict (transformers 4.x and 5.x spellings)."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"a config must be a JSON object (dict), not {type(hf).__name__}")
+        try:
+            return cls._from_hf(hf)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+            # A field of a type no reader expects (a list where a number belongs, a dict in a list
+            # of names, ...): name it as the config's fault, never a raw TypeError from inside.
+            raise ConfigError(f"config.json holds a value of the wrong type or form ({type(exc).__name__}: {exc}); "
+                              "compare it with the model's published config.json") from None
+
+    @classmethod
+    def _from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -462,12 +477,9 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
-        try:
-            hf = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no config file at {path}; a checkpoint folder needs config.json") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); re-save it with save_pretrained") from None
+        if not path.exists() and not path.is_symlink():
+            raise ConfigError(f"no config file at {path}; a checkpoint folder needs config.json")
+        hf = read_json(path, "config file", ConfigError)
         if not isinstance(hf, dict):
             raise ConfigError(f"{path} must hold a JSON object, not {type(hf).__name__}")
         return cls.from_hf(hf)
@@ -595,8 +607,9 @@ def _rope_spec(spec: dict[str, Any], source: str, hf: dict[str, Any], max_positi
 
 def _positive_int(hf: dict[str, Any], key: str, default: Any = None) -> int:
     value = hf.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"config.json field {key}={value!r} must be a positive integer")
+    # Capped here, as it is read: a per-layer list is built from num_hidden_layers before validate() runs.
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+        raise ConfigError(f"config.json field {key}={value!r} must be a positive integer <= {MAX_SIZE} (2**31 - 1)")
     return value
 
 
@@ -621,6 +634,7 @@ def _single_id(hf: dict[str, Any], key: str) -> Optional[int]:
         value = value[0] if value else None
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"config.json field {key}={hf.get(key)!r} must be a non-negative integer token id or null")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+        raise ConfigError(f"config.json field {key}={hf.get(key)!r} must be a non-negative integer token id "
+                          "(< 2**63) or null")
     return value

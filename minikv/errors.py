@@ -22,6 +22,10 @@ class CheckpointError(MinikvError):
     """A checkpoint folder or file that is missing, corrupt or disagrees with its config."""
 
 
+class TokenizerError(CheckpointError):
+    """A tokenizer file (tokenizer.json) that is missing, not a regular file, or corrupt."""
+
+
 class CacheOverflowError(MinikvError):
     """Writing into a KV cache past its capacity."""
 

@@ -21,8 +21,10 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from . import validate
 from .cache import CACHE_KINDS, KVCache
-from .errors import CacheOverflowError, ConfigError, InvalidInputError, MinikvError, SequenceTooLongError
+from .errors import (CacheMismatchError, CacheOverflowError, ConfigError, InvalidInputError, MinikvError,
+                     SequenceTooLongError)
 from .sampling import SamplingParams, sample
 from .tokenizer import require_tokenizer
 
@@ -95,27 +97,29 @@ def _prompts_to_ids(model, prompt) -> tuple[list[list[int]], bool]:
     if isinstance(prompt, str):
         return [require_tokenizer(model.tokenizer, "a text prompt").encode(prompt)], True
     if isinstance(prompt, np.ndarray):
+        if prompt.dtype.kind not in "iu":
+            # As forward refuses them: a float id (or a bool) is a bug, never quietly truncated.
+            raise InvalidInputError(f"prompt array has dtype {prompt.dtype}; token ids are integers (e.g. np.int64)")
         prompt = prompt.tolist()
     if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
         raise InvalidInputError(f"prompt must be a str, a list of str, or token ids; got {prompt!r:.80}")
     if all(isinstance(p, str) for p in prompt):
         tok = require_tokenizer(model.tokenizer, "a text prompt")
         return [tok.encode(p) for p in prompt], False
-    if all(isinstance(p, (int, np.integer)) for p in prompt):
-        return [[int(t) for t in prompt]], False
     if all(isinstance(p, (list, tuple, np.ndarray)) for p in prompt):
-        return [[int(t) for t in p] for p in prompt], False
+        return [validate.token_ids(p, f"prompt {i}", model.config.vocab_size) for i, p in enumerate(prompt)], False
+    if not any(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt):
+        return [validate.token_ids(prompt, "prompt", model.config.vocab_size)], False
     raise InvalidInputError("prompt must be a str, a list of str, a list of token ids, or a list of such lists")
 
 
 def _check_prompts(model, prompts: list[list[int]]) -> None:
+    vocab = model.config.vocab_size
     for i, ids in enumerate(prompts):
         if len(ids) == 0:
             raise InvalidInputError(f"prompt {i} is empty; give at least one token (or a non-empty string)")
-        for t in ids:
-            if not 0 <= t < model.config.vocab_size:
-                raise InvalidInputError(f"token id {t} in prompt {i} is out of range for a vocabulary of "
-                                        f"{model.config.vocab_size} (valid ids are 0..{model.config.vocab_size - 1})")
+        # Ids from a tokenizer were not checked by _prompts_to_ids (a tokenizer may exceed the model's vocabulary).
+        validate.token_ids(ids, f"prompt {i}", vocab)
 
 
 def _padded(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -156,6 +160,10 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
     stats.prefill_tokens = int(lengths.sum())
 
     finished = np.zeros(batch, dtype=bool)
+    # What the cache must hold before each decode step: anything else means another call wrote to it
+    # while this generation was paused between tokens, and the next step would overflow or attend to
+    # someone else's keys.
+    expected = None if cache is None else cache.lengths.copy()
     decode_start = time.perf_counter()
     for step in range(max_new_tokens):
         previous = ([np.asarray(c + h, dtype=np.int64) for c, h in zip(context, history)]
@@ -172,7 +180,13 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
             full, full_lengths = _padded(history)
             logits = model.forward(full, n_new=full_lengths, last_only=True)
         else:
+            if not np.array_equal(cache.lengths, expected):
+                raise CacheMismatchError(
+                    f"the {cache.kind} cache holds lengths {cache.lengths.tolist()} but this generation left it at "
+                    f"{expected.tolist()}: another call changed it between steps; give each generation its own cache"
+                )
             logits = model.forward(tokens[:, None], cache, last_only=True)
+            expected = expected + 1
         stats.decode_tokens += int((~finished).sum())
     sync()
     stats.decode_ms = (time.perf_counter() - decode_start) * 1e3
@@ -211,10 +225,6 @@ def resolve_options(model, **given) -> dict:
     return resolved
 
 
-# Which cache kind each keyword option of generate/stream configures.
-_CACHE_OPTIONS = {"block_size": "paged", "num_blocks": "paged", "window": "sliding"}
-
-
 class Stream:
     """An iterator of ``TokenEvent``s; after it is exhausted, ``.output`` holds the GenerationOutput."""
 
@@ -225,21 +235,28 @@ class Stream:
                  prefill_chunk: Optional[int] = None, max_seq_len: Optional[int] = None,
                  cache_dtype: Optional[str] = None, cached_tokens: Optional[Sequence[Sequence[int]]] = None,
                  speculative=None, num_speculative_tokens: Optional[int] = None, **cache_options):
+        # Every argument is checked here, before anything touches a cache (check at the door): a bad
+        # seed found after the prefill would leave a caller's cache holding the prompt.
+        stop_given = stop_tokens is not None
         options = resolve_options(model, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                   stop_tokens=stop_tokens)
         max_new_tokens, stop_tokens = options.pop("max_new_tokens"), options.pop("stop_tokens")
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
-        if prefill_chunk is not None and (not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1):
-            raise InvalidInputError(f"prefill_chunk={prefill_chunk!r} must be a positive integer or None")
+        limit = model.config.max_positions
+        max_new_tokens = validate.integer(max_new_tokens, "max_new_tokens")
+        if max_new_tokens > limit:
+            raise SequenceTooLongError(f"max_new_tokens={max_new_tokens} is more than the model's "
+                                       f"{model.config.max_positions_name}={limit}; pass max_new_tokens<={limit}")
+        prefill_chunk = validate.optional_integer(prefill_chunk, "prefill_chunk")
         self.model = model
         self.prompts, self._single = _prompts_to_ids(model, prompt)
         _check_prompts(model, self.prompts)
         self.params = SamplingParams(**options)
-        self.rng = rng if rng is not None else np.random.default_rng(seed)
+        self.rng = validate.rng(rng) if rng is not None else np.random.default_rng(validate.seed(seed))
+        if stop_given:
+            stop_tokens = validate.token_ids(stop_tokens, "stop_tokens", model.config.vocab_size)
         self.stop_tokens = np.asarray(list(stop_tokens), dtype=np.int64)
-        self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens = max_new_tokens
         self.prefill_chunk = prefill_chunk
         self.cache = self._make_cache(cache, max_seq_len, cache_dtype, cache_options)
         self._check_room()
@@ -273,18 +290,17 @@ class Stream:
         if isinstance(cache, KVCache):
             # e.g. a loaded prefilled cache: continue after what it holds. Refuse a cache for another
             # model or batch now, not after the first forward.
+            given = {"max_seq_len": max_seq_len, "cache_dtype": cache_dtype, **options}
+            ignored = sorted(name for name, value in given.items() if value is not None)
+            if ignored:
+                raise ConfigError(f"{', '.join(ignored)} configure a cache that generate creates; this call was "
+                                  "given a cache object, so they would be ignored: drop them or pass cache=<kind>")
             cache.check_compatible(self.model.config, len(self.prompts))
             return cache
         if cache is None:
             cache = "none"
         if cache not in CACHE_KINDS:
             raise ConfigError(f"cache={cache!r} is unknown; choose one of {CACHE_KINDS}")
-        # Each option belongs to one kind; name it instead of failing with a TypeError deep in a constructor.
-        for option in options:
-            owner = _CACHE_OPTIONS.get(option)
-            if owner != cache:
-                where = f"cache={owner!r}" if owner else f"no cache kind (options are {sorted(_CACHE_OPTIONS)})"
-                raise ConfigError(f"{option}={options[option]!r} applies to {where}, not cache={cache!r}")
         limit = self.model.config.max_positions
         if max_seq_len is None:
             max_seq_len = min(int(self._positions_needed(None).max()), limit)
@@ -296,7 +312,10 @@ class Stream:
         if cached_tokens is None:
             return None
         held = self.cache.lengths.tolist() if self.cache is not None else None
-        rows = [list(c) for c in cached_tokens] if isinstance(cached_tokens, (list, tuple)) else None
+        rows = None
+        if isinstance(cached_tokens, (list, tuple)) and all(isinstance(c, (list, tuple, np.ndarray)) for c in cached_tokens):
+            rows = [validate.token_ids(c, f"cached_tokens[{b}]", self.model.config.vocab_size)
+                    for b, c in enumerate(cached_tokens)]
         if held is None or rows is None or [len(r) for r in rows] != held:
             raise InvalidInputError(f"cached_tokens must hold, per sequence, the ids the given cache holds "
                                     f"({held if held is not None else 'no cache given'} of them)")
@@ -356,6 +375,9 @@ class Stream:
         # A second pass would prefill the prompt again behind what the first pass left in the cache.
         if self._iterated:
             raise MinikvError("this Stream has already been iterated; call model.stream(...) again for a new run")
+        # Checked again now, not only when the stream was made: the caller's cache may have been
+        # written to in between.
+        self._check_room()
         self._iterated = True
         model, batch = self.model, len(self.prompts)
         generated: list[list[int]] = [[] for _ in range(batch)]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
+from .validate import INT64_MAX, read_json
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 HF_DEFAULT_TOP_K = 50      # transformers' GenerationConfig default, used when do_sample is true
@@ -57,7 +58,7 @@ class GenerationConfig:
         eos = hf.get("eos_token_id")
         eos_list = eos if isinstance(eos, list) else [] if eos is None else [eos]
         for token in eos_list:
-            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= INT64_MAX:
                 raise ConfigError(f"{source}: eos_token_id={eos!r} must be a token id or a list of token ids")
         do_sample = hf.get("do_sample", False)
         if not isinstance(do_sample, bool) and do_sample is not None:
@@ -71,10 +72,7 @@ class GenerationConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "GenerationConfig":
         path = Path(path)
-        try:
-            hf = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+        hf = read_json(path, "generation config", ConfigError)     # regular file, size cap, UTF-8, nesting
         if not isinstance(hf, dict):
             raise ConfigError(f"{path} must hold a JSON object, not {type(hf).__name__}")
         return cls.from_dict(hf, source=str(path))
@@ -104,6 +102,8 @@ class GenerationConfig:
 
 def read_generation_config(folder: Optional[Path]) -> Optional[GenerationConfig]:
     """A checkpoint folder's generation_config.json, or None when it has none."""
-    if folder is None or not (Path(folder) / GENERATION_CONFIG_FILE).is_file():
+    path = None if folder is None else Path(folder) / GENERATION_CONFIG_FILE
+    # Present but not a regular file (a FIFO, a directory, a dangling link) is reported, not skipped.
+    if path is None or not (path.exists() or path.is_symlink()):
         return None
     return GenerationConfig.from_json(Path(folder) / GENERATION_CONFIG_FILE)

@@ -33,23 +33,25 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import layers
-from . import quant
+from . import layers, quant, validate
 from .backend import Backend, get_backend
-from .cache import KVCache, KVView, make_cache
+from .cache import CACHE_PROTOCOL, KVCache, KVView, make_cache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
-from .errors import ConfigError, InvalidInputError, SequenceTooLongError
+from .errors import CheckpointError, ConfigError, InvalidInputError, SequenceTooLongError
 from .rope import RopeTable
 
 SUPPORTED_DTYPES = ("float32", "float64")
 
 
 def model_dtype(dtype) -> np.dtype:
-    """The model dtype asked for, or a ConfigError naming it (also for names NumPy does not know)."""
+    """The model dtype asked for, or a ConfigError naming it (also for names NumPy does not know).
+
+    None is refused: np.dtype(None) is float64, which would silently double the memory of a model
+    whose caller meant "the default" (float32)."""
     try:
-        resolved = np.dtype(dtype)
-    except TypeError:
+        resolved = None if dtype is None else np.dtype(dtype)
+    except (TypeError, ValueError):
         resolved = None
     if resolved is None or resolved.name not in SUPPORTED_DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {SUPPORTED_DTYPES}")
@@ -233,7 +235,7 @@ class Transformer:
 
     # ------------------------------------------------------------ forward
     def forward(self, token_ids, cache: Optional[KVCache] = None, positions=None, *, n_new=None,
-                window: Optional[int] = None, last_only: bool = False) -> np.ndarray:
+                window: Optional[int] = None, last_only: bool = False, logit_rows=None) -> np.ndarray:
         """Logits for ``token_ids`` (batch, seq): (batch, seq, vocab), NumPy on the host.
 
         cache:     a KVCache: this call's K/V are written into it and attention reads every K/V it
@@ -245,17 +247,21 @@ class Transformer:
         window:    None: attention is as the model defines it (its config's sliding window, if any);
                    an int W: additionally restrict every query to the last W positions.
         last_only: return only each row's last real position: (batch, vocab).
+        logit_rows: with last_only, only these rows' logits: (len(logit_rows), vocab). A serving step
+                   whose rows are mostly prefill tokens needs few: the lm_head is the largest matmul.
 
         Every argument is checked here, once, before anything is written; after any exception
         (KeyboardInterrupt included) the cache is exactly as it was.
         """
         ids, n_new, positions = self._check_forward(token_ids, cache, positions, n_new)
         windows = self._layer_windows(window, cache)
+        if logit_rows is not None:
+            logit_rows = self._check_logit_rows(logit_rows, last_only, ids.shape[0])
         if cache is None:
-            return self._forward(ids, positions, n_new, None, windows, last_only)
+            return self._forward(ids, positions, n_new, None, windows, last_only, logit_rows)
         cache.reserve(n_new)                      # claim room before any layer writes (or CacheOverflowError)
         try:
-            logits = self._forward(ids, positions, n_new, cache, windows, last_only)
+            logits = self._forward(ids, positions, n_new, cache, windows, last_only, logit_rows)
         except BaseException:
             cache.rollback()                      # a failed call leaves the cache as it was
             raise
@@ -264,11 +270,11 @@ class Transformer:
 
     __call__ = forward
 
-    def _forward(self, ids, positions, n_new, cache, windows, last_only):
+    def _forward(self, ids, positions, n_new, cache, windows, last_only, logit_rows=None):
         """The forward pass itself, on checked inputs (the hot path: no checks in here)."""
         cfg, backend = self.config, self.backend
         batch, seq = ids.shape
-        if seq == 1 and cache is not None and self._decode_step is not None:
+        if seq == 1 and cache is not None and self._decode_step is not None and logit_rows is None:
             # The backend's compiled decode step, where it supports this cache and batch (else None).
             logits = self._decode_step(ids, positions, n_new, cache, windows, last_only)
             if logits is not None:
@@ -311,6 +317,8 @@ class Transformer:
         if last_only:
             # (batch*seq, d) -> (batch, seq, d) -> each row's last real token: (batch, d)
             x = x.reshape(batch, seq, -1)[backend.xp.arange(batch), backend.to_device(n_new - 1)]
+            if logit_rows is not None:
+                x = x[backend.to_device(logit_rows)]                     # (rows, d)
         x = self._norm(x, self.final_norm, self.final_norm_bias)
         head = self.lm_head
         logits = (backend.quantized_linear(x, head) if isinstance(head, quant.QuantizedWeight)
@@ -399,6 +407,10 @@ class Transformer:
         batch, seq = ids.shape
         n_new = np.full(batch, seq, dtype=np.int64) if n_new is None else self._check_n_new(n_new, batch, seq)
         if cache is not None:
+            # The cache protocol (minikv/cache.py), not a class: the serving engine's paged store implements it too.
+            if not isinstance(cache, KVCache) and not all(hasattr(cache, name) for name in CACHE_PROTOCOL):
+                raise InvalidInputError(f"cache={cache!r:.60} is not a KVCache; pass one made by model.new_cache(...) "
+                                        "or minikv.load_cache(...), or None to recompute")
             cache.check_compatible(cfg, batch)
         q_offset = np.zeros(batch, dtype=np.int64) if cache is None else cache.lengths
         if positions is None:
@@ -474,6 +486,15 @@ class Transformer:
         return ids.astype(np.int64, copy=False)
 
     @staticmethod
+    def _check_logit_rows(logit_rows, last_only: bool, batch: int) -> np.ndarray:
+        rows = np.asarray(logit_rows)
+        if not last_only or rows.ndim != 1 or rows.dtype.kind not in "iu" or (rows.size and (
+                rows.min() < 0 or rows.max() >= batch)):
+            raise InvalidInputError(f"logit_rows={logit_rows!r:.60} must be a 1-D array of row indices in 0..{batch - 1}, "
+                                    "with last_only=True")
+        return rows.astype(np.int64)
+
+    @staticmethod
     def _check_n_new(n_new, batch: int, seq: int) -> np.ndarray:
         values = np.asarray(n_new)
         if values.dtype.kind not in "iu" or values.reshape(-1).shape != (batch,):
@@ -502,9 +523,11 @@ class Transformer:
         if kind == "sliding" and cfg.sliding_window is not None:
             # The ring never exceeds the model's own window: slots beyond it could never be attended to.
             window = options.get("window")
-            options["window"] = cfg.sliding_window if window is None else min(window, cfg.sliding_window)
+            if window is None or validate.is_integer(window):     # (any other value: the cache names it)
+                options["window"] = cfg.sliding_window if window is None else min(window, cfg.sliding_window)
         return make_cache(kind, n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                          batch_size=batch_size, max_seq_len=max_seq_len, dtype=dtype or self.dtype.name,
+                          batch_size=batch_size, max_seq_len=max_seq_len,
+                          dtype=self.dtype.name if dtype is None else dtype,
                           backend=self.backend, **options)
 
     def generate(self, prompt, max_new_tokens: Optional[int] = None, **kwargs):
@@ -547,11 +570,22 @@ class Transformer:
         """Write a Hugging Face checkpoint folder: config.json + model.safetensors, and the tokenizer
         files (tokenizer.json, tokenizer_config.json, chat template) and generation_config.json when
         the model has them, so that ``minikv.load(path)`` chats and stops as this model does."""
+        from .generation_config import GENERATION_CONFIG_FILE
+        from .validate import writable_file
+
+        # Every file this writes is checked before the first is written (a FIFO there would block).
+        path = validate.path_argument(path, "path")
+        extra = list(getattr(self.tokenizer, "files", {})) + ([GENERATION_CONFIG_FILE] if self.generation_config else [])
+        for name in extra:
+            writable_file(Path(path) / name, "checkpoint file", CheckpointError)
         folder = save_checkpoint(path, self.config, self.weights, dtype=dtype)
-        if hasattr(self.tokenizer, "save"):
-            self.tokenizer.save(folder)
-        if self.generation_config is not None:
-            self.generation_config.save(folder)
+        try:
+            if hasattr(self.tokenizer, "save"):
+                self.tokenizer.save(folder)
+            if self.generation_config is not None:
+                self.generation_config.save(folder)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write the tokenizer or generation config to {folder}: {exc}") from None
         return folder
 
     def __repr__(self) -> str:
@@ -580,6 +614,8 @@ def load(path=None, *, dtype: str = "float32", backend: Optional[str] = None,
     from .tokenizer import tokenizer_for
 
     dtype = model_dtype(dtype)          # before reading any weights
+    if path is not None:
+        validate.path_argument(path, "path")        # a str or PathLike, not bytes or a number
     folder = BUNDLED_MODEL if path is None else resolve_checkpoint(path)
     if is_seq2seq_folder(folder):
         from .seq2seq import load_seq2seq

@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from minikv.errors import InvalidInputError, SamplingError
+from minikv.validate import rng as check_rng
 
 __all__ = ["SamplingParams", "sample", "kept_mass", "distribution", "draw", "softmax", "apply_repetition_penalty", "apply_temperature",
            "top_k_filter", "top_p_filter", "min_p_filter"]
@@ -343,9 +344,7 @@ def sample(logits, params: SamplingParams, rng, previous_tokens=None) -> np.ndar
     logits = _checked_pipeline_input(logits, params, previous_tokens)
     if params.is_greedy:
         return logits.argmax(axis=-1).astype(np.int64)  # argmax returns the first (lowest id) max
-    if not isinstance(rng, np.random.Generator):
-        raise InvalidInputError(f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(0)); "
-                                f"got {type(rng).__name__}")
+    check_rng(rng)
     return draw(_softmax(_filter(logits, params).astype(np.float64)), rng)
 
 

@@ -51,7 +51,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import layers
+from . import layers, validate
 from .attention import masked_softmax_times_v, visible_mask
 from .backend import Backend, gather_pages, get_backend
 from .cache import KVCache, KVView, make_cache
@@ -696,8 +696,10 @@ class EncoderDecoder:
                                        f"the model has {limit}; pass max_new_tokens<={limit}")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty)
-        rng = rng if rng is not None else np.random.default_rng(seed)
-        stops = np.asarray(list(c.eos_token_ids if stop_tokens is None else stop_tokens), dtype=np.int64)
+        # The same checks as minikv.generate (minikv/validate.py), before any cache is made or written.
+        rng = validate.rng(rng) if rng is not None else np.random.default_rng(validate.seed(seed))
+        stops = np.asarray(list(c.eos_token_ids) if stop_tokens is None else
+                           validate.token_ids(stop_tokens, "stop_tokens", c.vocab_size), dtype=np.int64)
         if isinstance(cache, EncoderDecoderCache):
             if cache.batch_size != batch or cache.lengths.any() or cache.cross_attention.filled:
                 raise InvalidInputError(f"a cache passed to generate must be fresh and hold batch_size={batch}; "

@@ -27,14 +27,14 @@ model says where it is applied.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, MinikvError
+from .validate import MAX_SIZE, read_json
 
 SEQ2SEQ_MODEL_TYPES = ("t5", "bart")
 # The activation names checkpoints use, and what minikv computes for them: "gelu" is the exact erf
@@ -283,9 +283,10 @@ def _ignorable(name: str, config: Seq2SeqConfig) -> bool:
 def is_seq2seq_folder(folder: Path) -> bool:
     """Whether folder/config.json names an encoder-decoder model_type minikv reads."""
     try:
-        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") in SEQ2SEQ_MODEL_TYPES
-    except (OSError, ValueError, AttributeError):
-        return False
+        # Read like every config (regular file, size cap): a FIFO here must not hang the check.
+        return read_json(Path(folder) / "config.json", "config file", ConfigError).get("model_type") in SEQ2SEQ_MODEL_TYPES
+    except (MinikvError, AttributeError):
+        return False       # not an encoder-decoder folder, or unreadable: the decoder-only loader names why
 
 
 def load_seq2seq_checkpoint(path, dtype="float32") -> tuple[Seq2SeqConfig, dict[str, np.ndarray]]:
@@ -295,25 +296,32 @@ def load_seq2seq_checkpoint(path, dtype="float32") -> tuple[Seq2SeqConfig, dict[
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint path {folder} is not a folder (it needs config.json and model.safetensors)")
-    try:
-        hf = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder / CONFIG_FILE} is missing or not JSON: {exc}") from None
+    hf = read_json(folder / CONFIG_FILE, "config file", ConfigError)
     generation = None
-    if (folder / "generation_config.json").exists():
-        try:
-            generation = json.loads((folder / "generation_config.json").read_text())
-        except ValueError as exc:
-            raise CheckpointError(f"{folder / 'generation_config.json'} is not JSON: {exc}") from None
+    generation_path = folder / "generation_config.json"
+    if generation_path.exists() or generation_path.is_symlink():
+        generation = read_json(generation_path, "generation config", ConfigError)
     if not isinstance(hf, dict):
         raise ConfigError(f"{folder / CONFIG_FILE} must hold a JSON object")
-    config = Seq2SeqConfig.from_hf(hf, generation if isinstance(generation, dict) else None)
+    try:
+        config = Seq2SeqConfig.from_hf(hf, generation if isinstance(generation, dict) else None)
+    except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+        if isinstance(exc, MinikvError):
+            raise
+        raise ConfigError(f"{folder / CONFIG_FILE} holds a value of the wrong type or form "
+                          f"({type(exc).__name__}: {exc})") from None
     raw: dict[str, np.ndarray] = {}
     for file in _weight_files(folder):
         for name, tensor in read_safetensors(file, dtype=np.dtype(dtype)).items():
             if name in raw:
                 raise CheckpointError(f"tensor {name!r} appears twice in {folder}")
             raw[name] = tensor
+    # Layer counts against the tensors present, before any per-layer table is built (every layer has
+    # at least its attention projections and a norm).
+    layers = config.encoder_layers + config.decoder_layers
+    if 4 * layers > len(raw):
+        raise CheckpointError(f"config says {config.encoder_layers} + {config.decoder_layers} layers but {folder} "
+                              f"holds only {len(raw)} tensors; is config.json from another model?")
     return config, seq2seq_weights_from_hf(raw, config, dtype, source=str(folder))
 
 
@@ -356,8 +364,8 @@ def seq2seq_weights_from_hf(raw: dict[str, np.ndarray], config: Seq2SeqConfig, d
 
 def _positive_int(hf: dict[str, Any], key: str, default: Any = None) -> int:
     value = hf.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"config field {key}={value!r} must be a positive integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+        raise ConfigError(f"config field {key}={value!r} must be a positive integer <= {MAX_SIZE} (2**31 - 1)")
     return value
 
 

@@ -15,7 +15,8 @@ import numbers
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import BackendUnavailableError, CheckpointError, InvalidInputError
+from .errors import BackendUnavailableError, CheckpointError, InvalidInputError, TokenizerError
+from .validate import JSON_MAX_BYTES, TOKENIZER_MAX_BYTES, read_bytes, token_ids
 
 
 class ByteTokenizer:
@@ -87,13 +88,24 @@ class HFTokenizer:
                 "reading tokenizer.json needs the tokenizers package: pip install 'minikv[tokenizers]'"
             ) from None
         folder = Path(folder)
-        # The files as read, so that save() writes back exactly what transformers would load.
-        self.files: dict[str, str] = {name: (folder / name).read_text(encoding="utf-8")
-                                      for name in TOKENIZER_FILES if (folder / name).is_file()}
+        # The files as read, so that save() writes back exactly what transformers would load. Each is
+        # read only if it is a regular file of sane size (a FIFO would block, /dev/zero never ends).
+        self.files: dict[str, str] = {}
+        for name in TOKENIZER_FILES:
+            path = folder / name
+            if not (path.exists() or path.is_symlink()):
+                continue
+            cap = TOKENIZER_MAX_BYTES if name == TOKENIZER_FILE else JSON_MAX_BYTES
+            data = read_bytes(path, "tokenizer file", TokenizerError, cap)
+            try:
+                self.files[name] = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TokenizerError(f"tokenizer file {path} is not UTF-8 text ({exc})") from None
         try:
             self._tok = Tokenizer.from_str(self.files[TOKENIZER_FILE])
         except Exception as exc:       # the Rust library raises a bare Exception on a bad file
-            raise CheckpointError(f"{folder / TOKENIZER_FILE} is not a tokenizers file: {exc}") from None
+            raise TokenizerError(f"{folder / TOKENIZER_FILE} is not a valid tokenizer.json ({exc}); re-save it "
+                                 "with tokenizer.save_pretrained") from None
         self.vocab_size = self._tok.get_vocab_size()
         config = _json_object(folder, TOKENIZER_CONFIG_FILE, self.files)
         legacy_map = _json_object(folder, SPECIAL_TOKENS_MAP_FILE, self.files)
@@ -113,7 +125,13 @@ class HFTokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        # Type-checked, not range-checked: a model's vocabulary may be padded past the tokenizer's,
+        # and the library skips ids it does not know.
+        return self._decode(token_ids(ids, "ids", None), skip_special_tokens)
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """decode on ids already checked (a stream re-decodes its whole output every token)."""
+        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up_spaces else text
 
     def token_id(self, token: str) -> Optional[int]:
@@ -134,8 +152,8 @@ def _json_object(folder: Path, name: str, files: dict[str, str]) -> dict:
         return {}
     try:
         value = json.loads(files[name])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{folder / name} is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:     # RecursionError: absurdly deep nesting
+        raise TokenizerError(f"{folder / name} is not valid JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{folder / name} must hold a JSON object, not {type(value).__name__}")
     return value
@@ -175,22 +193,24 @@ class _ReDecoder:
         self._tokenizer, self._ids, self._emitted = tokenizer, [], ""
 
     def feed(self, token: int) -> str:
-        self._ids.append(int(token))
-        text = self._tokenizer.decode(self._ids)
+        self._ids += token_ids([token], "the streamed token", None)
+        text = self._tokenizer._decode(self._ids)
         if text.endswith("\ufffd"):      # an incomplete multi-byte character: wait for more
             return ""
         new, self._emitted = text[len(self._emitted):], text
         return new
 
     def flush(self) -> str:
-        text = self._tokenizer.decode(self._ids)
+        text = self._tokenizer._decode(self._ids)
         new, self._emitted = text[len(self._emitted):], text
         return new
 
 
 def tokenizer_for(folder: Optional[Path], vocab_size: int):
     """The tokenizer of a checkpoint folder: its tokenizer.json, else bytes for a 256-token vocabulary."""
-    if folder is not None and (Path(folder) / TOKENIZER_FILE).exists():
+    tokenizer_json = None if folder is None else Path(folder) / TOKENIZER_FILE
+    # A dangling link counts as present: it is reported (TokenizerError), never silently skipped.
+    if tokenizer_json is not None and (tokenizer_json.exists() or tokenizer_json.is_symlink()):
         return HFTokenizer(folder)
     if vocab_size == 256:
         return ByteTokenizer()

@@ -29,6 +29,7 @@ EXPECTED = [
     "06_flash_decoding_and_gpu",
     "07_real_checkpoints",
     "08_encoder_decoder",
+    "09_serving",
     "10_speculative_decoding",
     "11_quantization",
 ]

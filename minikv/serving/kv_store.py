@@ -1,0 +1,101 @@
+"""The K/V pool of the engine, seen by the model as a cache whose batch is "the tokens of this step".
+
+The engine's batch is ragged and flattened: one step runs T tokens, a few from each scheduled
+sequence (a prefill chunk of many, a decode of one). We hand the model these T tokens as T rows of
+one token each, ``ids`` of shape (T, 1). Row r is token r of the step, and this store tells the
+model where it belongs:
+
+    lengths[r]        its position (= the keys before it: the row continues a sequence of that length)
+    block_table[r]    the block table of the sequence it belongs to
+
+``Transformer.forward(ids, cache=store)`` then does what it does for any cache: ``reserve``, per
+layer ``update`` (write each row's K/V into its slot, return the pools and block tables), attention
+(one query per row: the decode kernel, reading the pool through row r's block table up to its
+position), ``advance``. A layer writes *all* rows' K/V before any row attends, so the second token
+of a prefill chunk sees the first one's K/V in the pool: the causal mask inside a chunk comes out of
+``lengths`` alone. No padding anywhere: the matmuls run on exactly T rows, whatever the mix.
+
+The model needs no change for this; the store implements the protocol of ``minikv.cache.KVCache``
+(reserve / update / advance / rollback) for a batch it is told about with ``bind`` before each step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..cache import KVView
+from ..errors import CacheMismatchError, CacheOverflowError
+
+
+class PagedKVStore:
+    """K and V pools per layer: (num_blocks, kv_heads, block_size, head_dim), shared by all sequences."""
+
+    kind = "paged"
+    window = None            # full attention (the model's own sliding window, if any, still applies)
+
+    def __init__(self, model, num_blocks: int, block_size: int, dtype=None):
+        cfg = model.config
+        self.backend, self.xp = model.backend, model.backend.xp
+        self.n_layers, self.n_kv_heads, self.head_dim = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+        self.num_blocks, self.block_size = int(num_blocks), int(block_size)
+        self.dtype = np.dtype(dtype or model.dtype)
+        shape = (self.num_blocks, self.n_kv_heads, self.block_size, self.head_dim)
+        self.k_pool = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
+        self.v_pool = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
+        self.lengths = np.zeros(0, dtype=np.int64)
+        self._table = np.zeros((0, 1), dtype=np.int32)
+        self._n_new = None
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.n_layers * self.num_blocks * self.block_size * self.n_kv_heads * self.head_dim * \
+            self.dtype.itemsize
+
+    # ---- the engine's side ----
+    def copy_blocks(self, copies) -> None:
+        """Copy-on-write: pool block dst becomes a copy of block src, in every layer."""
+        if not copies:
+            return
+        src, dst = (self.backend.to_device(np.array(c, dtype=np.int64)) for c in zip(*copies))
+        for pool in self.k_pool + self.v_pool:
+            pool[dst] = pool[src]
+
+    def bind(self, positions: np.ndarray, block_tables: np.ndarray) -> None:
+        """Set the batch of the next forward: row r is one token at position positions[r] of the
+        sequence whose block table is block_tables[r] ((T, columns), -1 past its blocks)."""
+        self.lengths = positions.astype(np.int64)
+        self._table = block_tables
+        size = self.block_size
+        # The slot of each row's token: block table[r, p // size], offset p % size.
+        self._slot_blocks = self.backend.to_device(block_tables[np.arange(len(positions)), positions // size])
+        self._slot_offsets = self.backend.to_device(positions % size)
+        used = -(-(int(positions.max()) + 1) // size) if len(positions) else 0
+        self._table_device = self.backend.to_device(np.ascontiguousarray(block_tables[:, :used]))
+
+    # ---- the cache protocol the model drives ----
+    def check_compatible(self, config, batch_size: int) -> None:
+        want = (config.n_layers, config.n_kv_heads, config.head_dim)
+        if (self.n_layers, self.n_kv_heads, self.head_dim) != want or batch_size != len(self.lengths):
+            raise CacheMismatchError(f"K/V store bound to {len(self.lengths)} rows of geometry "
+                                     f"{(self.n_layers, self.n_kv_heads, self.head_dim)}; got {batch_size} rows "
+                                     f"of {want} (bind the step's rows first)")
+
+    def reserve(self, n_new: np.ndarray) -> None:
+        # The scheduler took every block before the step (BlockManager.write_blocks): only check.
+        if (n_new != 1).any():
+            raise CacheOverflowError("the engine's K/V store takes one token per row (ids of shape (T, 1))")
+        self._n_new = n_new
+
+    def update(self, layer: int, k_new, v_new) -> KVView:
+        # pool[block[r], :, offset[r]] = new[r, :, 0] for every row r: (T, kv, 1, hd) -> (T, kv, hd)
+        self.k_pool[layer][self._slot_blocks, :, self._slot_offsets] = k_new[:, :, 0]
+        self.v_pool[layer][self._slot_blocks, :, self._slot_offsets] = v_new[:, :, 0]
+        return KVView(self.k_pool[layer], self.v_pool[layer], self.lengths, self.lengths + 1, self._table_device)
+
+    def advance(self, n_new: np.ndarray) -> None:
+        # The engine owns the sequence lengths; the rows of a step are forgotten after it.
+        self._n_new = None
+
+    def rollback(self) -> None:
+        # Writes land only at positions no sequence had committed: nothing to undo.
+        self._n_new = None
