@@ -715,8 +715,10 @@ def _checked_metadata(path, meta: dict) -> tuple[str, dict, dict]:
     kind = meta["kind"]
     sizes = {name: size(name, meta.get(name)) for name in ("n_layers", "n_kv_heads", "head_dim", "batch_size",
                                                            "max_seq_len")}
-    if meta.get("dtype") not in ("float16", "float32", "float64"):
-        raise CheckpointError(f"{path}: cache metadata dtype={meta.get('dtype')!r} must be float16, float32 or float64")
+    if meta.get("dtype") not in ("float16", "float32", "float64") and not (meta.get("dtype") == "int8"
+                                                                          and kind in ("static",)):
+        raise CheckpointError(f"{path}: cache metadata dtype={meta.get('dtype')!r} must be float16, float32 or float64"
+                              " (or int8 for a static cache)")
     try:
         extra = json.loads(meta.get("extra", "{}"))
     except (ValueError, RecursionError):
@@ -737,7 +739,9 @@ def _check_cache_tensors(path, kind: str, sizes: dict, options: dict, dtype: str
     layers, kv, hd, batch, max_seq_len = (sizes[n] for n in ("n_layers", "n_kv_heads", "head_dim", "batch_size",
                                                              "max_seq_len"))
     kv_names = [f"{x}.{i}" for i in range(layers) for x in "kv"]
-    expected = set(kv_names) | {"lengths"} | ({"block_table"} if kind == "paged" else set())
+    # int8: a float32 scale per stored row beside each K and V tensor
+    scale_names = [f"{x}_scales.{i}" for i in range(layers) for x in "kv"] if dtype == "int8" else []
+    expected = set(kv_names) | set(scale_names) | {"lengths"} | ({"block_table"} if kind == "paged" else set())
     if set(tensors) != expected:
         missing, unexpected = sorted(expected - set(tensors))[:4], sorted(set(tensors) - expected)[:4]
         raise CheckpointError(f"{path}: a {kind} cache of {layers} layers holds tensors {sorted(expected)[:6]}...; "
@@ -770,6 +774,11 @@ def _check_cache_tensors(path, kind: str, sizes: dict, options: dict, dtype: str
         need(name, kv_shape, dtype_name=dtype)
         if not np.isfinite(tensors[name]).all():
             raise CheckpointError(f"{path}: cache tensor {name!r} holds NaN or infinite values; the file is corrupt")
+    for name in scale_names:
+        need(name, kv_shape[:3], dtype_name="float32")
+        if not (np.isfinite(tensors[name]).all() and (tensors[name] >= 0).all()):
+            raise CheckpointError(f"{path}: cache tensor {name!r} holds negative, NaN or infinite scales; the file "
+                                  "is corrupt")
     need("lengths", (batch,), dtype_kind="iu")
     lengths = tensors["lengths"].astype(np.int64)
     # A sequence may not claim more positions than were written: concat holds `slots` of them, the
