@@ -742,6 +742,9 @@ def _check_cache_tensors(path, kind: str, sizes: dict, options: dict, dtype: str
     # int8: a float32 scale per stored row beside each K and V tensor
     scale_names = [f"{x}_scales.{i}" for i in range(layers) for x in "kv"] if dtype == "int8" else []
     expected = set(kv_names) | set(scale_names) | {"lengths"} | ({"block_table"} if kind == "paged" else set())
+    if scale_names and not set(scale_names) <= set(tensors):
+        raise CheckpointError(f"{path}: cache metadata dtype='int8' needs a scale tensor beside every K and V "
+                              f"tensor (k_scales.0, v_scales.0, ...); the file has {sorted(tensors)[:6]}...")
     if set(tensors) != expected:
         missing, unexpected = sorted(expected - set(tensors))[:4], sorted(set(tensors) - expected)[:4]
         raise CheckpointError(f"{path}: a {kind} cache of {layers} layers holds tensors {sorted(expected)[:6]}...; "
