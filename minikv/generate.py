@@ -159,6 +159,9 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
     stats.prefill_ms = (time.perf_counter() - t0) * 1e3
     stats.prefill_tokens = int(lengths.sum())
 
+    # A backend may run the decode step its own way (backends/cuda/step.py: lengths on the device,
+    # static buffers); None: model.forward, as everywhere else.
+    device_step = getattr(model.backend, "try_decode_step", lambda *_: None)(model, cache)
     finished = np.zeros(batch, dtype=bool)
     # What the cache must hold before each decode step: anything else means another call wrote to it
     # while this generation was paused between tokens, and the next step would overflow or attend to
@@ -179,6 +182,8 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
             # Recompute: the whole sequence again, every step (the baseline a cache removes).
             full, full_lengths = _padded(history)
             logits = model.forward(full, n_new=full_lengths, last_only=True)
+        elif device_step is not None:
+            logits = device_step(tokens)
         else:
             if not np.array_equal(cache.lengths, expected):
                 raise CacheMismatchError(

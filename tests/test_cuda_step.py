@@ -272,3 +272,26 @@ def test_unsupported_models_and_caches_are_refused_with_the_reason():
     from minikv.backends.cuda.step import DecodeStep
     with pytest.raises(StepUnsupportedError, match="numpy"):
         DecodeStep(numpy_model, numpy_model.new_cache("static", batch_size=1, max_seq_len=8))
+
+
+def test_generate_decodes_through_the_step_and_equals_the_plain_path():
+    # Two generations of 1 and 3 tokens: their difference is 2 decode steps (same prefill).
+    m = model("llama_gqa", NAME)
+    backend, n_layers = m.backend, m.config.n_layers
+    runs = {}
+    for use in (True, False):
+        backend.use_device_step = use
+        try:
+            counts = []
+            for n in (1, 3):
+                before = dict(backend.counters)
+                tokens = m.generate(PROMPTS, max_new_tokens=n, cache="static", temperature=0.0).tokens
+                counts.append(delta(before, backend.counters))
+            runs[use] = (tokens, delta(counts[0], counts[1]))
+        finally:
+            backend.use_device_step = True
+    assert runs[True][0] == runs[False][0]
+    # The step: the lengths once, then per step the ids in and the logits out.
+    assert runs[True][1] == {"to_device": 1 + 2, "to_host": 2, "launches": 2 * (6 * n_layers + 2)}
+    # The plain path uploads ids, positions and each layer's lengths every step.
+    assert runs[False][1]["to_device"] >= 2 * (2 + n_layers)

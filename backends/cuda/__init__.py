@@ -131,6 +131,11 @@ class _CudaKernelBackend(SplitKDecode, Backend):
 
     # backends/cuda/step.py: a decode step that keeps lengths, positions and buffers on the device.
     device_step = True
+    # generate() decodes through that step wherever it serves the model and cache (static caches of
+    # llama-family models); False: every step through model.forward (what benchmarks compare).
+    use_device_step = True
+    # Capture the step as a CUDA graph (backend "cuda" only). Off until measured on a GPU.
+    use_graphs = False
 
     def __init__(self, kernels_module, n_splits=None):
         self._kernels = kernels_module
@@ -177,6 +182,26 @@ class _CudaKernelBackend(SplitKDecode, Backend):
         from .step import DecodeStep
 
         return DecodeStep(model, cache, **options)
+
+    def try_decode_step(self, model, cache):
+        """The device step for (model, cache), made once per cache, or None where it does not serve
+        them (or ``use_device_step`` is off): the hook ``minikv.generate`` calls before decoding."""
+        from .step import DecodeStep, StepUnsupportedError
+
+        if not self.use_device_step or cache is None:
+            return None
+        # Kept on the cache itself, so it lives exactly as long as the cache does.
+        step = getattr(cache, "_device_step", None)
+        if step is not None and step.model is model and step.backend is self:
+            return step
+        try:
+            step = DecodeStep(model, cache)
+        except StepUnsupportedError:
+            return None
+        if self.use_graphs:
+            step.capture()
+        cache._device_step = step
+        return step
 
     def _bind(self, array):
         """An array as a kernel takes it on every launch of a plan, converted once."""
