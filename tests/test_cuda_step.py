@@ -175,7 +175,7 @@ def test_greedy_step_sends_only_the_ids_out():
     cache, token = prefill(m, PROMPTS)
     step = m.backend.decode_step(m, cache, greedy=True)
     assert step.launch_counts()["argmax"] == 1
-    step._sync_lengths()
+    step.sync_lengths()
     before = dict(m.backend.counters)
     tokens = step.greedy_tokens(token, 2)                # (2, batch)
     counts = delta(before, m.backend.counters)

@@ -197,7 +197,7 @@ class DecodeStep:
         cuBLAS sets up, without moving the lengths. It writes the cache slot at each sequence's
         length, which holds no key yet (the next real step overwrites it), and, greedy, the ids
         buffer: set the ids (``step(ids)``) after it."""
-        self._sync_lengths()
+        self.sync_lengths()
         for _, function, args, kwargs in self.plan[:-1]:
             function(*args, **kwargs)
 
@@ -208,7 +208,7 @@ class DecodeStep:
         self.graph, self.graph_error = self.backend._capture_graph(self.run)
         return self.graph is not None
 
-    def _sync_lengths(self) -> None:
+    def sync_lengths(self) -> None:
         """Upload cache.lengths + 1 to the device mirror, only when the host lengths are not those
         this step left behind (a forward, truncate or reset ran in between): a host-side compare."""
         lengths = self.cache.lengths
@@ -250,7 +250,7 @@ class DecodeStep:
         if ((ids < 0) | (ids >= self.model.config.vocab_size)).any():
             raise InvalidInputError(f"token ids {ids.reshape(-1).tolist()} must lie in 0..{self.model.config.vocab_size - 1}")
         self._check(1)
-        self._sync_lengths()
+        self.sync_lengths()
         self.backend.copy_to_device(self.ids, ids.reshape(batch).astype(np.int64))
         self._one()
         return self.backend.to_host(self.logits)
@@ -263,7 +263,7 @@ class DecodeStep:
             raise InvalidInputError("greedy_tokens needs DecodeStep(..., greedy=True)")
         ids = np.asarray(first_ids, dtype=np.int64).reshape(-1)
         self._check(n_steps)
-        self._sync_lengths()
+        self.sync_lengths()
         self.backend.copy_to_device(self.ids, ids)
         out = np.empty((n_steps, ids.size), dtype=np.int64)
         for i in range(n_steps):
