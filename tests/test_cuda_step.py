@@ -215,9 +215,7 @@ def test_step_allocates_nothing_after_construction_and_warm_up_changes_nothing()
     cache, token = prefill(m, PROMPTS)
     step = m.backend.decode_step(m, cache)
     allocated = step.allocations
-    assert step.capture() is (NAME == "cuda")     # on the simulator: warm-up, then no graph, and why
-    if NAME != "cuda":
-        assert "cuda" in step.graph_error
+    step.warm_up()
     assert new_arrays_per_step(step) == []
     got = [token]
     for _ in range(2):
@@ -295,3 +293,22 @@ def test_generate_decodes_through_the_step_and_equals_the_plain_path():
     assert runs[True][1] == {"to_device": 1 + 2, "to_host": 2, "launches": 2 * (6 * n_layers + 2)}
     # The plain path uploads ids, positions and each layer's lengths every step.
     assert runs[False][1]["to_device"] >= 2 * (2 + n_layers)
+
+
+def test_graph_capture_replays_the_step_or_says_why_not():
+    """On "cuda": capture() records the plan as a CUDA graph and its replays give numpy's tokens
+    (UNMEASURED until run on a GPU). On the simulator: no graph, the reason, and the plain plan."""
+    expected = model("llama_gqa", "numpy").generate(PROMPTS, max_new_tokens=3, cache="static",
+                                                    temperature=0.0).tokens
+    m = model("llama_gqa", NAME)
+    cache, token = prefill(m, PROMPTS)
+    step = m.backend.decode_step(m, cache)
+    captured = step.capture()
+    if NAME == "cuda":
+        assert captured, step.graph_error
+    else:
+        assert not captured and "backend 'cuda'" in step.graph_error
+    got = [token]
+    for _ in range(2):
+        got.append(step(got[-1]).argmax(-1))
+    assert np.array(got).T.tolist() == expected
