@@ -168,6 +168,30 @@ def test_step_gives_the_numpy_tokens_with_two_transfers_per_step():
     np.testing.assert_array_equal(cache.lengths, [5 + 3, 3 + 3])
 
 
+def test_paged_step_uploads_the_block_table_only_when_a_block_is_claimed():
+    # Blocks of 2 positions; prompts of 5 and 3 tokens hold 3 and 2 blocks. Step 1 writes positions
+    # 5 and 3 (blocks held), step 2 positions 6 and 4 (a new block each), step 3 positions 7 and 5.
+    expected = model("llama_gqa", "numpy").generate(PROMPTS, max_new_tokens=4, cache="paged", block_size=2,
+                                                    temperature=0.0).tokens
+    m = model("llama_gqa", NAME)
+    from minikv.generate import _padded
+
+    ids, lengths = _padded(PROMPTS)
+    cache = m.new_cache("paged", batch_size=2, max_seq_len=16, block_size=2, num_blocks=12)
+    token = m.forward(ids, cache, n_new=lengths, last_only=True).argmax(-1)
+    step = m.backend.decode_step(m, cache)
+    got, uploads = [token], []
+    for _ in range(3):
+        before = dict(m.backend.counters)
+        got.append(step(got[-1]).argmax(-1))
+        counts = delta(before, m.backend.counters)
+        assert counts["to_host"] == 1
+        uploads.append(counts["to_device"])
+    assert np.array(got).T.tolist() == expected
+    # step 1: lengths + table (first sync) + ids; step 2: the new blocks' table + ids; step 3: ids.
+    assert uploads == [3, 2, 1]
+
+
 def test_greedy_step_sends_only_the_ids_out():
     expected = model("llama_gqa", "numpy").generate(PROMPTS, max_new_tokens=3, cache="static",
                                                     temperature=0.0).tokens
@@ -261,8 +285,8 @@ def test_unsupported_models_and_caches_are_refused_with_the_reason():
     from minikv.backends.cuda.step import StepUnsupportedError
 
     m = model("llama_gqa", NAME)
-    with pytest.raises(StepUnsupportedError, match="static"):
-        m.backend.decode_step(m, m.new_cache("paged", batch_size=1, max_seq_len=8))
+    with pytest.raises(StepUnsupportedError, match="static or paged"):
+        m.backend.decode_step(m, m.new_cache("sliding", batch_size=1, max_seq_len=8, window=4))
     with pytest.raises(StepUnsupportedError, match="llama family"):
         g = model("gpt2", NAME)
         g.backend.decode_step(g, g.new_cache("static", batch_size=1, max_seq_len=8))

@@ -131,7 +131,7 @@ class _CudaKernelBackend(SplitKDecode, Backend):
 
     # backends/cuda/step.py: a decode step that keeps lengths, positions and buffers on the device.
     device_step = True
-    # generate() decodes through that step wherever it serves the model and cache (static caches of
+    # generate() decodes through that step wherever it serves the model and cache (static and paged caches of
     # llama-family models); False: every step through model.forward (what benchmarks compare).
     use_device_step = True
     # Capture the step as a CUDA graph (backend "cuda" only). Off until measured on a GPU.

@@ -34,10 +34,13 @@ Per step, for a llama-family model of L layers (no projection biases): 10 L + 4 
 
 (+1 per bias add, +1 for the greedy argmax). The plain path's forward launches ~50 for the same.
 
-Scope: llama-family models (RoPE, RMSNorm, SwiGLU; Llama, Mistral, Qwen2) on a **static** cache,
-batch of any size, float32/float64 models, float32/float16/float64 caches, sliding-window models
-(the window is a kernel argument). Anything else (GPT-2, paged, concat and sliding caches) raises
-``StepUnsupportedError`` naming why, and the caller keeps using ``model.forward``.
+Scope: llama-family models (RoPE, RMSNorm, SwiGLU; Llama, Mistral, Qwen2) on a **static** or
+**paged** cache, batch of any size, float32/float64 models, float32/float16/float64 caches,
+sliding-window models (the window is a kernel argument). A paged cache's block table has a device
+copy too, uploaded into the same buffer only on the steps where the host's table changed (a
+sequence crossed into a new block: once every ``block_size`` steps). Anything else (GPT-2, concat
+and sliding caches) raises ``StepUnsupportedError`` naming why, and the caller keeps using
+``model.forward``.
 
 CUDA graphs (``capture``) need backend "cuda" and CuPy's stream capture; without them, or if the
 capture fails (e.g. a CuPy version that refuses cuBLAS calls while capturing), the step runs its
@@ -61,7 +64,7 @@ class StepUnsupportedError(MinikvError):
 
 
 class DecodeStep:
-    """One decode step of ``model`` over ``cache`` (a static cache on the model's cuda / cuda-sim
+    """One decode step of ``model`` over ``cache`` (a static or paged cache on the model's cuda / cuda-sim
     backend), with every buffer allocated here. ``step(ids)`` -> logits (batch, vocab) on the host.
 
     The step and ``model.forward`` can take turns on the same cache (prefill with forward, decode
@@ -76,9 +79,10 @@ class DecodeStep:
         if not cfg.uses_rope or model.is_gpt2:
             raise StepUnsupportedError(f"model type {cfg.model_type!r}: the device step serves the llama family "
                                        "(RoPE, RMSNorm, SwiGLU)")
-        if getattr(cache, "kind", None) != "static":
+        if getattr(cache, "kind", None) not in ("static", "paged"):
             raise StepUnsupportedError(f"cache kind {getattr(cache, 'kind', None)!r}: the device step writes a "
-                                       "static cache (model.new_cache('static', ...))")
+                                       "static or paged cache (model.new_cache('static', ...))")
+        self.paged = cache.kind == "paged"
         cache.check_compatible(cfg, cache.batch_size)
         self.model, self.cache, self.backend = model, cache, backend
         self.xp = backend.xp
@@ -101,8 +105,16 @@ class DecodeStep:
         empty = self._empty
         self.ids = empty((batch,), np.int64)                         # token ids in (greedy: also out)
         self.ends = empty((batch,), np.int64)                        # device mirror: cache.lengths + 1
-        self.table = backend.to_device(np.arange(batch, dtype=np.int32)[:, None])   # one block per sequence
-        self.allocations += 1
+        if self.paged:
+            # The cache's block table, mirrored; block_size rows per block.
+            self.table = empty(cache.block_table.shape, np.int32)
+            block_size, k_pools, v_pools = cache.block_size, cache.k_pool, cache.v_pool
+        else:
+            # A contiguous cache is one block of `capacity` rows per sequence: table [[0], [1], ...].
+            self.table = backend.to_device(np.arange(batch, dtype=np.int32)[:, None])
+            self.allocations += 1
+            block_size, k_pools, v_pools = capacity, cache.k, cache.v
+        self._synced_table: Optional[np.ndarray] = None             # host table the device copy matches
         x = empty((batch, d), dtype)                                 # the residual stream
         h = empty((batch, d), dtype)                                 # normed x
         delta = empty((batch, d), dtype)                             # a block's output, added to x
@@ -150,9 +162,9 @@ class DecodeStep:
                 op("qkv_bias", xp.add, qkv, layer.qkv_bias, out=qkv)
             # RoPE on q and k at position ends[b] - 1, k and v into the cache there: one launch
             launch("rope_write_kv", kernels.rope_write_kv, rope_grid, threads, B["qkv"], cos, sin, ends_b,
-                   table_b, capacity, n_q, n_kv, interleaved, B["q"], bind(cache.k[index]), bind(cache.v[index]))
+                   table_b, block_size, n_q, n_kv, interleaved, B["q"], bind(k_pools[index]), bind(v_pools[index]))
             launch("split_k_decode", kernels.split_k_decode, (self.n_splits, batch * n_q), config.decode_threads,
-                   B["q"], bind(cache.k[index]), bind(cache.v[index]), table_b, capacity, ends_b,
+                   B["q"], bind(k_pools[index]), bind(v_pools[index]), table_b, block_size, ends_b,
                    window_value(windows[index]), scale, B["part_out"], B["part_lse"])
             launch("merge_splits", kernels.merge_splits, batch * n_q, hd, B["part_out"], B["part_lse"], B["attn"],
                    B["attn_lse"])
@@ -195,11 +207,16 @@ class DecodeStep:
     def warm_up(self) -> None:
         """Run the step's launches once except the last (advance_lengths): every kernel compiles and
         cuBLAS sets up, without moving the lengths. It writes the cache slot at each sequence's
-        length, which holds no key yet (the next real step overwrites it), and, greedy, the ids
-        buffer: set the ids (``step(ids)``) after it."""
-        self.sync_lengths()
-        for _, function, args, kwargs in self.plan[:-1]:
-            function(*args, **kwargs)
+        length, which holds no key yet (the next real step overwrites it; a paged cache's block for
+        it is claimed and given back), and, greedy, the ids buffer: set the ids after it."""
+        self._check(1)
+        self.cache.reserve(self._ones)
+        try:
+            self.sync_lengths()
+            for _, function, args, kwargs in self.plan[:-1]:
+                function(*args, **kwargs)
+        finally:
+            self.cache.rollback()
 
     def capture(self) -> bool:
         """Record the plan as a CUDA graph (backend "cuda" only). Returns whether a graph is in use;
@@ -209,12 +226,16 @@ class DecodeStep:
         return self.graph is not None
 
     def sync_lengths(self) -> None:
-        """Upload cache.lengths + 1 to the device mirror, only when the host lengths are not those
-        this step left behind (a forward, truncate or reset ran in between): a host-side compare."""
-        lengths = self.cache.lengths
-        if self._synced is None or not np.array_equal(self._synced, lengths):
-            self.backend.copy_to_device(self.ends, lengths + 1)
-            self._synced = lengths.copy()
+        """Upload cache.lengths + 1 to the device mirror (and a paged cache's block table to its
+        copy), each only when the host's differs from what this step left behind (a forward,
+        truncate, reset, or a new block claimed by reserve happened since): host-side compares."""
+        cache = self.cache
+        if self._synced is None or not np.array_equal(self._synced, cache.lengths):
+            self.backend.copy_to_device(self.ends, cache.lengths + 1)
+            self._synced = cache.lengths.copy()
+        if self.paged and (self._synced_table is None or not np.array_equal(self._synced_table, cache.block_table)):
+            self.backend.copy_to_device(self.table, cache.block_table)
+            self._synced_table = cache.block_table.copy()
 
     def _check(self, n_tokens: int) -> None:
         cache, cfg = self.cache, self.model.config
@@ -225,14 +246,18 @@ class DecodeStep:
                 f"position {highest} is beyond the model's maximum of {cfg.max_position_embeddings} positions "
                 "(max_position_embeddings)")
 
-    def _one(self) -> None:
+    def _one(self, host_ids=None) -> None:
+        """reserve, (sync), (ids in), run, advance: one step; on any exception the cache is as before."""
         cache = self.cache
-        cache.reserve(self._ones)
+        cache.reserve(self._ones)                 # a paged cache may claim a block here (host table)
         try:
+            self.sync_lengths()
+            if host_ids is not None:
+                self.backend.copy_to_device(self.ids, host_ids)
             self.run()
         except BaseException:
             cache.rollback()
-            self._synced = None               # the device mirror may have moved: upload next time
+            self._synced = self._synced_table = None     # the device copies may have moved: upload next time
             raise
         cache.advance(self._ones)             # host: lengths + 1, the same arithmetic as the device's
         self._synced = cache.lengths.copy()
@@ -241,7 +266,7 @@ class DecodeStep:
         """Feed one token per sequence; the logits (batch, vocab) of the next, on the host.
 
         Transfers: the ids in, the logits out (plus the lengths, once, if the cache changed since
-        this step last ran)."""
+        this step last ran, and a paged cache's table on a step that claims a new block)."""
         ids = np.asarray(token_ids)
         batch = self.cache.batch_size
         if ids.shape not in ((batch,), (batch, 1)) or ids.dtype.kind not in "iu":
@@ -250,9 +275,7 @@ class DecodeStep:
         if ((ids < 0) | (ids >= self.model.config.vocab_size)).any():
             raise InvalidInputError(f"token ids {ids.reshape(-1).tolist()} must lie in 0..{self.model.config.vocab_size - 1}")
         self._check(1)
-        self.sync_lengths()
-        self.backend.copy_to_device(self.ids, ids.reshape(batch).astype(np.int64))
-        self._one()
+        self._one(ids.reshape(batch).astype(np.int64))
         return self.backend.to_host(self.logits)
 
     def greedy_tokens(self, first_ids, n_steps: int) -> np.ndarray:
@@ -263,11 +286,9 @@ class DecodeStep:
             raise InvalidInputError("greedy_tokens needs DecodeStep(..., greedy=True)")
         ids = np.asarray(first_ids, dtype=np.int64).reshape(-1)
         self._check(n_steps)
-        self.sync_lengths()
-        self.backend.copy_to_device(self.ids, ids)
         out = np.empty((n_steps, ids.size), dtype=np.int64)
         for i in range(n_steps):
-            self._one()
+            self._one(ids if i == 0 else None)
             out[i] = self.backend.to_host(self.ids)
         return out
 
