@@ -33,7 +33,7 @@ pytest.importorskip("numba_cuda")
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ("flash_attention", "split_k_decode", "merge_splits", "rope", "rope_write_kv", "add_rms_norm", "swiglu",
-           "advance_lengths")
+           "advance_lengths", "gemv_partial", "gemv_reduce", "embed_rows", "argmax_rows")
 INTEGER_ONLY = {"advance_lengths"}      # no floating point at all: nothing for the .f64 control to see
 
 

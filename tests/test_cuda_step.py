@@ -319,6 +319,64 @@ def test_generate_decodes_through_the_step_and_equals_the_plain_path():
     assert runs[False][1]["to_device"] >= 2 * (2 + n_layers)
 
 
+@settings(max_examples=5, deadline=None)
+@given(rows=st.integers(1, 3), k=st.integers(1, 40), n=st.integers(1, 70), splits=st.integers(1, 3),
+       bias=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]), seed=st.integers(0, 2**31))
+def test_gemv_kernels_are_a_matmul(rows, k, n, splits, bias, dtype, seed):
+    backend = minikv.get_backend(NAME)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, k)).astype(dtype)
+    w = rng.standard_normal((k, n)).astype(dtype)
+    b = rng.standard_normal(n).astype(dtype)
+    want = x @ w + (b if bias else 0)
+    kernels = backend._kernels_for(8, dtype)
+    config = kernels.config
+    splits = min(splits, k)
+    part = backend.to_device(np.zeros((splits, rows, n), dtype=config.compute))
+    out = backend.to_device(np.zeros((rows, n), dtype=dtype))
+    backend._launch(kernels.gemv_partial, (-(-n // config.gemv_threads), splits), config.gemv_threads,
+                    backend.to_device(x), backend.to_device(w), part, -(-k // splits))
+    backend._launch(kernels.gemv_reduce, -(-rows * n // 32), 32, part, backend.to_device(b), bias, out)
+    # K-term dot products in another order than BLAS: ~k eps relative to the sum of |terms|.
+    scale = np.abs(x) @ np.abs(w) + 1
+    assert (np.abs(host(backend, out) - want) <= 8 * k * np.finfo(dtype).eps * scale).all()
+
+
+def test_embed_and_argmax_kernels():
+    backend = minikv.get_backend(NAME)
+    rng = np.random.default_rng(5)
+    kernels = backend._kernels_for(8, np.float32)
+    table = rng.standard_normal((11, 5)).astype(np.float32)
+    ids = np.array([3, 0, 10], dtype=np.int64)
+    out = backend.to_device(np.zeros((3, 5), dtype=np.float32))
+    backend._launch(kernels.embed_rows, 1, 32, backend.to_device(table), backend.to_device(ids), out)
+    np.testing.assert_array_equal(host(backend, out), table[ids])
+    logits = rng.standard_normal((3, 37)).astype(np.float32)
+    logits[1, [4, 20, 30]] = 9.0          # ties: NumPy's argmax takes the first
+    logits[2, :] = -np.inf
+    got = backend.to_device(np.zeros(3, dtype=np.int64))
+    backend._launch(kernels.argmax_rows, 3, kernels.config.norm_threads, backend.to_device(logits), got)
+    np.testing.assert_array_equal(host(backend, got), logits.argmax(axis=1))
+
+
+def test_library_free_step_holds_only_our_kernels_and_gives_the_numpy_tokens():
+    """The plan a CUDA graph would capture: every entry a Numba launch (no cuBLAS, no CuPy call)."""
+    from minikv.backends.cuda.step import DecodeStep
+
+    expected = model("qwen2_bias", "numpy").generate(PROMPTS, max_new_tokens=3, cache="static",
+                                                     temperature=0.0).tokens
+    m = model("qwen2_bias", NAME)                 # projection biases: fused into gemv_reduce
+    cache, token = prefill(m, PROMPTS)
+    step = DecodeStep(m, cache, greedy=True, library_free=True)
+    assert all(function == m.backend._launch for _, function, _, _ in step.plan)
+    before = dict(m.backend.counters)
+    tokens = step.greedy_tokens(token, 2)
+    counts = delta(before, m.backend.counters)
+    assert np.concatenate([token[None], tokens]).T.tolist() == expected
+    assert counts["launches"] == 2 * len(step.plan)
+    assert new_arrays_per_step(step) == []
+
+
 def test_graph_capture_replays_the_step_or_says_why_not():
     """On "cuda": capture() records the plan as a CUDA graph and its replays give numpy's tokens
     (UNMEASURED until run on a GPU). On the simulator: no graph, the reason, and the plain plan."""
@@ -327,6 +385,8 @@ def test_graph_capture_replays_the_step_or_says_why_not():
     m = model("llama_gqa", NAME)
     cache, token = prefill(m, PROMPTS)
     step = m.backend.decode_step(m, cache)
+    assert not step.capture() and "library_free" in step.graph_error      # cuBLAS cannot be captured
+    step = m.backend.decode_step(m, cache, library_free=True)
     captured = step.capture()
     if NAME == "cuda":
         assert captured, step.graph_error

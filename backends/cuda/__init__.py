@@ -134,8 +134,11 @@ class _CudaKernelBackend(SplitKDecode, Backend):
     # generate() decodes through that step wherever it serves the model and cache (static and paged caches of
     # llama-family models); False: every step through model.forward (what benchmarks compare).
     use_device_step = True
-    # Capture the step as a CUDA graph (backend "cuda" only). Off until measured on a GPU.
+    # Capture the step as a CUDA graph (backend "cuda" only). Off until measured on a GPU. A graph
+    # needs the library-free plan (own GEMV kernels instead of cuBLAS); library_free asks for that
+    # plan without a graph (to measure the GEMV kernels alone).
     use_graphs = False
+    library_free = False
 
     def __init__(self, kernels_module, n_splits=None):
         self._kernels = kernels_module
@@ -195,13 +198,18 @@ class _CudaKernelBackend(SplitKDecode, Backend):
         if step is not None and step.model is model and step.backend is self:
             return step
         try:
-            step = DecodeStep(model, cache)
+            # A graph may hold only our own kernels: the library-free plan (own GEMV, no cuBLAS).
+            step = DecodeStep(model, cache, library_free=self.use_graphs or self.library_free)
         except StepUnsupportedError:
             return None
         if self.use_graphs:
             step.capture()
         cache._device_step = step
         return step
+
+    def _gemv_splits(self, column_blocks: int, k: int) -> int:
+        """How many pieces gemv_partial cuts a matmul's K axis into (library-free step)."""
+        raise NotImplementedError
 
     def _bind(self, array):
         """An array as a kernel takes it on every launch of a plan, converted once."""
@@ -345,10 +353,15 @@ class CudaSimBackend(_CudaKernelBackend):
         self.block_q, self.block_k, self.decode_tile = int(block_q), int(block_k), int(decode_tile)
 
     def kernel_config(self, head_dim, compute):
-        # norm_threads=16: the fixtures' rows (d >= 32) take several passes of the block.
+        # norm_threads=16, gemv_rows=1: the fixtures' rows (d >= 32) take several passes of a norm
+        # block, and a batch of 2 several row groups of a GEMV block.
         return self._kernels.KernelConfig(head_dim=head_dim, block_q=self.block_q, block_k=self.block_k,
                                           decode_threads=head_dim, decode_tile=min(self.decode_tile, head_dim),
-                                          rope_threads=32, norm_threads=16, compute=compute)
+                                          rope_threads=32, norm_threads=16, gemv_threads=32, gemv_rows=1,
+                                          compute=compute)
+
+    def _gemv_splits(self, column_blocks, k):
+        return max(1, min(2, k))
 
     def _kernel_input(self, array):
         # The simulator copies each argument to a fake device array, which must be contiguous.
@@ -441,6 +454,10 @@ class CudaBackend(_CudaKernelBackend):
                 self._index_memo.clear()
             self._index_memo[key] = self.cupy.asarray(host_values)
         return self._index_memo[key]
+
+    def _gemv_splits(self, column_blocks, k):
+        # Two blocks per streaming multiprocessor in all, each with at least 64 rows of W (UNMEASURED).
+        return int(max(1, min(-(-2 * self._sm_count // column_blocks), k // 64)))
 
     def _default_splits(self, batch_heads, capacity, tile):
         # About sixteen blocks per streaming multiprocessor in all (more than fit at once, so the

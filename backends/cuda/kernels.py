@@ -22,6 +22,14 @@ step would otherwise launch as several kernels and reading every position from t
 ``swiglu``            silu(gate) * up of the fused (gate | up) projection
 ``advance_lengths``   ``ends[b] += 1``: the device mirror of the cache lengths moves on
 
+and four that replace the CuPy calls of a step (cuBLAS matmuls, ``take``, ``argmax``) where a step
+must contain nothing but our own kernels (CuPy refuses library calls while capturing a CUDA graph):
+
+``gemv_partial``      x (rows, K) @ W (K, N) for a few rows, the K axis split across blocks
+``gemv_reduce``       sums the K splits (+ bias) into the output
+``embed_rows``        out[r] = table[ids[r]]: the embedding gather
+``argmax_rows``       ids[r] = argmax(logits[r]) (the first maximum, as NumPy): greedy decoding
+
 Each is built by a factory for one ``KernelConfig`` (head_dim, tile sizes, compute dtype): CUDA
 needs the sizes of shared and local arrays at compile time, and a constant head_dim lets the
 compiler unroll the dot products and keep a query row and its accumulator in registers.
@@ -49,10 +57,10 @@ if not hasattr(np, "row_stack"):
     np.row_stack = np.vstack
 
 from numba import cuda  # noqa: E402
-from numba import float32, float64  # noqa: E402
+from numba import float32, float64, int64  # noqa: E402
 
 KERNEL_NAMES = ("flash_attention", "split_k_decode", "merge_splits", "rope", "rope_write_kv", "add_rms_norm", "swiglu",
-                "advance_lengths")
+                "advance_lengths", "gemv_partial", "gemv_reduce", "embed_rows", "argmax_rows")
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,11 @@ class KernelConfig:
     decode_tile:    decode: keys per tile in shared memory (<= decode_threads: one score each).
     rope_threads:   rope, rope_write_kv, swiglu, advance_lengths: threads per block (one element
                     or rotation pair each).
-    norm_threads:   add_rms_norm: threads per block, one block per row (a power of two: the sum of
-                    squares is a tree reduction in shared memory).
+    norm_threads:   add_rms_norm, argmax_rows: threads per block, one block per row (a power of
+                    two: the sum of squares / the maximum is a tree reduction in shared memory).
+    gemv_threads:   gemv_partial: threads per block = output columns per block.
+    gemv_rows:      gemv_partial: rows accumulated together in registers (each W element read
+                    once per group of gemv_rows rows: a decode batch of <= 16 reads W once).
     compute:        "float32" or "float64": the dtype of every score and accumulator.
     """
 
@@ -78,6 +89,8 @@ class KernelConfig:
     decode_tile: int = 64
     rope_threads: int = 128
     norm_threads: int = 128
+    gemv_threads: int = 128
+    gemv_rows: int = 16
     compute: str = "float32"
 
     def __post_init__(self):
@@ -148,6 +161,7 @@ def kernel_functions(config: KernelConfig) -> dict:
     DECODE_GROUPS = -(-DECODE_LOADS // UNROLL)
     HALF = HEAD_DIM // 2
     NORM_THREADS = config.norm_threads
+    GEMV_THREADS, GEMV_ROWS = config.gemv_threads, config.gemv_rows
 
     def flash_attention(q, k, v, q_offset, lengths, causal, window, scale, out, lse):
         """Flash attention forward, FA2 loop order.
@@ -526,9 +540,99 @@ def kernel_functions(config: KernelConfig) -> dict:
         if b < ends.shape[0]:
             ends[b] += 1
 
+    # ------------------------------------------------------------------ library-free step (graph capture)
+
+    def gemv_partial(x, w, part, k_chunk):
+        """part[split, r, c] = sum over k in split's chunk of x[r, k] w[k, c].
+
+        Grid (ceil(N / GEMV_THREADS), n_splits), thread t owns column c = block.x * GEMV_THREADS + t.
+        A decode step has a few rows and W is (K, N) row-major: consecutive threads read consecutive
+        columns of one W row (coalesced), and every W element is read once per GEMV_ROWS rows (the
+        accumulators are registers). Splitting K puts enough blocks in flight for a small N; the
+        partial sums are added by gemv_reduce in a fixed order (deterministic, no atomics)."""
+        c = cuda.blockIdx.x * GEMV_THREADS + cuda.threadIdx.x
+        split = cuda.blockIdx.y
+        rows = x.shape[0]
+        n = w.shape[1]
+        if c >= n:
+            return
+        k_begin = split * k_chunk
+        k_end = min(k_begin + k_chunk, w.shape[0])
+        acc = cuda.local.array(GEMV_ROWS, acc_t)
+        for r0 in range(0, rows, GEMV_ROWS):
+            n_rows = min(GEMV_ROWS, rows - r0)
+            for r in range(GEMV_ROWS):
+                acc[r] = ZERO
+            for k in range(k_begin, k_end):
+                weight = acc_t(w[k, c])
+                for r in range(GEMV_ROWS):
+                    if r < n_rows:
+                        acc[r] += acc_t(x[r0 + r, k]) * weight
+            for r in range(GEMV_ROWS):
+                if r < n_rows:
+                    part[split, r0 + r, c] = acc[r]
+
+    def gemv_reduce(part, bias, has_bias, out):
+        """out[r, c] = sum_split part[split, r, c] (+ bias[c]); one thread per output element."""
+        index = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        n = out.shape[1]
+        if index >= out.shape[0] * n:
+            return
+        r = index // n
+        c = index % n
+        total = ZERO
+        for split in range(part.shape[0]):
+            total += part[split, r, c]
+        if has_bias:
+            total += acc_t(bias[c])
+        out[r, c] = total
+
+    def embed_rows(table, ids, out):
+        """out[r, i] = table[ids[r], i]; one thread per output element."""
+        index = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        d = out.shape[1]
+        if index >= out.shape[0] * d:
+            return
+        r = index // d
+        out[r, index % d] = table[ids[r], index % d]
+
+    def argmax_rows(logits, ids):
+        """ids[r] = the first index of the maximum of logits[r] (NumPy's argmax); block r = row r.
+
+        Each thread scans a strided part of the row, then a tree reduction over (value, index) pairs
+        keeps the larger value, and on a tie the smaller index."""
+        r = cuda.blockIdx.x
+        t = cuda.threadIdx.x
+        best_value = cuda.shared.array(NORM_THREADS, acc_t)
+        best_index = cuda.shared.array(NORM_THREADS, int64)
+        value = NEG_INF
+        where = logits.shape[1]
+        for i in range(t, logits.shape[1], NORM_THREADS):
+            current = acc_t(logits[r, i])
+            if current > value or where == logits.shape[1]:
+                value = current
+                where = i
+        best_value[t] = value
+        best_index[t] = where
+        cuda.syncthreads()
+        stride = NORM_THREADS // 2
+        while stride > 0:
+            if t < stride:
+                other_value = best_value[t + stride]
+                other_index = best_index[t + stride]
+                if other_value > best_value[t] or (other_value == best_value[t] and other_index < best_index[t]):
+                    best_value[t] = other_value
+                    best_index[t] = other_index
+            cuda.syncthreads()
+            stride //= 2
+        if t == 0:
+            ids[r] = best_index[0]
+
     return {"flash_attention": flash_attention, "split_k_decode": split_k_decode,
             "merge_splits": merge_splits, "rope": rope, "rope_write_kv": rope_write_kv,
-            "add_rms_norm": add_rms_norm, "swiglu": swiglu, "advance_lengths": advance_lengths}
+            "add_rms_norm": add_rms_norm, "swiglu": swiglu, "advance_lengths": advance_lengths,
+            "gemv_partial": gemv_partial, "gemv_reduce": gemv_reduce, "embed_rows": embed_rows,
+            "argmax_rows": argmax_rows}
 
 
 @dataclass(frozen=True)
@@ -544,6 +648,10 @@ class Kernels:
     add_rms_norm: object
     swiglu: object
     advance_lengths: object
+    gemv_partial: object
+    gemv_reduce: object
+    embed_rows: object
+    argmax_rows: object
 
 
 @lru_cache(maxsize=None)
@@ -584,4 +692,8 @@ def example_signatures(config: KernelConfig, q_dtype: str = "float32", cache_dty
                          array(q_dtype, 2)),
         "swiglu": (array(q_dtype, 2), array(q_dtype, 2)),
         "advance_lengths": (array("int64", 1),),
+        "gemv_partial": (array(q_dtype, 2), array(q_dtype, 2), array(acc, 3), i64),
+        "gemv_reduce": (array(acc, 3), array(q_dtype, 1), types.boolean, array(q_dtype, 2)),
+        "embed_rows": (array(q_dtype, 2), array("int64", 1), array(q_dtype, 2)),
+        "argmax_rows": (array(q_dtype, 2), array("int64", 1)),
     }

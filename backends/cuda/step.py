@@ -34,6 +34,12 @@ Per step, for a llama-family model of L layers (no projection biases): 10 L + 4 
 
 (+1 per bias add, +1 for the greedy argmax). The plain path's forward launches ~50 for the same.
 
+``library_free=True`` replaces the CuPy calls (cuBLAS matmuls, ``take``, ``argmax``) by our own
+kernels: each matmul becomes ``gemv_partial`` + ``gemv_reduce`` (bias fused), so 15 L + 4 launches,
+every one a Numba kernel. That is the plan a graph captures: CuPy disables cuBLAS and most library
+calls while a stream captures (cupy issue 6290). Whether our GEMV (K split across blocks, a few rows
+per W read) is as fast as cuBLAS for batch <= 16 is UNMEASURED.
+
 Scope: llama-family models (RoPE, RMSNorm, SwiGLU; Llama, Mistral, Qwen2) on a **static** or
 **paged** cache, batch of any size, float32/float64 models, float32/float16/float64 caches,
 sliding-window models (the window is a kernel argument). A paged cache's block table has a device
@@ -42,7 +48,7 @@ sequence crossed into a new block: once every ``block_size`` steps). Anything el
 and sliding caches) raises ``StepUnsupportedError`` naming why, and the caller keeps using
 ``model.forward``.
 
-CUDA graphs (``capture``) need backend "cuda" and CuPy's stream capture; without them, or if the
+CUDA graphs (``capture``, library-free plans only) need backend "cuda" and CuPy's stream capture; without them, or if the
 capture fails (e.g. a CuPy version that refuses cuBLAS calls while capturing), the step runs its
 plan launch by launch and ``graph_error`` says why. The capture has not been run on a GPU yet:
 see benchmarks/results/gpu_step_plan.md for what remains to be measured.
@@ -71,7 +77,8 @@ class DecodeStep:
     with the step, rewind with ``cache.truncate``): the step notices on the host, without a
     transfer, when the cache's lengths are no longer those it left, and uploads them once."""
 
-    def __init__(self, model, cache, *, greedy: bool = False, n_splits: Optional[int] = None):
+    def __init__(self, model, cache, *, greedy: bool = False, library_free: bool = False,
+                 n_splits: Optional[int] = None):
         backend = model.backend
         if not getattr(backend, "device_step", False):
             raise StepUnsupportedError(f"backend {backend.name!r} has no device decode step (cuda, cuda-sim do)")
@@ -87,6 +94,10 @@ class DecodeStep:
         self.model, self.cache, self.backend = model, cache, backend
         self.xp = backend.xp
         self.greedy = bool(greedy)
+        # library_free: the matmuls, the embedding gather and the argmax run as our own kernels
+        # (gemv_partial + gemv_reduce, embed_rows, argmax_rows) instead of cuBLAS / CuPy, so that the
+        # plan holds nothing but Numba launches: what a CUDA graph capture through CuPy needs.
+        self.library_free = bool(library_free)
         self.allocations = 0           # device arrays this step allocated (all in __init__)
         self.graph = None
         self.graph_error: Optional[str] = "not captured (call capture())"
@@ -131,6 +142,15 @@ class DecodeStep:
                             part_lse=part_lse, hidden=hidden, act=act)
         self._synced: Optional[np.ndarray] = None                    # host lengths the device mirror matches
         self._ones = np.ones(batch, dtype=np.int64)
+        # library_free: each matmul's K axis is cut into splits; their partial sums share one scratch buffer.
+        gemv_shapes = [(layer_w.shape[0], layer_w.shape[1]) for layer_w in
+                       (model.layers[0].qkv, model.layers[0].o, model.layers[0].mlp_in, model.layers[0].mlp_down,
+                        model.lm_head)]
+        gemv_splits = {shape: backend._gemv_splits(-(-shape[1] // config.gemv_threads), shape[0])
+                       for shape in gemv_shapes}
+        if self.library_free:
+            self.buffers["gemv_scratch"] = empty((max(gemv_splits[k] * batch * k[1] for k in gemv_shapes),),
+                                                 np.dtype(config.compute))
 
         # ---- the plan: (label, function, args, kwargs), bound once
         xp, bind = self.xp, backend._bind
@@ -152,14 +172,32 @@ class DecodeStep:
             plan.append((label, function, args, kwargs))
 
         layers = model.layers
-        op("embed", xp.take, model.embed, self.ids, axis=0, out=x)              # x = embed[ids]
+        def matmul(label, rows, weight, bias, out, rows_bound, out_bound):
+            """out = rows @ weight (+ bias): cuBLAS through CuPy, or (library_free) our two kernels."""
+            if not self.library_free:
+                op(label, xp.matmul, rows, weight, out=out)
+                if bias is not None:
+                    op(label + "_bias", xp.add, out, bias, out=out)
+                return
+            k, n = weight.shape
+            splits = gemv_splits[(k, n)]
+            # (splits * batch * n,) scratch -> (splits, batch, n): a view of the one buffer
+            part = bind(self.buffers["gemv_scratch"][:splits * batch * n].reshape(splits, batch, n))
+            launch(label, kernels.gemv_partial, (-(-n // config.gemv_threads), splits), config.gemv_threads,
+                   rows_bound, bind(weight), part, -(-k // splits))
+            launch(label + "_reduce", kernels.gemv_reduce, -(-batch * n // threads), threads, part,
+                   bind(bias if bias is not None else weight[0]), bias is not None, out_bound)
+
+        if self.library_free:
+            launch("embed", kernels.embed_rows, -(-batch * d // threads), threads, bind(model.embed),
+                   bind(self.ids), B["x"])
+        else:
+            op("embed", xp.take, model.embed, self.ids, axis=0, out=x)          # x = embed[ids]
         launch("attn_norm", kernels.add_rms_norm, batch, config.norm_threads,
                B["x"], B["delta"], bind(layers[0].attn_norm), eps, inv_d, False, B["h"])
         cos, sin = bind(model.rope_cos), bind(model.rope_sin)
         for index, layer in enumerate(layers):
-            op("qkv", xp.matmul, h, layer.qkv, out=qkv)                           # (batch, (H + 2 KV) hd)
-            if layer.qkv_bias is not None:
-                op("qkv_bias", xp.add, qkv, layer.qkv_bias, out=qkv)
+            matmul("qkv", h, layer.qkv, layer.qkv_bias, qkv, B["h"], B["qkv"])    # (batch, (H + 2 KV) hd)
             # RoPE on q and k at position ends[b] - 1, k and v into the cache there: one launch
             launch("rope_write_kv", kernels.rope_write_kv, rope_grid, threads, B["qkv"], cos, sin, ends_b,
                    table_b, block_size, n_q, n_kv, interleaved, B["q"], bind(k_pools[index]), bind(v_pools[index]))
@@ -169,24 +207,23 @@ class DecodeStep:
             launch("merge_splits", kernels.merge_splits, batch * n_q, hd, B["part_out"], B["part_lse"], B["attn"],
                    B["attn_lse"])
             # (batch, H, 1, hd) -> (batch, H hd): contiguous, a view
-            op("o", xp.matmul, attn.reshape(batch, n_q * hd), layer.o, out=delta)
-            if layer.o_bias is not None:
-                op("o_bias", xp.add, delta, layer.o_bias, out=delta)
+            attn_rows = attn.reshape(batch, n_q * hd)
+            matmul("o", attn_rows, layer.o, layer.o_bias, delta, bind(attn_rows), B["delta"])
             launch("mlp_norm", kernels.add_rms_norm, batch, config.norm_threads,
                    B["x"], B["delta"], bind(layer.mlp_norm), eps, inv_d, True, B["h"])   # x += attn; h = norm(x)
-            op("mlp_in", xp.matmul, h, layer.mlp_in, out=hidden)                 # (batch, 2 I) = gate | up
-            if layer.mlp_in_bias is not None:
-                op("mlp_in_bias", xp.add, hidden, layer.mlp_in_bias, out=hidden)
+            matmul("mlp_in", h, layer.mlp_in, layer.mlp_in_bias, hidden, B["h"], B["hidden"])   # gate | up
             launch("swiglu", kernels.swiglu, swiglu_grid, threads, B["hidden"], B["act"])
-            op("down", xp.matmul, act, layer.mlp_down, out=delta)
-            if layer.mlp_down_bias is not None:
-                op("down_bias", xp.add, delta, layer.mlp_down_bias, out=delta)
+            matmul("down", act, layer.mlp_down, layer.mlp_down_bias, delta, B["act"], B["delta"])
             next_norm = layers[index + 1].attn_norm if index + 1 < len(layers) else model.final_norm
             launch("attn_norm" if index + 1 < len(layers) else "final_norm", kernels.add_rms_norm, batch,
                    config.norm_threads, B["x"], B["delta"], bind(next_norm), eps, inv_d, True, B["h"])
-        op("lm_head", xp.matmul, h, model.lm_head, out=self.logits)
-        if self.greedy:
-            op("argmax", xp.argmax, self.logits, axis=1, out=self.ids)           # the next step's input
+        logits_b = bind(self.logits)
+        matmul("lm_head", h, model.lm_head, None, self.logits, B["h"], logits_b)
+        if self.greedy:                                                          # the next step's input
+            if self.library_free:
+                launch("argmax", kernels.argmax_rows, batch, config.norm_threads, logits_b, bind(self.ids))
+            else:
+                op("argmax", xp.argmax, self.logits, axis=1, out=self.ids)
         launch("advance_lengths", kernels.advance_lengths, -(-batch // threads), threads, ends_b)
         self.plan = plan
 
@@ -221,6 +258,11 @@ class DecodeStep:
     def capture(self) -> bool:
         """Record the plan as a CUDA graph (backend "cuda" only). Returns whether a graph is in use;
         when not, ``graph_error`` says why and every step runs the plan launch by launch."""
+        if not self.library_free:
+            # CuPy disables cuBLAS and most library calls while a stream captures (cupy issue 6290).
+            self.graph, self.graph_error = None, ("the plan calls cuBLAS through CuPy, which CuPy refuses while "
+                                                  "capturing; build the step with library_free=True")
+            return False
         self.warm_up()
         self.graph, self.graph_error = self.backend._capture_graph(self.run)
         return self.graph is not None

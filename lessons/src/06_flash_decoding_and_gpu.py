@@ -340,9 +340,14 @@ assert len(step.plan) == 10 * n_layers + 4
 # table 4). The graph is what removes the launch cost: on replay the GPU runs the 10 L + 4 kernels back to
 # back, and a step costs its GPU time plus one launch and two small copies.
 #
+# One catch: CuPy refuses cuBLAS calls while it captures a graph, so the plan a graph records must
+# contain nothing but our own kernels. `DecodeStep(..., library_free=True)` swaps the matmuls for two
+# small kernels of its own (`gemv_partial` splits the long axis across blocks, `gemv_reduce` adds the
+# pieces and the bias), and the embedding lookup and greedy argmax too: 15 L + 4 launches, all Numba.
+#
 # **Not measured yet.** No GPU was available when this was written. Capture (`step.capture()`, CuPy's
 # `Stream.begin_capture` / `end_capture`) is coded for backend `"cuda"` and falls back to launching
-# kernel by kernel when the GPU, CuPy or cuBLAS refuses it (`step.graph_error` says why).
+# kernel by kernel when the GPU or CuPy refuses it (`step.graph_error` says why).
 # `benchmarks/gpu_check.sh` measures it in one run on a GPU (tokens/s with the plain path, the device step,
 # and the graph), against the targets of issue 19: `cuda` >= 5x `numpy` at batch 1 on `mid`.
 
