@@ -396,3 +396,19 @@ def test_graph_capture_replays_the_step_or_says_why_not():
     for _ in range(2):
         got.append(step(got[-1]).argmax(-1))
     assert np.array(got).T.tolist() == expected
+
+
+def test_library_free_step_through_generate_on_a_paged_float16_cache():
+    options = dict(max_new_tokens=3, cache="paged", block_size=2, cache_dtype="float16", temperature=0.0)
+    expected = model("mistral_window", "numpy").generate(PROMPTS, **options).tokens
+    m = model("mistral_window", NAME)
+    m.backend.library_free = True
+    try:
+        before = dict(m.backend.counters)
+        got = m.generate(PROMPTS, **options).tokens
+        launches = delta(before, m.backend.counters)["launches"]
+    finally:
+        m.backend.library_free = False
+    assert got == expected
+    # 2 decode steps of 15 L + 3 Numba launches each (the cuBLAS step would launch 6 L + 2), plus prefill
+    assert launches >= 2 * (15 * m.config.n_layers + 3)
