@@ -12,6 +12,10 @@ What is proven here without a GPU, by Numba's CUDA simulator running the very ke
   10 L + 4 launches (6 L + 2 of them Numba kernels), counted by the backend's own counters;
 * after construction the step allocates nothing: every launch writes into a buffer that existed
   before the first step (the precondition of a CUDA graph);
+* the library-free plan (what a CUDA graph captures: own GEMV, embedding and argmax kernels, no
+  cuBLAS) holds only Numba launches and gives numpy's tokens (static and paged, float16 cache,
+  biases, sliding window); its kernels equal NumPy's matmul / indexing / argmax;
+* a paged cache's block table is uploaded only on the steps that claim a block;
 * deliberately broken variants fail: a step whose lengths never advance on the device gives other
   tokens; a plan entry without ``out=`` is seen allocating.
 
