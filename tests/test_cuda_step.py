@@ -285,6 +285,26 @@ def test_the_checks_catch_broken_steps():
     assert np.array(got).T.tolist() != expected
 
 
+def family(fixture: str, backend: str):
+    """A checkpoint of tests/fixtures/hf_families (RoPE scalings, Qwen3, Gemma 3)."""
+    if ("families", fixture, backend) not in _MODELS:
+        _MODELS["families", fixture, backend] = minikv.load(ROOT / "tests" / "fixtures" / "hf_families" / fixture,
+                                                            backend=backend)
+    return _MODELS["families", fixture, backend]
+
+
+@pytest.mark.parametrize("fixture", ["llama_rope_yarn", "llama_rope_llama3"])
+def test_step_logits_equal_numpy_with_scaled_rope_tables(fixture):
+    # YaRN and Llama 3 scalings live in the cos/sin table the step gathers from on the device.
+    ref, m = family(fixture, "numpy"), family(fixture, NAME)
+    ref_cache, _ = prefill(ref, PROMPTS)
+    cache, _ = prefill(m, PROMPTS)
+    step = m.backend.decode_step(m, cache)
+    for ids in (np.array([7, 11]), np.array([13, 2])):
+        np.testing.assert_allclose(step(ids), ref.forward(ids[:, None], ref_cache, last_only=True), rtol=1e-4,
+                                   atol=1e-4)
+
+
 def test_unsupported_models_and_caches_are_refused_with_the_reason():
     from minikv.backends.cuda.step import StepUnsupportedError
 
@@ -294,6 +314,10 @@ def test_unsupported_models_and_caches_are_refused_with_the_reason():
     with pytest.raises(StepUnsupportedError, match="llama family"):
         g = model("gpt2", NAME)
         g.backend.decode_step(g, g.new_cache("static", batch_size=1, max_seq_len=8))
+    for fixture, reason in (("qwen3", "q/k norms"), ("gemma3_text", "Gemma 3"), ("llama_rope_dynamic", "dynamic NTK")):
+        f = family(fixture, NAME)
+        with pytest.raises(StepUnsupportedError, match=reason):
+            f.backend.decode_step(f, f.new_cache("static", batch_size=1, max_seq_len=8))
     numpy_model = model("llama_gqa", "numpy")
     from minikv.backends.cuda.step import DecodeStep
     with pytest.raises(StepUnsupportedError, match="numpy"):

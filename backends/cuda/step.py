@@ -40,12 +40,13 @@ every one a Numba kernel. That is the plan a graph captures: CuPy disables cuBLA
 calls while a stream captures (cupy issue 6290). Whether our GEMV (K split across blocks, a few rows
 per W read) is as fast as cuBLAS for batch <= 16 is UNMEASURED.
 
-Scope: llama-family models (RoPE, RMSNorm, SwiGLU; Llama, Mistral, Qwen2) on a **static** or
+Scope: llama-family models (RoPE with any precomputed scaling: linear, YaRN, Llama 3; RMSNorm,
+SwiGLU; Llama, Mistral, Qwen2) on a **static** or
 **paged** cache, batch of any size, float32/float64 models, float32/float16/float64 caches,
 sliding-window models (the window is a kernel argument). A paged cache's block table has a device
 copy too, uploaded into the same buffer only on the steps where the host's table changed (a
-sequence crossed into a new block: once every ``block_size`` steps). Anything else (GPT-2, concat
-and sliding caches) raises ``StepUnsupportedError`` naming why, and the caller keeps using
+sequence crossed into a new block: once every ``block_size`` steps). Anything else (GPT-2, Gemma 3,
+Qwen3's q/k norms, dynamic NTK RoPE, concat and sliding caches) raises ``StepUnsupportedError`` naming why, and the caller keeps using
 ``model.forward``.
 
 CUDA graphs (``capture``, library-free plans only) need backend "cuda" and CuPy's stream capture; without them, or if the
@@ -86,6 +87,17 @@ class DecodeStep:
         if not cfg.uses_rope or model.is_gpt2:
             raise StepUnsupportedError(f"model type {cfg.model_type!r}: the device step serves the llama family "
                                        "(RoPE, RMSNorm, SwiGLU)")
+        unsupported = [name for name, present in (
+            ("Gemma 3's norms, GeGLU and local RoPE", getattr(model, "is_gemma3", False)),
+            ("per-head q/k norms", any(getattr(layer, "qk_norm", None) is not None for layer in model.layers)),
+            ("scaled embeddings or queries", getattr(model, "embed_scale", None) is not None
+             or getattr(model, "q_scale", None) is not None),
+            ("logit softcapping", getattr(cfg, "final_logit_softcapping", None) is not None),
+            ("dynamic NTK RoPE", any(getattr(t, "dynamic", False) for t in getattr(model, "rope_tables", {}).values())),
+        ) if present]
+        if unsupported:
+            raise StepUnsupportedError(f"model type {cfg.model_type!r} uses {', '.join(unsupported)}, which the device "
+                                       "step does not implement")
         if getattr(cache, "kind", None) not in ("static", "paged"):
             raise StepUnsupportedError(f"cache kind {getattr(cache, 'kind', None)!r}: the device step writes a "
                                        "static or paged cache (model.new_cache('static', ...))")
@@ -195,6 +207,11 @@ class DecodeStep:
             op("embed", xp.take, model.embed, self.ids, axis=0, out=x)          # x = embed[ids]
         launch("attn_norm", kernels.add_rms_norm, batch, config.norm_threads,
                B["x"], B["delta"], bind(layers[0].attn_norm), eps, inv_d, False, B["h"])
+        # The RoPE table grows on demand (minikv.rope.RopeTable): make it cover every position this
+        # cache can hold, then bind those arrays (a later growth makes new ones with the same rows).
+        table = getattr(model, "rope_tables", {}).get("full_attention")
+        if table is not None:
+            table.lookup(np.zeros(1, dtype=np.int64), min(capacity, cfg.max_positions) - 1)
         cos, sin = bind(model.rope_cos), bind(model.rope_sin)
         for index, layer in enumerate(layers):
             matmul("qkv", h, layer.qkv, layer.qkv_bias, qkv, B["h"], B["qkv"])    # (batch, (H + 2 KV) hd)
@@ -283,10 +300,10 @@ class DecodeStep:
         cache, cfg = self.cache, self.model.config
         cache.check_room(self._ones * n_tokens)               # CacheOverflowError; host only
         highest = int(cache.lengths.max()) + n_tokens - 1
-        if highest >= cfg.max_position_embeddings:
+        if highest >= cfg.max_positions:
             raise SequenceTooLongError(
-                f"position {highest} is beyond the model's maximum of {cfg.max_position_embeddings} positions "
-                "(max_position_embeddings)")
+                f"position {highest} is beyond the model's maximum of {cfg.max_positions} positions "
+                f"({cfg.max_positions_name})")
 
     def _one(self, host_ids=None) -> None:
         """reserve, (sync), (ids in), run, advance: one step; on any exception the cache is as before."""
