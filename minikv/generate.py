@@ -182,15 +182,16 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
             # Recompute: the whole sequence again, every step (the baseline a cache removes).
             full, full_lengths = _padded(history)
             logits = model.forward(full, n_new=full_lengths, last_only=True)
-        elif device_step is not None:
-            logits = device_step(tokens)
         else:
             if not np.array_equal(cache.lengths, expected):
                 raise CacheMismatchError(
                     f"the {cache.kind} cache holds lengths {cache.lengths.tolist()} but this generation left it at "
                     f"{expected.tolist()}: another call changed it between steps; give each generation its own cache"
                 )
-            logits = model.forward(tokens[:, None], cache, last_only=True)
+            if device_step is not None:
+                logits = device_step(tokens)
+            else:
+                logits = model.forward(tokens[:, None], cache, last_only=True)
             expected = expected + 1
         stats.decode_tokens += int((~finished).sum())
     sync()
