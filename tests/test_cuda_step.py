@@ -440,3 +440,15 @@ def test_library_free_step_through_generate_on_a_paged_float16_cache():
     assert got == expected
     # 2 decode steps of 15 L + 3 Numba launches each (the cuBLAS step would launch 6 L + 2), plus prefill
     assert launches >= 2 * (15 * m.config.n_layers + 3)
+
+
+def test_generate_through_the_step_refuses_a_cache_changed_between_steps():
+    from minikv.errors import CacheMismatchError
+
+    m = model("llama_gqa", NAME)
+    cache = m.new_cache("static", batch_size=1, max_seq_len=32)
+    tokens = iter(m.stream([5, 17, 3], max_new_tokens=4, cache=cache, temperature=0.0))
+    next(tokens)                                    # prefill; the first token
+    m.forward(np.array([[4]]), cache)               # another call writes to the same cache
+    with pytest.raises(CacheMismatchError, match="another call changed it"):
+        next(tokens)
