@@ -159,6 +159,9 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
     stats.prefill_ms = (time.perf_counter() - t0) * 1e3
     stats.prefill_tokens = int(lengths.sum())
 
+    # A backend may run the decode step its own way (backends/cuda/step.py: lengths on the device,
+    # static buffers); None: model.forward, as everywhere else.
+    device_step = getattr(model.backend, "try_decode_step", lambda *_: None)(model, cache)
     finished = np.zeros(batch, dtype=bool)
     # What the cache must hold before each decode step: anything else means another call wrote to it
     # while this generation was paused between tokens, and the next step would overflow or attend to
@@ -185,7 +188,10 @@ def _steps(model, prompts, max_new_tokens, cache, params, rng, stop_tokens, pref
                     f"the {cache.kind} cache holds lengths {cache.lengths.tolist()} but this generation left it at "
                     f"{expected.tolist()}: another call changed it between steps; give each generation its own cache"
                 )
-            logits = model.forward(tokens[:, None], cache, last_only=True)
+            if device_step is not None:
+                logits = device_step(tokens)
+            else:
+                logits = model.forward(tokens[:, None], cache, last_only=True)
             expected = expected + 1
         stats.decode_tokens += int((~finished).sum())
     sync()

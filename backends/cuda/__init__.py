@@ -129,9 +129,25 @@ class _CudaKernelBackend(SplitKDecode, Backend):
     cache_dtypes = ("float32", "float64", "float16")
     q_dtypes = ("float32", "float64", "float16")
 
+    # backends/cuda/step.py: a decode step that keeps lengths, positions and buffers on the device.
+    device_step = True
+    # generate() decodes through that step wherever it serves the model and cache (static and paged caches of
+    # llama-family models); False: every step through model.forward (what benchmarks compare).
+    use_device_step = True
+    # Capture the step as a CUDA graph (backend "cuda" only). Off until measured on a GPU. A graph
+    # needs the library-free plan (own GEMV kernels instead of cuBLAS); library_free asks for that
+    # plan without a graph (to measure the GEMV kernels alone).
+    use_graphs = False
+    library_free = False
+
     def __init__(self, kernels_module, n_splits=None):
         self._kernels = kernels_module
         self.n_splits = n_splits
+        # What crosses the host/device boundary and how many kernels start, for tests and lesson 6:
+        # to_device / to_host count every transfer made through the backend (index uploads
+        # included), launches every Numba kernel launch (CuPy's own ops are not counted here; the
+        # device step counts its plan instead).
+        self.counters = {"to_device": 0, "to_host": 0, "launches": 0}
 
     # -- hooks
     def kernel_config(self, head_dim: int, compute: str):
@@ -159,7 +175,57 @@ class _CudaKernelBackend(SplitKDecode, Backend):
         return self._kernels.build_kernels(self.kernel_config(head_dim, self._compute_dtype(dtype)))
 
     def _launch(self, kernel, grid, block, *args):
+        self.counters["launches"] += 1
         kernel[(grid, block) + self._launch_options()](*args)
+
+    # -- the device decode step (step.py)
+    def decode_step(self, model, cache, **options):
+        """A ``DecodeStep`` for model and cache: one token per sequence, lengths advanced on the device,
+        static buffers (raises ``StepUnsupportedError`` for what it does not serve)."""
+        from .step import DecodeStep
+
+        return DecodeStep(model, cache, **options)
+
+    def try_decode_step(self, model, cache):
+        """The device step for (model, cache), made once per cache, or None where it does not serve
+        them (or ``use_device_step`` is off): the hook ``minikv.generate`` calls before decoding."""
+        from .step import DecodeStep, StepUnsupportedError
+
+        if not self.use_device_step or cache is None:
+            return None
+        # Kept on the cache itself, so it lives exactly as long as the cache does.
+        step = getattr(cache, "_device_step", None)
+        if step is not None and step.model is model and step.backend is self:
+            return step
+        try:
+            # A graph may hold only our own kernels: the library-free plan (own GEMV, no cuBLAS).
+            step = DecodeStep(model, cache, library_free=self.use_graphs or self.library_free)
+        except StepUnsupportedError:
+            return None
+        if self.use_graphs:
+            step.capture()
+        cache._device_step = step
+        return step
+
+    def _gemv_splits(self, column_blocks: int, k: int) -> int:
+        """How many pieces gemv_partial cuts a matmul's K axis into (library-free step)."""
+        raise NotImplementedError
+
+    def _bind(self, array):
+        """An array as a kernel takes it on every launch of a plan, converted once."""
+        return array
+
+    def copy_to_device(self, device_array, host_array) -> None:
+        """Write host values into an existing device buffer (a transfer, counted; no allocation)."""
+        self.counters["to_device"] += 1
+        device_array[...] = host_array
+
+    def _capture_graph(self, run):
+        """(graph, None) after recording ``run()`` as a CUDA graph, or (None, why not)."""
+        return None, f"backend {self.name!r} cannot capture CUDA graphs (they need backend 'cuda' on a GPU)"
+
+    def _launch_graph(self, graph) -> None:
+        raise NotImplementedError
 
     # -- prefill
     def attention(self, q, k, v, *, causal=True, q_offset=0, lengths=None, window=None, algorithm=None):
@@ -287,9 +353,15 @@ class CudaSimBackend(_CudaKernelBackend):
         self.block_q, self.block_k, self.decode_tile = int(block_q), int(block_k), int(decode_tile)
 
     def kernel_config(self, head_dim, compute):
+        # norm_threads=16, gemv_rows=1: the fixtures' rows (d >= 32) take several passes of a norm
+        # block, and a batch of 2 several row groups of a GEMV block.
         return self._kernels.KernelConfig(head_dim=head_dim, block_q=self.block_q, block_k=self.block_k,
                                           decode_threads=head_dim, decode_tile=min(self.decode_tile, head_dim),
-                                          rope_threads=32, compute=compute)
+                                          rope_threads=32, norm_threads=16, gemv_threads=32, gemv_rows=1,
+                                          compute=compute)
+
+    def _gemv_splits(self, column_blocks, k):
+        return max(1, min(2, k))
 
     def _kernel_input(self, array):
         # The simulator copies each argument to a fake device array, which must be contiguous.
@@ -310,10 +382,16 @@ class CudaSimBackend(_CudaKernelBackend):
             sys.setswitchinterval(previous)
 
     def to_device(self, array):
+        self.counters["to_device"] += 1
         return np.asarray(array)
 
     def to_host(self, array):
+        self.counters["to_host"] += 1
         return np.asarray(array)
+
+    def _index_array(self, host_values):
+        self.counters["to_device"] += 1      # on a GPU: an upload (memoised per step there)
+        return host_values
 
 
 # --------------------------------------------------------------------------- "cuda"
@@ -371,10 +449,15 @@ class CudaBackend(_CudaKernelBackend):
         # lengths and offsets are the same for every layer of a step: upload them once per step.
         key = (host_values.dtype.str, host_values.shape, host_values.tobytes())
         if key not in self._index_memo:
+            self.counters["to_device"] += 1
             if len(self._index_memo) > 64:
                 self._index_memo.clear()
             self._index_memo[key] = self.cupy.asarray(host_values)
         return self._index_memo[key]
+
+    def _gemv_splits(self, column_blocks, k):
+        # Two blocks per streaming multiprocessor in all, each with at least 64 rows of W (UNMEASURED).
+        return int(max(1, min(-(-2 * self._sm_count // column_blocks), k // 64)))
 
     def _default_splits(self, batch_heads, capacity, tile):
         # About sixteen blocks per streaming multiprocessor in all (more than fit at once, so the
@@ -383,12 +466,50 @@ class CudaBackend(_CudaKernelBackend):
         return int(max(1, min(wanted, -(-capacity // tile), 64)))
 
     def to_device(self, array):
+        self.counters["to_device"] += 1
         return self.cupy.asarray(array)
 
     def to_host(self, array):
+        self.counters["to_host"] += 1
         return self.cupy.asnumpy(array)
+
+    def copy_to_device(self, device_array, host_array):
+        self.counters["to_device"] += 1
+        device_array.set(np.ascontiguousarray(host_array, dtype=device_array.dtype))
 
     def synchronize(self):
         self.cupy.cuda.get_current_stream().synchronize()
+
+    def _bind(self, array):
+        # A Numba device array made once from the CuPy array: passing it costs ~45 us of host time
+        # per launch instead of ~160 us for the CuPy array (table 4 of
+        # benchmarks/results/gpu_nvidia-h100-80gb-hbm3.md). Same memory, no copy.
+        if hasattr(array, "__cuda_array_interface__"):
+            return self._cuda.as_cuda_array(array)
+        return array
+
+    def _capture_graph(self, run):
+        """Record ``run()`` on a non-blocking CuPy stream (CUDA stream capture) into a graph.
+
+        UNMEASURED: written for CuPy >= 13's ``Stream.begin_capture`` / ``end_capture`` and Numba
+        kernels launched on the capturing stream through ``external_stream``; it has not run on a GPU
+        yet. Any failure (cuBLAS refused during capture, an allocation in the pool while capturing,
+        an old CuPy) returns the reason and the step runs launch by launch."""
+        cupy = self.cupy
+        try:
+            stream = cupy.cuda.Stream(non_blocking=True)
+            with stream:
+                stream.begin_capture()
+                try:
+                    run()
+                finally:
+                    graph = stream.end_capture()
+            stream.synchronize()
+        except Exception as exc:   # capture is an optimisation: never fatal
+            return None, f"{type(exc).__name__}: {exc}"
+        return graph, None
+
+    def _launch_graph(self, graph):
+        graph.launch(stream=self.cupy.cuda.get_current_stream())
 
     write_kv = staticmethod(write_rows)

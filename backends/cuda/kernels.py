@@ -6,12 +6,29 @@ Python functions below run on a GPU (``cuda.jit`` compiles them to PTX) or, unde
 as Python threads on NumPy arrays, one thread per CUDA thread, so they can be read, stepped
 through and tested on any machine.
 
-Four kernels:
+Four kernels serve the protocol (``minikv.backend``):
 
 ``flash_attention``   prefill attention, flash attention's forward pass in FA2's loop order
 ``split_k_decode``    one query per sequence against its cache (flash-decoding), through a block table
 ``merge_splits``      combines the partial results of split_k_decode exactly
 ``rope``              rotary position embeddings, both pair conventions
+
+and four more serve the device-resident decode step (``backends/cuda/step.py``), fusing what a
+step would otherwise launch as several kernels and reading every position from the device:
+
+``rope_write_kv``     RoPE on q and k of one new token per sequence + the K/V cache write, at the
+                      position ``ends[b] - 1`` read from a device array (no host upload per step)
+``add_rms_norm``      the residual add ``x += delta`` and the next RMSNorm of x, in one pass
+``swiglu``            silu(gate) * up of the fused (gate | up) projection
+``advance_lengths``   ``ends[b] += 1``: the device mirror of the cache lengths moves on
+
+and four that replace the CuPy calls of a step (cuBLAS matmuls, ``take``, ``argmax``) where a step
+must contain nothing but our own kernels (CuPy refuses library calls while capturing a CUDA graph):
+
+``gemv_partial``      x (rows, K) @ W (K, N) for a few rows, the K axis split across blocks
+``gemv_reduce``       sums the K splits (+ bias) into the output
+``embed_rows``        out[r] = table[ids[r]]: the embedding gather
+``argmax_rows``       ids[r] = argmax(logits[r]) (the first maximum, as NumPy): greedy decoding
 
 Each is built by a factory for one ``KernelConfig`` (head_dim, tile sizes, compute dtype): CUDA
 needs the sizes of shared and local arrays at compile time, and a constant head_dim lets the
@@ -40,9 +57,10 @@ if not hasattr(np, "row_stack"):
     np.row_stack = np.vstack
 
 from numba import cuda  # noqa: E402
-from numba import float32, float64  # noqa: E402
+from numba import float32, float64, int64  # noqa: E402
 
-KERNEL_NAMES = ("flash_attention", "split_k_decode", "merge_splits", "rope")
+KERNEL_NAMES = ("flash_attention", "split_k_decode", "merge_splits", "rope", "rope_write_kv", "add_rms_norm", "swiglu",
+                "advance_lengths", "gemv_partial", "gemv_reduce", "embed_rows", "argmax_rows")
 
 
 @dataclass(frozen=True)
@@ -54,7 +72,13 @@ class KernelConfig:
     block_k:        prefill: keys per tile held in shared memory.
     decode_threads: decode: threads per block; a multiple of head_dim (thread t owns output dim t).
     decode_tile:    decode: keys per tile in shared memory (<= decode_threads: one score each).
-    rope_threads:   rope: threads per block (one rotation pair each).
+    rope_threads:   rope, rope_write_kv, swiglu, advance_lengths: threads per block (one element
+                    or rotation pair each).
+    norm_threads:   add_rms_norm, argmax_rows: threads per block, one block per row (a power of
+                    two: the sum of squares / the maximum is a tree reduction in shared memory).
+    gemv_threads:   gemv_partial: threads per block = output columns per block.
+    gemv_rows:      gemv_partial: rows accumulated together in registers (each W element read
+                    once per group of gemv_rows rows: a decode batch of <= 16 reads W once).
     compute:        "float32" or "float64": the dtype of every score and accumulator.
     """
 
@@ -64,6 +88,9 @@ class KernelConfig:
     decode_threads: int = 64
     decode_tile: int = 64
     rope_threads: int = 128
+    norm_threads: int = 128
+    gemv_threads: int = 128
+    gemv_rows: int = 16
     compute: str = "float32"
 
     def __post_init__(self):
@@ -75,6 +102,8 @@ class KernelConfig:
             raise ValueError(f"{self}: need 1 <= decode_tile <= decode_threads")
         if self.decode_tile % (self.decode_threads // self.head_dim):
             raise ValueError(f"{self}: decode_tile must be a multiple of decode_threads // head_dim (rows per pass)")
+        if self.norm_threads < 1 or self.norm_threads & (self.norm_threads - 1):
+            raise ValueError(f"{self}: norm_threads must be a power of two")
         if self.compute not in ("float32", "float64"):
             raise ValueError(f"{self}: compute must be 'float32' or 'float64'")
 
@@ -107,7 +136,7 @@ def gpu_config(head_dim: int, compute: str = "float32") -> KernelConfig:
 
 
 def kernel_functions(config: KernelConfig) -> dict:
-    """The four kernels as plain Python functions specialised to ``config`` (not yet compiled).
+    """The kernels as plain Python functions specialised to ``config`` (not yet compiled).
 
     ``build_kernels`` compiles them with ``cuda.jit``; tests/test_cuda_ptx.py hands them to
     ``cuda.compile_ptx``. Their constants (sizes, dtype) are closure variables, which Numba
@@ -130,6 +159,9 @@ def kernel_functions(config: KernelConfig) -> dict:
     UNROLL = 8
     DECODE_LOADS = DEC_TILE // ROWS_PER_PASS              # rows per thread per tile
     DECODE_GROUPS = -(-DECODE_LOADS // UNROLL)
+    HALF = HEAD_DIM // 2
+    NORM_THREADS = config.norm_threads
+    GEMV_THREADS, GEMV_ROWS = config.gemv_threads, config.gemv_rows
 
     def flash_attention(q, k, v, q_offset, lengths, causal, window, scale, out, lse):
         """Flash attention forward, FA2 loop order.
@@ -403,8 +435,204 @@ def kernel_functions(config: KernelConfig) -> dict:
         out[b, h, s, first] = x1 * c - x2 * sn
         out[b, h, s, second] = x1 * sn + x2 * c
 
+    # ------------------------------------------------------------------ the device decode step
+
+    def rope_write_kv(qkv, cos, sin, ends, block_table, block_size, n_q, n_kv, interleaved, q_out, k_pool, v_pool):
+        """RoPE + the K/V cache write of one new token per sequence, in one launch.
+
+        qkv (batch, (n_q + 2 n_kv) HEAD_DIM): the fused projection's row of each sequence, heads side
+        by side (n_q query heads, n_kv key heads, n_kv value heads). The new token of sequence b sits
+        at position pos = ends[b] - 1, read here from a device array: the host never uploads it.
+        One thread per (b, head, rotation pair):
+
+            query head:  q_out[b, h, 0, pair] = rotate(x_pair, cos[pos], sin[pos])
+            key head:    k_pool[block, kv, row, pair] = rotate(x_pair, cos[pos], sin[pos])
+            value head:  v_pool[block, kv, row, pair] = x_pair                  (no rotation)
+
+        with block = block_table[b, pos // block_size], row = pos % block_size (a contiguous cache
+        is one block of ``capacity`` rows per sequence), rotate(x1, x2) = (x1 c - x2 s, x1 s + x2 c)
+        and the pair (p, p + HEAD_DIM/2) ("half") or (2p, 2p + 1) ("interleaved"). Unfused, the
+        same work is a gather of cos/sin rows, a rope launch and two cache writes per layer."""
+        index = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        heads = n_q + 2 * n_kv
+        if index >= qkv.shape[0] * heads * HALF:
+            return
+        p = index % HALF
+        hh = (index // HALF) % heads
+        b = index // (HALF * heads)
+        if interleaved:
+            first = 2 * p
+            second = 2 * p + 1
+        else:
+            first = p
+            second = p + HALF
+        x1 = acc_t(qkv[b, hh * HEAD_DIM + first])
+        x2 = acc_t(qkv[b, hh * HEAD_DIM + second])
+        pos = ends[b] - 1
+        if hh < n_q + n_kv:
+            c = acc_t(cos[pos, p])
+            sn = acc_t(sin[pos, p])
+            y1 = x1 * c - x2 * sn
+            y2 = x1 * sn + x2 * c
+        else:
+            y1 = x1
+            y2 = x2
+        if hh < n_q:
+            q_out[b, hh, 0, first] = y1
+            q_out[b, hh, 0, second] = y2
+            return
+        block = block_table[b, pos // block_size]
+        row = pos % block_size
+        if hh < n_q + n_kv:
+            k_pool[block, hh - n_q, row, first] = y1
+            k_pool[block, hh - n_q, row, second] = y2
+        else:
+            v_pool[block, hh - n_q - n_kv, row, first] = y1
+            v_pool[block, hh - n_q - n_kv, row, second] = y2
+
+    def add_rms_norm(x, delta, weight, eps, inv_d, add, h):
+        """The residual add and the next RMSNorm in one pass over the row (block r = row r):
+
+            if add: x[r] += delta[r]          (the residual stream, in place)
+            h[r] = x[r] / sqrt(sum(x[r]^2) inv_d + eps) * weight
+
+        inv_d = 1/d rounded to the compute dtype (as minikv.layers.rms_norm computes the mean).
+        Unfused, this is an add, then a norm that reads x again: two launches and two reads of x."""
+        r = cuda.blockIdx.x
+        t = cuda.threadIdx.x
+        d = x.shape[1]
+        partial = cuda.shared.array(NORM_THREADS, acc_t)
+        s = ZERO
+        for i in range(t, d, NORM_THREADS):
+            value = acc_t(x[r, i])
+            if add:
+                value += acc_t(delta[r, i])
+                x[r, i] = value
+            s += value * value
+        partial[t] = s
+        cuda.syncthreads()
+        stride = NORM_THREADS // 2
+        while stride > 0:          # tree reduction: log2(NORM_THREADS) halvings
+            if t < stride:
+                partial[t] += partial[t + stride]
+            cuda.syncthreads()
+            stride //= 2
+        inv = ONE / math.sqrt(partial[0] * inv_d + eps)
+        for i in range(t, d, NORM_THREADS):
+            h[r, i] = acc_t(x[r, i]) * inv * acc_t(weight[i])
+
+    def swiglu(hidden, act):
+        """act[r, i] = silu(gate) * up = gate / (1 + exp(-gate)) * up, with gate = hidden[r, i] and
+        up = hidden[r, I + i] (the fused projection's two halves); one thread per element."""
+        index = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        inter = act.shape[1]
+        if index >= act.shape[0] * inter:
+            return
+        r = index // inter
+        i = index % inter
+        gate = acc_t(hidden[r, i])
+        act[r, i] = gate / (ONE + math.exp(-gate)) * acc_t(hidden[r, inter + i])
+
+    def advance_lengths(ends):
+        """ends[b] += 1 for every sequence: the step's last launch, so the next step's kernels read
+        the next position from the device (a cache's advance(n_new) with n_new = 1, on the device)."""
+        b = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if b < ends.shape[0]:
+            ends[b] += 1
+
+    # ------------------------------------------------------------------ library-free step (graph capture)
+
+    def gemv_partial(x, w, part, k_chunk):
+        """part[split, r, c] = sum over k in split's chunk of x[r, k] w[k, c].
+
+        Grid (ceil(N / GEMV_THREADS), n_splits), thread t owns column c = block.x * GEMV_THREADS + t.
+        A decode step has a few rows and W is (K, N) row-major: consecutive threads read consecutive
+        columns of one W row (coalesced), and every W element is read once per GEMV_ROWS rows (the
+        accumulators are registers). Splitting K puts enough blocks in flight for a small N; the
+        partial sums are added by gemv_reduce in a fixed order (deterministic, no atomics)."""
+        c = cuda.blockIdx.x * GEMV_THREADS + cuda.threadIdx.x
+        split = cuda.blockIdx.y
+        rows = x.shape[0]
+        n = w.shape[1]
+        if c >= n:
+            return
+        k_begin = split * k_chunk
+        k_end = min(k_begin + k_chunk, w.shape[0])
+        acc = cuda.local.array(GEMV_ROWS, acc_t)
+        for r0 in range(0, rows, GEMV_ROWS):
+            n_rows = min(GEMV_ROWS, rows - r0)
+            for r in range(GEMV_ROWS):
+                acc[r] = ZERO
+            for k in range(k_begin, k_end):
+                weight = acc_t(w[k, c])
+                for r in range(GEMV_ROWS):
+                    if r < n_rows:
+                        acc[r] += acc_t(x[r0 + r, k]) * weight
+            for r in range(GEMV_ROWS):
+                if r < n_rows:
+                    part[split, r0 + r, c] = acc[r]
+
+    def gemv_reduce(part, bias, has_bias, out):
+        """out[r, c] = sum_split part[split, r, c] (+ bias[c]); one thread per output element."""
+        index = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        n = out.shape[1]
+        if index >= out.shape[0] * n:
+            return
+        r = index // n
+        c = index % n
+        total = ZERO
+        for split in range(part.shape[0]):
+            total += part[split, r, c]
+        if has_bias:
+            total += acc_t(bias[c])
+        out[r, c] = total
+
+    def embed_rows(table, ids, out):
+        """out[r, i] = table[ids[r], i]; one thread per output element."""
+        index = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        d = out.shape[1]
+        if index >= out.shape[0] * d:
+            return
+        r = index // d
+        out[r, index % d] = table[ids[r], index % d]
+
+    def argmax_rows(logits, ids):
+        """ids[r] = the first index of the maximum of logits[r] (NumPy's argmax); block r = row r.
+
+        Each thread scans a strided part of the row, then a tree reduction over (value, index) pairs
+        keeps the larger value, and on a tie the smaller index."""
+        r = cuda.blockIdx.x
+        t = cuda.threadIdx.x
+        best_value = cuda.shared.array(NORM_THREADS, acc_t)
+        best_index = cuda.shared.array(NORM_THREADS, int64)
+        value = NEG_INF
+        where = logits.shape[1]
+        for i in range(t, logits.shape[1], NORM_THREADS):
+            current = acc_t(logits[r, i])
+            if current > value or where == logits.shape[1]:
+                value = current
+                where = i
+        best_value[t] = value
+        best_index[t] = where
+        cuda.syncthreads()
+        stride = NORM_THREADS // 2
+        while stride > 0:
+            if t < stride:
+                other_value = best_value[t + stride]
+                other_index = best_index[t + stride]
+                if other_value > best_value[t] or (other_value == best_value[t] and other_index < best_index[t]):
+                    best_value[t] = other_value
+                    best_index[t] = other_index
+            cuda.syncthreads()
+            stride //= 2
+        if t == 0:
+            ids[r] = best_index[0]
+
     return {"flash_attention": flash_attention, "split_k_decode": split_k_decode,
-            "merge_splits": merge_splits, "rope": rope}
+            "merge_splits": merge_splits, "rope": rope, "rope_write_kv": rope_write_kv,
+            "add_rms_norm": add_rms_norm, "swiglu": swiglu, "advance_lengths": advance_lengths,
+            "gemv_partial": gemv_partial, "gemv_reduce": gemv_reduce, "embed_rows": embed_rows,
+            "argmax_rows": argmax_rows}
 
 
 @dataclass(frozen=True)
@@ -416,6 +644,14 @@ class Kernels:
     split_k_decode: object
     merge_splits: object
     rope: object
+    rope_write_kv: object
+    add_rms_norm: object
+    swiglu: object
+    advance_lengths: object
+    gemv_partial: object
+    gemv_reduce: object
+    embed_rows: object
+    argmax_rows: object
 
 
 @lru_cache(maxsize=None)
@@ -448,4 +684,16 @@ def example_signatures(config: KernelConfig, q_dtype: str = "float32", cache_dty
         "merge_splits": (array(acc, 4), array(acc, 3), array(q_dtype, 4), array(q_dtype, 3)),
         "rope": (array(q_dtype, 4, "A"), array(q_dtype, 4, "A"), array(q_dtype, 4, "A"), types.boolean,
                  array(q_dtype, 4)),
+        # The decode step's kernels: activations in q's dtype, the cache in its own.
+        "rope_write_kv": (array(q_dtype, 2), array(q_dtype, 2), array(q_dtype, 2), array("int64", 1),
+                          types.Array(i32, 2, "C"), i64, i64, i64, types.boolean, array(q_dtype, 4),
+                          array(cache_dtype, 4), array(cache_dtype, 4)),
+        "add_rms_norm": (array(q_dtype, 2), array(q_dtype, 2), array(q_dtype, 1), scalar, scalar, types.boolean,
+                         array(q_dtype, 2)),
+        "swiglu": (array(q_dtype, 2), array(q_dtype, 2)),
+        "advance_lengths": (array("int64", 1),),
+        "gemv_partial": (array(q_dtype, 2), array(q_dtype, 2), array(acc, 3), i64),
+        "gemv_reduce": (array(acc, 3), array(q_dtype, 1), types.boolean, array(q_dtype, 2)),
+        "embed_rows": (array(q_dtype, 2), array("int64", 1), array(q_dtype, 2)),
+        "argmax_rows": (array(q_dtype, 2), array("int64", 1)),
     }

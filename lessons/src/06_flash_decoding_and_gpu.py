@@ -261,6 +261,97 @@ print(result.stdout)
 assert result.returncode == 0, result.stderr[-2000:]
 
 # %% [markdown]
+# ## 5. Why the GPU was slower at batch 1, and what a CUDA graph removes
+#
+# Measured on an H100 (`benchmarks/results/gpu_nvidia-h100-80gb-hbm3.md`), the 55M-parameter `mid` model
+# (8 layers) decoded **30.7 tokens/s on `cuda` against 125 on `numpy`** on the host's CPU at batch 1: a
+# step took 1 / 30.7 = 33 ms. What the GPU *must* do per step is read the weights once: 156 MB at
+# ~3 TB/s is about **0.05 ms**. So more than 99% of the step was the host, not the GPU:
+#
+# * every **Numba kernel launch** with CuPy arrays cost ~**160 us** of host time (table 4 of that file:
+#   Numba rebuilds a device array from each CuPy argument on every call), and the plain path launches
+#   4 Numba kernels per layer (RoPE, the split-K decode and its merge, ...), each decode-attention call
+#   ~400-580 us of host time (table 1);
+# * the model's ~50 small **CuPy operations** per step each pay their own launch;
+# * the step **uploads** its positions and lengths (the host computes them) and **synchronises** with the
+#   host when the logits come back.
+#
+# A kernel launch is a fixed cost of host time; at batch 1 the kernels themselves are microseconds, so
+# the step is a queue of tiny kernels whose launches the GPU waits for. Three remedies, each in
+# `backends/cuda/step.py`:
+#
+# 1. **Keep the step's state on the device.** The cache lengths get a device mirror that a one-thread
+#    kernel (`advance_lengths`) moves on; the kernels read each new token's position from it, and
+#    gather their cos/sin rows themselves. The host keeps its own lengths by the same arithmetic, so
+#    nothing is uploaded per step except the token ids.
+# 2. **Fuse** what every serious engine fuses: RoPE with the K/V cache write (`rope_write_kv`), the
+#    residual add with the next RMSNorm (`add_rms_norm`), silu(gate) * up (`swiglu`).
+# 3. **Static buffers, then a CUDA graph.** Every array the step touches is allocated once and every
+#    launch writes into one of them, so the whole step is a fixed list of launches with fixed pointers.
+#    CUDA can *record* such a list once (stream capture) and *replay* it with a single launch: the
+#    per-kernel host cost (Python, Numba's argument handling, the driver call) is paid once at capture,
+#    not per step. What stays per step: copy the ids in, one graph launch, copy the logits out.
+#
+# The simulator cannot time a GPU, but it can count. Below, one decode step of the bundled model on
+# each path, counted by the backend (`backend.counters`: transfers through `to_device`/`to_host`, Numba
+# launches) and, for the device step, its plan (every launch, CuPy's matmuls included):
+
+# %%
+from minikv.backends.cuda.step import DecodeStep
+
+prompt_ids = np.array([out_sim.tokens[0]])               # 3 tokens, from the generation above
+
+def counted(run):
+    before = dict(sim.counters)
+    run()
+    return {key: sim.counters[key] - before[key] for key in before}
+
+cache_plain = model_sim.new_cache("static", max_seq_len=16)
+token = model_sim.forward(prompt_ids, cache_plain, last_only=True).argmax(-1)
+plain = counted(lambda: model_sim.forward(token[:, None], cache_plain, last_only=True))
+
+cache_step = model_sim.new_cache("static", max_seq_len=16)
+model_sim.forward(prompt_ids, cache_step, last_only=True)
+step = DecodeStep(model_sim, cache_step)
+step.sync_lengths()          # the one upload after a prefill by forward (then never again)
+device = counted(lambda: step(token))
+
+n_layers = model_sim.config.n_layers
+print(f"bundled model: {n_layers} layers\n")
+print("| one decode step | host->device | device->host | Numba launches | all launches |")
+print("|---|---|---|---|---|")
+print(f"| plain path (model.forward) | {plain['to_device']} | {plain['to_host']} | {plain['launches']} | "
+      f"{plain['launches']} + every CuPy op |")
+print(f"| device step (step.py) | {device['to_device']} | {device['to_host']} | {device['launches']} | "
+      f"{len(step.plan)} |")
+print(f"| device step as a CUDA graph | {device['to_device']} | {device['to_host']} | 0 | 1 graph launch |")
+print("\nlaunches of the device step by kind:", step.launch_counts())
+assert device["to_device"] == 1 and device["to_host"] == 1
+assert len(step.plan) == 10 * n_layers + 4
+
+# %% [markdown]
+# (The simulator counts every index array the plain path hands a kernel as an upload; backend `"cuda"`
+# memoises them within a step, so on a GPU the plain path uploads about 3 arrays per step: the ids, the
+# positions and the new lengths.)
+#
+# The device step launches *more* Numba kernels than the plain path (it replaced CuPy's elementwise ops
+# by its own fused kernels), so without a graph its gain on a GPU is only the uploads and the cheaper
+# arguments (each buffer is converted to a Numba device array once: ~45 us per launch instead of ~160 us,
+# table 4). The graph is what removes the launch cost: on replay the GPU runs the 10 L + 4 kernels back to
+# back, and a step costs its GPU time plus one launch and two small copies.
+#
+# One catch: CuPy refuses cuBLAS calls while it captures a graph, so the plan a graph records must
+# contain nothing but our own kernels. `DecodeStep(..., library_free=True)` swaps the matmuls for two
+# small kernels of its own (`gemv_partial` splits the long axis across blocks, `gemv_reduce` adds the
+# pieces and the bias), and the embedding lookup and greedy argmax too: 15 L + 4 launches, all Numba.
+#
+# **Not measured yet.** No GPU was available when this was written. Capture (`step.capture()`, CuPy's
+# `Stream.begin_capture` / `end_capture`) is coded for backend `"cuda"` and falls back to launching
+# kernel by kernel when the GPU or CuPy refuses it (`step.graph_error` says why).
+# `benchmarks/gpu_check.sh` measures it in one run on a GPU (tokens/s with the plain path, the device step,
+# and the graph), against the targets of issue 19: `cuda` >= 5x `numpy` at batch 1 on `mid`.
+
+# %% [markdown]
 # ## Exercises
 #
 # **Exercise 1.** A chunk that saw no keys has `out_p = 0` and `lse_p = -inf`. Show that adding such a part
