@@ -26,6 +26,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 from minikv import attention
+from minikv.exercises import check
 
 %matplotlib inline
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
@@ -247,8 +248,11 @@ plt.show()
 #
 # ## Exercises
 #
-# Each exercise has a cell with a solution and a check. Try to write your own solution first (replace
-# the body), then run the check.
+# Each exercise cell has a stub between `# --- your solution ---` and `# --- check ---`: replace the
+# `...` (or the `raise NotImplementedError`) with your code and run the cell. The check prints
+# `exercise N: not solved yet` while the stub is there, `exercise N: correct` when your answer passes,
+# and stops with a `WrongAnswer` naming the failed check otherwise. Solutions:
+# [`solutions/01_attention_and_softmax.py`](solutions/01_attention_and_softmax.py).
 #
 # **Exercise 1.** Build the mask of a sliding window of `W = 3` over 6 positions *by hand* (causal, and
 # query `i` sees key `j` only if `i - j < W`), use it to compute attention with NumPy only, and check that
@@ -259,16 +263,13 @@ W = 3
 q6, k6, v6 = (rng.standard_normal((6, 4)) for _ in range(3))
 
 # --- your solution ---
-i, j = np.arange(6)[:, None], np.arange(6)[None, :]
-window_mask = (j <= i) & (i - j < W)
-s6 = np.where(window_mask, q6 @ k6.T / math.sqrt(4), -np.inf)
-p6 = np.exp(s6 - s6.max(axis=1, keepdims=True))
-out_window = (p6 / p6.sum(axis=1, keepdims=True)) @ v6
+window_mask = ...   # (6, 6) bool: True where query i may attend to key j
+out_window = ...    # (6, 4): softmax(q6 k6^T / sqrt(4), masked) @ v6, with NumPy only
 # --- check ---
-assert window_mask.sum() == 1 + 2 + 3 + 3 + 3 + 3
-assert np.allclose(out_window, attention.naive(q6[None, None], k6[None, None], v6[None, None], window=W)[0, 0],
-                   atol=1e-12)
-print("exercise 1: correct")
+with check(1, window_mask, out_window):
+    assert window_mask.sum() == 1 + 2 + 3 + 3 + 3 + 3
+    assert np.allclose(out_window, attention.naive(q6[None, None], k6[None, None], v6[None, None], window=W)[0, 0],
+                       atol=1e-12)
 
 # %% [markdown]
 # **Exercise 2.** Attention over a set of keys can be computed in two halves and merged. Compute
@@ -282,14 +283,14 @@ qx = rng.standard_normal((1, 2, 5, 8))
 kx, vx = rng.standard_normal((1, 2, 20, 8)), rng.standard_normal((1, 2, 20, 8))
 
 # --- your solution ---
-out_1, lse_1 = attention.naive(qx, kx[:, :, :10], vx[:, :, :10], causal=False, return_lse=True)
-out_2, lse_2 = attention.naive(qx, kx[:, :, 10:], vx[:, :, 10:], causal=False, return_lse=True)
-lse_merged = np.logaddexp(lse_1, lse_2)
-out_merged = np.exp(lse_1 - lse_merged)[..., None] * out_1 + np.exp(lse_2 - lse_merged)[..., None] * out_2
+out_1, lse_1 = ...   # attention.naive(..., causal=False, return_lse=True) over the first 10 keys
+out_2, lse_2 = ...   # ... and over the last 10
+out_merged = ...     # (1, 2, 5, 8): the two halves merged with the formula above
+lse_merged = ...     # (1, 2, 5)
 # --- check ---
-full_out, full_lse = attention.naive(qx, kx, vx, causal=False, return_lse=True)
-assert np.allclose(out_merged, full_out, atol=1e-12) and np.allclose(lse_merged, full_lse, atol=1e-12)
-print("exercise 2: correct")
+with check(2, out_merged, lse_merged):
+    full_out, full_lse = attention.naive(qx, kx, vx, causal=False, return_lse=True)
+    assert np.allclose(out_merged, full_out, atol=1e-12) and np.allclose(lse_merged, full_lse, atol=1e-12)
 
 # %% [markdown]
 # **Exercise 3.** Find the smallest integer `x` for which `np.exp(np.float32(x))` is infinite, and the
@@ -297,10 +298,10 @@ print("exercise 2: correct")
 
 # %%
 # --- your solution ---
-with np.errstate(over="ignore"):
-    first_inf_32 = next(x for x in range(1, 1000) if np.isinf(np.exp(np.float32(x))))
-    first_inf_64 = next(x for x in range(1, 1000) if np.isinf(np.exp(np.float64(x))))
+first_inf_32 = ...   # smallest integer x with np.exp(np.float32(x)) == inf
+first_inf_64 = ...   # the same for np.float64
 # --- check ---
-assert first_inf_32 == math.floor(math.log(np.finfo(np.float32).max)) + 1 == 89
-assert first_inf_64 == math.floor(math.log(np.finfo(np.float64).max)) + 1 == 710
-print("exercise 3: correct: float32 overflows at exp(%d), float64 at exp(%d)" % (first_inf_32, first_inf_64))
+with check(3, first_inf_32, first_inf_64) as exercise:
+    assert first_inf_32 == math.floor(math.log(np.finfo(np.float32).max)) + 1 == 89
+    assert first_inf_64 == math.floor(math.log(np.finfo(np.float64).max)) + 1 == 710
+    exercise.note = "float32 overflows at exp(%d), float64 at exp(%d)" % (first_inf_32, first_inf_64)

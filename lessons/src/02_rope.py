@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 import minikv
 from minikv import rope
 from minikv.checkpoint import load_checkpoint
+from minikv.exercises import check
 
 %matplotlib inline
 np.set_printoptions(precision=4, suppress=True, linewidth=110)
@@ -216,6 +217,12 @@ assert err < 1e-10
 #
 # ## Exercises
 #
+# Each exercise cell has a stub between `# --- your solution ---` and `# --- check ---`: replace the
+# `...` (or the `raise NotImplementedError`) with your code and run the cell. The check prints
+# `exercise N: not solved yet` while the stub is there, `exercise N: correct` when your answer passes,
+# and stops with a `WrongAnswer` naming the failed check otherwise. Solutions:
+# [`solutions/02_rope.py`](solutions/02_rope.py).
+#
 # **Exercise 1.** Write the interleaved rotation by hand with a loop over pairs (pair `p` is dimensions
 # `2p, 2p+1`) for a vector at position `pos`, and check it equals `rope.apply_rope(..., "interleaved")`.
 
@@ -225,19 +232,13 @@ vec = rng.standard_normal(head_dim)
 
 # --- your solution ---
 def rope_interleaved_by_hand(x, pos, theta=10000.0):
-    out = np.empty_like(x)
-    for p in range(len(x) // 2):
-        angle = pos * theta ** (-2 * p / len(x))
-        x1, x2 = x[2 * p], x[2 * p + 1]
-        out[2 * p] = x1 * math.cos(angle) - x2 * math.sin(angle)
-        out[2 * p + 1] = x1 * math.sin(angle) + x2 * math.cos(angle)
-    return out
-
+    """x: (head_dim,). Rotate each pair (x[2p], x[2p+1]) by the angle pos * theta ** (-2p / head_dim)."""
+    raise NotImplementedError("exercise 1: write the loop over pairs")
 # --- check ---
-cos, sin = rope.cos_sin_table(16, head_dim, 10000.0, np.float64)
-library = rope.apply_rope(vec[None], cos[pos:pos + 1], sin[pos:pos + 1], "interleaved")[0]
-assert np.allclose(rope_interleaved_by_hand(vec, pos), library, atol=1e-12)
-print("exercise 1: correct")
+with check(1, rope_interleaved_by_hand):
+    cos, sin = rope.cos_sin_table(16, head_dim, 10000.0, np.float64)
+    library = rope.apply_rope(vec[None], cos[pos:pos + 1], sin[pos:pos + 1], "interleaved")[0]
+    assert np.allclose(rope_interleaved_by_hand(vec, pos), library, atol=1e-12)
 
 # %% [markdown]
 # **Exercise 2.** For `head_dim = 64` and `theta = 10000`, how many positions does the *slowest* pair
@@ -245,10 +246,11 @@ print("exercise 1: correct")
 
 # %%
 # --- your solution ---
-slowest_wavelength = 2 * math.pi * 10000.0 ** ((64 - 2) / 64)
+slowest_wavelength = ...   # positions per full turn of the slowest pair (a float)
 # --- check ---
-assert math.isclose(slowest_wavelength, 2 * math.pi / rope.inverse_frequencies(64, 10000.0)[-1], rel_tol=1e-12)
-print(f"exercise 2: correct: the slowest pair turns once every {slowest_wavelength:,.0f} positions")
+with check(2, slowest_wavelength) as exercise:
+    assert math.isclose(slowest_wavelength, 2 * math.pi / rope.inverse_frequencies(64, 10000.0)[-1], rel_tol=1e-12)
+    exercise.note = f"the slowest pair turns once every {slowest_wavelength:,.0f} positions"
 
 # %% [markdown]
 # **Exercise 3.** The permutation links the two conventions for a single vector too: if `x_half = x_inter[perm]`
@@ -264,11 +266,11 @@ cos, sin = rope.cos_sin_table(8, head_dim, 10000.0, np.float64)
 c7, s7 = cos[7:8], sin[7:8]
 
 # --- your solution ---
-x_half = x_inter[perm]
-rotated_half = rope.apply_rope(x_half[None], c7, s7, "half")[0]
-rotated_inter = rope.apply_rope(x_inter[None], c7, s7, "interleaved")[0]
-inverse = np.argsort(perm)
+x_half = ...          # x_inter reordered by perm
+rotated_half = ...    # x_half rotated at position 7 with "half"
+rotated_inter = ...   # x_inter rotated at position 7 with "interleaved"
+inverse = ...         # the permutation that undoes perm
 # --- check ---
-assert np.allclose(rotated_half, rotated_inter[perm], atol=1e-12)
-assert np.array_equal(x_half[inverse], x_inter)
-print("exercise 3: correct")
+with check(3, x_half, rotated_half, rotated_inter, inverse):
+    assert np.allclose(rotated_half, rotated_inter[perm], atol=1e-12)
+    assert np.array_equal(x_half[inverse], x_inter)

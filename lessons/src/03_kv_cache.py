@@ -22,6 +22,7 @@ import numpy as np
 import matplotlib.pyplot as plt
 
 import minikv
+from minikv.exercises import check
 
 %matplotlib inline
 
@@ -254,17 +255,24 @@ print("Lengths where the cache was slower than recomputing in this run:",
 #
 # ## Exercises
 #
+# Each exercise cell has a stub between `# --- your solution ---` and `# --- check ---`: replace the
+# `...` (or the `raise NotImplementedError`) with your code and run the cell. The check prints
+# `exercise N: not solved yet` while the stub is there, `exercise N: correct` when your answer passes,
+# and stops with a `WrongAnswer` naming the failed check otherwise. Solutions:
+# [`solutions/03_kv_cache.py`](solutions/03_kv_cache.py).
+#
 # **Exercise 1.** From `model.config` alone, compute the KV-cache bytes per position (one sequence, all
 # layers, K and V) in float32 and in float16. Check against `cache.bytes_per_position()`.
 
 # %%
 # --- your solution ---
-bytes_fp32 = 2 * config.n_layers * config.n_kv_heads * config.head_dim * 4
-bytes_fp16 = bytes_fp32 // 2
+bytes_fp32 = ...   # K and V bytes per position, all layers, one sequence, float32
+bytes_fp16 = ...   # the same in float16
 # --- check ---
-assert bytes_fp32 == model.new_cache("static", max_seq_len=8).bytes_per_position() == config.kv_bytes_per_token
-assert bytes_fp16 == model.new_cache("static", max_seq_len=8, dtype="float16").bytes_per_position()
-print(f"exercise 1: correct: {bytes_fp32} bytes per position in float32, {bytes_fp16} in float16")
+with check(1, bytes_fp32, bytes_fp16) as exercise:
+    assert bytes_fp32 == model.new_cache("static", max_seq_len=8).bytes_per_position() == config.kv_bytes_per_token
+    assert bytes_fp16 == model.new_cache("static", max_seq_len=8, dtype="float16").bytes_per_position()
+    exercise.note = f"{bytes_fp32} bytes per position in float32, {bytes_fp16} in float16"
 
 # %% [markdown]
 # **Exercise 2.** A `concat` cache is prefilled with a prompt of `P` tokens and then decodes `n` tokens
@@ -275,18 +283,16 @@ print(f"exercise 1: correct: {bytes_fp32} bytes per position in float32, {bytes_
 P, n = 7, 12
 
 # --- your solution ---
-per_position_per_layer = config.n_kv_heads * config.head_dim * 4          # one K row of one layer, float32
-# decode step i (1..n) copies 2 arrays (K, V) of P + i - 1 positions in every layer
-predicted = sum(2 * config.n_layers * (P + i - 1) * per_position_per_layer for i in range(1, n + 1))
-
+predicted = ...   # bytes copied by the prefill call and n decode steps (an int)
 # --- check ---
-cache = model.new_cache("concat", max_seq_len=P + n)
-ids = np.arange(65, 65 + P + n)[None, :]
-model.forward(ids[:, :P], cache=cache)
-for t in range(P, P + n):
-    model.forward(ids[:, t:t + 1], cache=cache)
-assert cache.bytes_copied == predicted
-print(f"exercise 2: correct: {predicted:,} bytes")
+with check(2, predicted) as exercise:
+    cache = model.new_cache("concat", max_seq_len=P + n)
+    ids = np.arange(65, 65 + P + n)[None, :]
+    model.forward(ids[:, :P], cache=cache)
+    for t in range(P, P + n):
+        model.forward(ids[:, t:t + 1], cache=cache)
+    assert cache.bytes_copied == predicted
+    exercise.note = f"{predicted:,} bytes"
 
 # %% [markdown]
 # **Exercise 3.** A static cache with `max_seq_len = 10` is prefilled with 8 tokens. Decode until it
@@ -298,14 +304,10 @@ cache = model.new_cache("static", max_seq_len=10)
 model.forward(np.arange(65, 73)[None, :], cache=cache)
 
 # --- your solution ---
-succeeded = 0
-try:
-    while True:
-        model.forward(np.array([[66]]), cache=cache)
-        succeeded += 1
-except minikv.CacheOverflowError as error:
-    message = str(error)
+succeeded = ...   # decode steps that succeed before minikv.CacheOverflowError
+message = ...     # str(error) of the overflow you caught
 # --- check ---
-assert succeeded == 2
-assert cache.lengths.tolist() == [10]
-print("exercise 3: correct:", message)
+with check(3, succeeded, message) as exercise:
+    assert succeeded == 2
+    assert cache.lengths.tolist() == [10]
+    exercise.note = message

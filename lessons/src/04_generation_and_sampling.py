@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import minikv
 from minikv import sampling
 from minikv.sampling import SamplingParams
+from minikv.exercises import check
 
 %matplotlib inline
 
@@ -232,20 +233,24 @@ assert stream.output.tokens == same.tokens and "".join(pieces) == same.text
 # %% [markdown]
 # ## Exercises
 #
+# Each exercise cell has a stub between `# --- your solution ---` and `# --- check ---`: replace the
+# `...` (or the `raise NotImplementedError`) with your code and run the cell. The check prints
+# `exercise N: not solved yet` while the stub is there, `exercise N: correct` when your answer passes,
+# and stops with a `WrongAnswer` naming the failed check otherwise. Solutions:
+# [`solutions/04_generation_and_sampling.py`](solutions/04_generation_and_sampling.py).
+#
 # **Exercise 1.** Write top-k by hand with `np.argsort`: keep the `k` largest logits of each row, set the
 # rest to `-inf`. Check it against `sampling.top_k_filter` on the model's logits.
 
 # %%
 # --- your solution ---
 def top_k_by_hand(z, k):
-    out = np.full_like(z, -np.inf)
-    keep = np.argsort(-z, axis=-1, kind="stable")[:, :k]
-    np.put_along_axis(out, keep, np.take_along_axis(z, keep, axis=-1), axis=-1)
-    return out
+    """z: (rows, vocab). Keep the k largest logits of each row; set the rest to -inf."""
+    raise NotImplementedError("exercise 1: use np.argsort")
 # --- check ---
-for k in [1, 5, 40]:
-    assert np.array_equal(top_k_by_hand(logits, k), sampling.top_k_filter(logits, k))
-print("exercise 1: correct")
+with check(1, top_k_by_hand):
+    for k in [1, 5, 40]:
+        assert np.array_equal(top_k_by_hand(logits, k), sampling.top_k_filter(logits, k))
 
 # %% [markdown]
 # **Exercise 2.** Write min-p by hand: keep token `i` iff `p_i >= min_p * max_j p_j`. Hint: that is the same
@@ -254,12 +259,12 @@ print("exercise 1: correct")
 # %%
 # --- your solution ---
 def min_p_by_hand(z, min_p):
-    keep = np.exp(z.astype(np.float64) - z.max(axis=-1, keepdims=True)) >= min_p
-    return np.where(keep, z, -np.inf).astype(z.dtype)
+    """z: (rows, vocab). Keep z_i iff p_i >= min_p * max_j p_j; set the rest to -inf (keep z's dtype)."""
+    raise NotImplementedError("exercise 2: compare z - max(z) with log(min_p)")
 # --- check ---
-for m in [0.0, 0.05, 0.3, 1.0]:
-    assert np.array_equal(min_p_by_hand(logits, m), sampling.min_p_filter(logits, m))
-print("exercise 2: correct")
+with check(2, min_p_by_hand):
+    for m in [0.0, 0.05, 0.3, 1.0]:
+        assert np.array_equal(min_p_by_hand(logits, m), sampling.min_p_filter(logits, m))
 
 # %% [markdown]
 # **Exercise 3.** Sampling should draw token `i` with probability `softmax(z / T)_i`. Check it empirically:
@@ -271,11 +276,11 @@ z5 = np.array([2.0, 1.0, 0.5, 0.0, -1.0])
 T = 0.7
 
 # --- your solution ---
-draws = sampling.sample(np.tile(z5, (20_000, 1)), SamplingParams(temperature=T), np.random.default_rng(0))
-frequencies = np.bincount(draws, minlength=5) / len(draws)
-expected = np.exp(z5 / T) / np.exp(z5 / T).sum()
+draws = ...         # (20_000,) token ids from sampling.sample (SamplingParams(temperature=T), a seeded rng)
+frequencies = ...   # (5,): how often each token was drawn, as fractions
+expected = ...      # (5,): softmax(z5 / T)
 # --- check ---
-print("frequencies  ", np.round(frequencies, 4))
-print("probabilities", np.round(expected, 4))
-assert np.abs(frequencies - expected).max() < 0.015
-print("exercise 3: correct")
+with check(3, draws, frequencies, expected):
+    print("frequencies  ", np.round(frequencies, 4))
+    print("probabilities", np.round(expected, 4))
+    assert np.abs(frequencies - expected).max() < 0.015

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 
 import minikv
 from minikv.backend import gather_pages
+from minikv.exercises import check
 
 %matplotlib inline
 
@@ -201,6 +202,12 @@ assert model.new_cache("sliding", max_seq_len=512, window=64).nbytes == memory["
 # %% [markdown]
 # ## Exercises
 #
+# Each exercise cell has a stub between `# --- your solution ---` and `# --- check ---`: replace the
+# `...` (or the `raise NotImplementedError`) with your code and run the cell. The check prints
+# `exercise N: not solved yet` while the stub is there, `exercise N: correct` when your answer passes,
+# and stops with a `WrongAnswer` naming the failed check otherwise. Solutions:
+# [`solutions/05_batching_paging_sliding.py`](solutions/05_batching_paging_sliding.py).
+#
 # **Exercise 1.** For prompts of lengths `[3, 50, 7, 12, 48, 5]`, compute the fraction of padding when they
 # are prefilled as one batch, and when they are sorted by length and prefilled as two batches of three.
 
@@ -208,17 +215,13 @@ assert model.new_cache("sliding", max_seq_len=512, window=64).nbytes == memory["
 lens = np.array([3, 50, 7, 12, 48, 5])
 
 # --- your solution ---
-def padding_fraction(batches):
-    slots = sum(len(batch) * max(batch) for batch in batches)
-    return 1 - sum(sum(batch) for batch in batches) / slots
-
-one_batch = padding_fraction([lens.tolist()])
-sorted_lens = sorted(lens.tolist())
-two_batches = padding_fraction([sorted_lens[:3], sorted_lens[3:]])
+one_batch = ...     # fraction of padded slots: all six prompts in one batch
+two_batches = ...   # the same: sorted by length, two batches of three
 # --- check ---
-assert abs(one_batch - (1 - 125 / 300)) < 1e-12
-assert abs(two_batches - (1 - 125 / (3 * 7 + 3 * 50))) < 1e-12
-print(f"exercise 1: correct: one batch wastes {one_batch:.0%}, two sorted batches {two_batches:.0%}")
+with check(1, one_batch, two_batches) as exercise:
+    assert abs(one_batch - (1 - 125 / 300)) < 1e-12
+    assert abs(two_batches - (1 - 125 / (3 * 7 + 3 * 50))) < 1e-12
+    exercise.note = f"one batch wastes {one_batch:.0%}, two sorted batches {two_batches:.0%}"
 
 # %% [markdown]
 # **Exercise 2.** Using only `cache.block_table` and `block_size`, read the value vector of position 20 of
@@ -233,10 +236,10 @@ model.forward(prompt_ids, cache=static)
 
 # --- your solution ---
 pos = 20
-v_from_pages = paged.v_pool[2][paged.block_table[0, pos // 8], :, pos % 8]
+v_from_pages = ...   # (kv_heads, head_dim): position 20 of sequence 0, layer 2, read through the block table
 # --- check ---
-assert np.allclose(v_from_pages, static.v[2][0, :, pos], atol=1e-6)
-print("exercise 2: correct")
+with check(2, v_from_pages):
+    assert np.allclose(v_from_pages, static.v[2][0, :, pos], atol=1e-6)
 
 # %% [markdown]
 # **Exercise 3.** A ring of `W = 16` slots has seen 40 positions. Which slot holds position 37, and which
@@ -252,9 +255,10 @@ for t in range(40):                       # decode one by one, so the ring wraps
     model.forward(ids40[:, t:t + 1], cache=static, window=16)
 
 # --- your solution ---
-slot_of_37 = 37 % 16
-position_in_slot_3 = max(p for p in range(40) if p % 16 == 3)
+slot_of_37 = ...           # the ring slot that holds position 37
+position_in_slot_3 = ...   # the position that slot 3 holds
 # --- check ---
-assert np.allclose(ring.k[0][0, :, slot_of_37], static.k[0][0, :, 37], atol=1e-6)
-assert np.allclose(ring.k[0][0, :, 3], static.k[0][0, :, position_in_slot_3], atol=1e-6)
-print(f"exercise 3: correct: position 37 is in slot {slot_of_37}, slot 3 holds position {position_in_slot_3}")
+with check(3, slot_of_37, position_in_slot_3) as exercise:
+    assert np.allclose(ring.k[0][0, :, slot_of_37], static.k[0][0, :, 37], atol=1e-6)
+    assert np.allclose(ring.k[0][0, :, 3], static.k[0][0, :, position_in_slot_3], atol=1e-6)
+    exercise.note = f"position 37 is in slot {slot_of_37}, slot 3 holds position {position_in_slot_3}"

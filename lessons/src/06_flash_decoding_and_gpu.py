@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt
 
 import minikv
 from minikv import attention
+from minikv.exercises import check
 
 %matplotlib inline
 
@@ -354,6 +355,12 @@ assert len(step.plan) == 10 * n_layers + 4
 # %% [markdown]
 # ## Exercises
 #
+# Each exercise cell has a stub between `# --- your solution ---` and `# --- check ---`: replace the
+# `...` (or the `raise NotImplementedError`) with your code and run the cell. The check prints
+# `exercise N: not solved yet` while the stub is there, `exercise N: correct` when your answer passes,
+# and stops with a `WrongAnswer` naming the failed check otherwise. Solutions:
+# [`solutions/06_flash_decoding_and_gpu.py`](solutions/06_flash_decoding_and_gpu.py).
+#
 # **Exercise 1.** A chunk that saw no keys has `out_p = 0` and `lse_p = -inf`. Show that adding such a part
 # to a merge changes nothing (it has weight $e^{-\infty} = 0$).
 
@@ -361,12 +368,11 @@ assert len(step.plan) == 10 * n_layers + 4
 outs, lses = split_k_by_hand(q, k_cache, v_cache, 4)
 
 # --- your solution ---
-empty_out, empty_lse = np.zeros_like(outs[0]), np.full_like(lses[0], -np.inf)
-with_empty = attention.merge_partials(outs + [empty_out], lses + [empty_lse])
-without = attention.merge_partials(outs, lses)
+with_empty = ...   # attention.merge_partials of the four parts plus an empty one (out 0, lse -inf)
+without = ...      # attention.merge_partials of the four parts
 # --- check ---
-assert np.allclose(with_empty[0], without[0], atol=1e-15) and np.allclose(with_empty[1], without[1], atol=1e-15)
-print("exercise 1: correct")
+with check(1, with_empty, without):
+    assert np.allclose(with_empty[0], without[0], atol=1e-15) and np.allclose(with_empty[1], without[1], atol=1e-15)
 
 # %% [markdown]
 # **Exercise 2.** Write the merge of **two** partials by hand with `np.logaddexp`, and check it against
@@ -376,16 +382,15 @@ print("exercise 1: correct")
 # %%
 # --- your solution ---
 def merge_two(out_a, lse_a, out_b, lse_b):
-    lse = np.logaddexp(lse_a, lse_b)
-    return np.exp(lse_a - lse)[..., None] * out_a + np.exp(lse_b - lse)[..., None] * out_b, lse
-
-left = merge_two(outs[0], lses[0], outs[1], lses[1])
-right = merge_two(outs[2], lses[2], outs[3], lses[3])
-tree = merge_two(*left, *right)
+    """Merge two partials (out: (..., head_dim), lse: (...)) into one (out, lse)."""
+    raise NotImplementedError("exercise 2: lse = logaddexp(lse_a, lse_b), then weight each out")
 # --- check ---
-assert np.allclose(left[0], attention.merge_partials(outs[:2], lses[:2])[0], atol=1e-14)
-assert np.allclose(tree[0], reference, atol=1e-12) and np.allclose(tree[1], reference_lse, atol=1e-12)
-print("exercise 2: correct")
+with check(2, merge_two):
+    left = merge_two(outs[0], lses[0], outs[1], lses[1])
+    right = merge_two(outs[2], lses[2], outs[3], lses[3])
+    tree = merge_two(*left, *right)
+    assert np.allclose(left[0], attention.merge_partials(outs[:2], lses[:2])[0], atol=1e-14)
+    assert np.allclose(tree[0], reference, atol=1e-12) and np.allclose(tree[1], reference_lse, atol=1e-12)
 
 # %% [markdown]
 # **Exercise 3.** In `split_k_decode`, a sequence of length `L` with a sliding window `W` reads keys
@@ -397,12 +402,11 @@ print("exercise 2: correct")
 L, W, n_splits = 37, 10, 4
 
 # --- your solution ---
-start = max(0, L - W)
-chunk = -(-(L - start) // n_splits)
-ranges = [(start + p * chunk, min(start + (p + 1) * chunk, L)) for p in range(n_splits)]
+ranges = ...   # [(first, last + 1)] of each of the n_splits chunks
 # --- check ---
-assert ranges == [(27, 30), (30, 33), (33, 36), (36, 37)]
-one_seq = (q_small[:1], k_small[:1], v_small[:1], np.array([L]))
-got, _ = sim.decode_attention(*one_seq, window=W, n_splits=n_splits)
-assert np.allclose(got, attention.decode(*one_seq, window=W), atol=1e-5)
-print("exercise 3: correct:", ranges)
+with check(3, ranges) as exercise:
+    assert ranges == [(27, 30), (30, 33), (33, 36), (36, 37)]
+    one_seq = (q_small[:1], k_small[:1], v_small[:1], np.array([L]))
+    got, _ = sim.decode_attention(*one_seq, window=W, n_splits=n_splits)
+    assert np.allclose(got, attention.decode(*one_seq, window=W), atol=1e-5)
+    exercise.note = str(ranges)

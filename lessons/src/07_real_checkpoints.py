@@ -25,6 +25,7 @@ from safetensors.numpy import load_file
 import minikv
 from minikv import attention, layers
 from minikv.checkpoint import tensor_table
+from minikv.exercises import check
 
 %matplotlib inline
 
@@ -204,17 +205,23 @@ for layer_i, head_i in zip(*np.nonzero(by_offset.max(-1) > 0.5)):
 # %% [markdown]
 # ## Exercises
 #
+# Each exercise cell has a stub between `# --- your solution ---` and `# --- check ---`: replace the
+# `...` (or the `raise NotImplementedError`) with your code and run the cell. The check prints
+# `exercise N: not solved yet` while the stub is there, `exercise N: correct` when your answer passes,
+# and stops with a `WrongAnswer` naming the failed check otherwise. Solutions:
+# [`solutions/07_real_checkpoints.py`](solutions/07_real_checkpoints.py).
+#
 # **Exercise 1.** Check two facts about the attention weights you computed: every row sums to 1, and no
 # query puts any weight on a later key (causality).
 
 # %%
 # --- your solution ---
-row_sums = attn.sum(axis=-1)
-above_diagonal = np.triu(np.ones((seq, seq), dtype=bool), k=1)
+row_sums = ...         # attn summed over the keys: (layers, heads, seq)
+above_diagonal = ...   # (seq, seq) bool: True where the key comes after the query
 # --- check ---
-assert np.allclose(row_sums, 1.0, atol=1e-5)
-assert np.all(attn[..., above_diagonal] == 0.0)
-print("exercise 1: correct")
+with check(1, row_sums, above_diagonal):
+    assert np.allclose(row_sums, 1.0, atol=1e-5)
+    assert np.all(attn[..., above_diagonal] == 0.0)
 
 # %% [markdown]
 # **Exercise 2.** The `mistral_window` fixture has `sliding_window = 4` in its config: query `i` sees only
@@ -229,13 +236,12 @@ windowed = minikv.load(FIXTURES / name, dtype="float64")
 print("sliding_window from config.json:", windowed.config.sliding_window)
 
 # --- your solution ---
-error_with_window = np.abs(windowed.forward(expected["input_ids"]) - expected["logits"]).max()
-no_window = minikv.Transformer(windowed.config.replace(sliding_window=None), windowed.weights, dtype="float64")
-error_without_window = np.abs(no_window.forward(expected["input_ids"]) - expected["logits"]).max()
+error_with_window = ...      # max |logits - expected| with the config's window
+error_without_window = ...   # the same weights with sliding_window=None
 # --- check ---
-print(f"with the window: {error_with_window:.1e}; window ignored: {error_without_window:.1e}")
-assert error_with_window < 1e-10 < 1e-3 < error_without_window
-print("exercise 2: correct")
+with check(2, error_with_window, error_without_window):
+    print(f"with the window: {error_with_window:.1e}; window ignored: {error_without_window:.1e}")
+    assert error_with_window < 1e-10 < 1e-3 < error_without_window
 
 # %% [markdown]
 # **Exercise 3.** Save the bundled model as a Hugging Face folder with `model.save(path)` (float32), load the
@@ -246,12 +252,10 @@ print("exercise 2: correct")
 check_ids = np.array([tiny.tokenizer.encode("Round trip.")])
 
 # --- your solution ---
-with tempfile.TemporaryDirectory() as tmp:
-    tiny.save(tmp)
-    files = sorted(p.name for p in Path(tmp).iterdir())
-    reloaded = minikv.load(tmp)
-    same = np.array_equal(reloaded.forward(check_ids), tiny.forward(check_ids))
+files = ...   # sorted file names in the folder model.save wrote
+same = ...    # True if the reloaded model's logits equal tiny.forward's exactly
 # --- check ---
-assert "config.json" in files and "model.safetensors" in files
-assert same
-print("exercise 3: correct:", files)
+with check(3, files, same) as exercise:
+    assert "config.json" in files and "model.safetensors" in files
+    assert same
+    exercise.note = str(files)
