@@ -17,6 +17,7 @@
 
 # %%
 import math
+from pathlib import Path
 
 import numpy as np
 import matplotlib.pyplot as plt
@@ -131,12 +132,12 @@ plt.show()
 # rotated at their own positions. minikv takes the position from the cache length
 # (`model.forward(ids, cache=cache)`; or pass `positions=` explicitly).
 #
-# We use a tiny random LLaMA checkpoint from the test fixtures (no tokenizer, so we feed token ids) and
-# compare three ways to get the logits of token 10: recompute everything, decode with the right
-# position, decode pretending it is position 0.
+# We use a tiny random LLaMA checkpoint that ships with minikv (`minikv/data/hf-examples/`; it has no
+# tokenizer, so we feed token ids) and compare three ways to get the logits of token 10: recompute
+# everything, decode with the right position, decode pretending it is position 0.
 
 # %%
-FIXTURE = "../tests/fixtures/hf/llama_gqa"
+FIXTURE = Path(minikv.__file__).parent / "data" / "hf-examples" / "llama_gqa"
 model = minikv.load(FIXTURE, dtype="float64")
 print(model)
 ids = np.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46]])
@@ -160,11 +161,11 @@ assert np.allclose(right[0, -1], full[0, -1], atol=1e-12)
 #
 # A checkpoint's `W_q` and `W_k` are laid out for one convention. Hugging Face LLaMA weights expect
 # `"half"`. Run them with the `"interleaved"` rotation and nothing crashes: shapes are identical, the
-# logits look like logits. They are just wrong. Each fixture folder stores the logits Hugging Face
+# logits look like logits. They are just wrong. The example folder also stores the logits Hugging Face
 # `transformers` computed, so we can measure how wrong.
 
 # %%
-expected = load_file(FIXTURE + "/expected.safetensors")       # input_ids (2, 11), float64 logits
+expected = load_file(FIXTURE / "expected.safetensors")       # input_ids (2, 11), float64 logits
 config, weights = load_checkpoint(FIXTURE, dtype="float64")
 print("the checkpoint's convention:", config.rope_convention)
 
