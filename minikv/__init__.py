@@ -12,7 +12,7 @@ from .cache import CACHE_KINDS, KVCache, load_cache
 from .config import ModelConfig
 from .errors import (BackendUnavailableError, CacheMismatchError, CacheOverflowError, CacheRewindError,
                      ChatTemplateError, CheckpointError, ConfigError, InvalidInputError, MinikvError, SamplingError,
-                     SequenceTooLongError, TokenizerError)
+                     SequenceTooLongError, TokenizerError, UnknownOptionError)
 from .generate import GenerationOutput, GenerationStats, TokenEvent
 from .model import BUNDLED_MODEL, Transformer, load
 from .sampling import SamplingParams
@@ -25,7 +25,7 @@ __all__ = [
     "Backend", "available_backends", "get_backend", "CACHE_KINDS", "KVCache", "load_cache", "ModelConfig",
     "MinikvError", "ConfigError", "CheckpointError", "CacheOverflowError", "CacheMismatchError", "CacheRewindError",
     "BackendUnavailableError", "InvalidInputError", "SequenceTooLongError", "SamplingError", "ChatTemplateError",
-    "TokenizerError",
+    "TokenizerError", "UnknownOptionError",
     "GenerationOutput", "GenerationStats", "TokenEvent", "SamplingParams",
     "BUNDLED_MODEL", "Transformer", "load", "ByteTokenizer", "__version__",
 ]

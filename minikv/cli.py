@@ -57,51 +57,71 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default (they are the Python API's). An option whose default is None
+    is not passed on when not given, and its help says in words what decides instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="minikv", description="Transformer inference from scratch in NumPy.")
+    from . import __version__
+
+    formatter = _DefaultsFormatter
+    parser = _Parser(prog="minikv", description="Transformer inference from scratch in NumPy.",
+                     formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"minikv {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
 
     def model_args(p):
-        p.add_argument("--model", default=None, help="Hugging Face checkpoint folder or Hub id such as Org/name "
+        p.add_argument("--model", default=None, help="a Hugging Face checkpoint folder or Hub id such as Org/name "
                        "(default: the bundled tiny model)")
-        p.add_argument("--backend", default=None, help="numpy (default), numba, cuda, cuda-sim")
-        p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+        p.add_argument("--backend", default=None, help="numpy, numba, cuda or cuda-sim (default: numpy)")
+        p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="weights and compute")
 
-    gen = sub.add_parser("generate", help="stream a continuation of a prompt, then a stats line")
-    gen.add_argument("prompt")
+    gen = sub.add_parser("generate", help="stream a continuation of a prompt, then a stats line",
+                         formatter_class=formatter)
+    gen.add_argument("prompt", help="the text to continue")
     model_args(gen)
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=120)
-    gen.add_argument("--cache", default="static", choices=CACHE_KINDS)
-    sampling_args(gen, defaults="the checkpoint's generation_config.json, else temperature 0.8 and top-p 0.95")
+    # No default of its own: a flag not given is not passed, so the defaults are model.generate's.
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                     help="tokens to generate (default: generation_config.json's, else 50)")
+    gen.add_argument("--cache", default="static", choices=CACHE_KINDS, help="KV cache kind")
+    sampling_args(gen, defaults="the checkpoint's generation_config.json, else greedy")
     gen.add_argument("--speculative", default=None, metavar="PROPOSER",
                      help="prompt_lookup, draft (the bundled model's draft) or a draft checkpoint folder")
     gen.add_argument("--num-speculative-tokens", type=_positive_int, default=None, metavar="K",
-                     help="tokens proposed per step (default 4)")
+                     help="tokens proposed per step (default: 4)")
 
-    bench = sub.add_parser("bench", help="decode tokens/s of every cache kind vs recompute")
+    bench = sub.add_parser("bench", help="decode tokens/s of every cache kind vs recompute",
+                           formatter_class=formatter)
     model_args(bench)
-    bench.add_argument("--prompt", default="The meaning of life is")
-    bench.add_argument("--max-new-tokens", type=_positive_int, default=100)
-    bench.add_argument("--repeats", type=_positive_int, default=3)
+    bench.add_argument("--prompt", default="The meaning of life is", help="the prompt every run continues")
+    bench.add_argument("--max-new-tokens", type=_positive_int, default=100, help="tokens per run")
+    bench.add_argument("--repeats", type=_positive_int, default=3, help="runs per cache kind (the median is shown)")
 
-    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, prefix caching)")
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, prefix caching)",
+                           formatter_class=formatter)
     model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=_positive_int, default=8000)
-    serve.add_argument("--served-model-name", default=None, help="the model id clients ask for (default: folder name)")
-    serve.add_argument("--block-size", type=_positive_int, default=16)
-    serve.add_argument("--num-blocks", type=_positive_int, default=None, help="K/V pool size in blocks")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_positive_int, default=8000, help="port to listen on")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients ask for (None: the folder name)")
+    serve.add_argument("--block-size", type=_positive_int, default=16, help="positions per K/V block")
+    serve.add_argument("--num-blocks", type=_positive_int, default=None, help="K/V pool size in blocks (None: 1024, or enough for one full-length sequence)")
     serve.add_argument("--max-num-tokens", type=_positive_int, default=256, help="token budget per step")
-    serve.add_argument("--max-num-seqs", type=_positive_int, default=64)
-    serve.add_argument("--no-prefix-caching", action="store_true")
+    serve.add_argument("--max-num-seqs", type=_positive_int, default=64, help="requests running at once")
+    serve.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prompt prefixes")
 
-    info = sub.add_parser("info", help="the model's config, size, KV bytes per token, and the backends here")
+    info = sub.add_parser("info", help="the model's config, size, KV bytes per token, and the backends here",
+                          formatter_class=formatter)
     model_args(info)
 
-    chat = sub.add_parser("chat", help="an interactive multi-turn chat that keeps its KV cache across turns")
+    chat = sub.add_parser("chat", help="an interactive multi-turn chat that keeps its KV cache across turns",
+                          formatter_class=formatter)
     model_args(chat)
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
-    chat.add_argument("--max-new-tokens", type=_positive_int, default=256, help="per reply (default 256)")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens per reply")
     chat.add_argument("--max-seq-len", type=_positive_int, default=None,
                       help="positions the conversation's cache holds (default: the model's maximum, at most 4096)")
     sampling_args(chat, defaults="the checkpoint's generation_config.json, else greedy")
@@ -112,11 +132,17 @@ def sampling_args(p, defaults: str) -> None:
     """Sampling flags that default to None: a flag not given is not passed, so the model's
     generation_config.json (then minikv's default) decides."""
     p.add_argument("--temperature", type=_float, default=None, help=f"0 = greedy (default: {defaults})")
-    p.add_argument("--top-k", type=_positive_int, default=None)
-    p.add_argument("--top-p", type=_float, default=None)
-    p.add_argument("--min-p", type=_float, default=None)
-    p.add_argument("--repetition-penalty", type=_float, default=None)
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--top-k", type=_positive_int, default=None,
+                   help="keep the k most likely tokens (default: generation_config.json's, else off)")
+    p.add_argument("--top-p", type=_float, default=None,
+                   help="keep the smallest set of tokens with probability >= p (default: generation_config.json's, "
+                        "else off)")
+    p.add_argument("--min-p", type=_float, default=None,
+                   help="keep tokens with probability >= min-p x the largest (default: generation_config.json's, "
+                        "else off)")
+    p.add_argument("--repetition-penalty", type=_float, default=None,
+                   help="> 1 discourages repeats (default: generation_config.json's, else 1 = off)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (sampling only)")
 
 
 def _given_sampling(args) -> dict:
@@ -147,10 +173,7 @@ def cmd_generate(args) -> int:
     model = _load(args)
     if isinstance(model, EncoderDecoder):
         return _generate_seq2seq(model, args)
-    options = _given_sampling(args)
-    if model.generation_config is None or "do_sample" not in model.generation_config.raw:
-        # The checkpoint does not say how to sample it: the command's own defaults.
-        options = {"temperature": 0.8, "top_p": 0.95, **options}
+    options = _given_sampling(args)     # the rest: generation_config.json's, else model.generate's (greedy)
     stream = model.stream(args.prompt, max_new_tokens=args.max_new_tokens, cache=args.cache, seed=args.seed,
                           speculative=_proposer(args), num_speculative_tokens=args.num_speculative_tokens, **options)
     out = sys.stdout
@@ -209,6 +232,7 @@ def cmd_bench(args) -> int:
 
 def cmd_info(args) -> int:
     from .backend import available_backends
+    from .model import BUNDLED_MODEL
     from .seq2seq import EncoderDecoder
 
     model = _load(args)
@@ -220,7 +244,11 @@ def cmd_info(args) -> int:
     print(f"architecture  {cfg.model_type} ({cfg.family} family)")
     print(f"layers        {cfg.n_layers}, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}")
     print(f"heads         {cfg.n_heads} query, {cfg.n_kv_heads} key/value (head_dim {cfg.head_dim})")
-    print(f"vocabulary    {cfg.vocab_size}, max positions {cfg.max_position_embeddings}")
+    print(f"vocabulary    {cfg.vocab_size}, max positions {cfg.max_position_embeddings} "
+          f"(prompt + generated tokens must fit)")
+    if model.source == BUNDLED_MODEL:
+        print("usable length the bundled model was trained on 256-byte windows: prompt + generated bytes "
+              "<= 256 (past that its text turns to gibberish)")
     if cfg.uses_rope:
         print(f"rope          theta {cfg.rope_theta:g}, convention {cfg.rope_convention}")
     if cfg.sliding_window:

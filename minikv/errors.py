@@ -56,3 +56,17 @@ class SamplingError(MinikvError, ValueError):
 
 class ChatTemplateError(MinikvError):
     """A chat that cannot be rendered: no chat template, or the template refused the messages."""
+
+
+class UnknownOptionError(MinikvError, TypeError):
+    """A keyword argument the function does not take; the message names the nearest valid one."""
+
+
+def unknown_option(name: str, valid, where: str) -> UnknownOptionError:
+    """The error for keyword ``name`` passed to ``where``: "did you mean ...?" from ``valid`` (difflib)."""
+    import difflib
+
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"valid options: {', '.join(valid)}"
+    return UnknownOptionError(f"{where} got an unknown keyword argument {name!r}; {hint}")

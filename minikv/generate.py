@@ -22,9 +22,9 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from . import validate
-from .cache import CACHE_KINDS, KVCache
+from .cache import CACHE_KINDS, CACHE_OPTIONS, KVCache
 from .errors import (CacheMismatchError, CacheOverflowError, ConfigError, InvalidInputError, MinikvError,
-                     SequenceTooLongError)
+                     SequenceTooLongError, unknown_option)
 from .sampling import SamplingParams, sample
 from .tokenizer import require_tokenizer
 
@@ -231,6 +231,16 @@ def resolve_options(model, **given) -> dict:
     return resolved
 
 
+def _option_names() -> set[str]:
+    """Every keyword generate/stream take: Stream's parameters, the cache options, and ``stream``."""
+    import inspect
+
+    named = inspect.signature(Stream.__init__).parameters
+    cache_options = {name for names in CACHE_OPTIONS.values() for name in names}
+    return ({name for name, p in named.items() if p.kind == p.KEYWORD_ONLY or name == "max_new_tokens"}
+            | cache_options | {"stream"})
+
+
 class Stream:
     """An iterator of ``TokenEvent``s; after it is exhausted, ``.output`` holds the GenerationOutput."""
 
@@ -307,6 +317,10 @@ class Stream:
             cache = "none"
         if cache not in CACHE_KINDS:
             raise ConfigError(f"cache={cache!r} is unknown; choose one of {CACHE_KINDS}")
+        cache_options = {name for names in CACHE_OPTIONS.values() for name in names}
+        for option in options:    # not a cache option either: a typo ("temprature") gets the nearest name
+            if option not in cache_options:
+                raise unknown_option(option, _option_names(), "generate()/stream()")
         limit = self.model.config.max_positions
         if max_seq_len is None:
             max_seq_len = min(int(self._positions_needed(None).max()), limit)

@@ -39,6 +39,7 @@ from .cache import CACHE_PROTOCOL, KVCache, KVView, make_cache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, InvalidInputError, SequenceTooLongError
+from .generate import DEFAULT
 from .rope import RopeTable
 
 SUPPORTED_DTYPES = ("float32", "float64")
@@ -79,6 +80,16 @@ class LayerWeights:
     post_mlp_norm: Any = None   # Gemma 3: norm of the MLP output before the residual add (d,)
     # With quantize="int8" / "int4", the four projections are instead ``quant.QuantizedWeight``s of the
     # same fused matrices in (out, in) layout (groups run along ``in``); ``Transformer._linear`` dispatches.
+
+
+
+def _given(arguments: dict, options: dict) -> dict:
+    """The keyword arguments a caller actually passed to generate/stream (DEFAULT ones dropped, so that
+    minikv.generate's own defaults apply: the checkpoint's generation_config.json, else minikv's), plus
+    any others (a typo among them is refused by minikv.generate with the nearest valid name)."""
+    passed = {name: value for name, value in arguments.items()
+              if name not in ("self", "prompt", "options") and value is not DEFAULT}
+    return {**passed, **options}
 
 
 class Transformer:
@@ -506,12 +517,25 @@ class Transformer:
 
     # ------------------------------------------------------------ caches and generation
     def new_cache(self, kind: str = "static", batch_size: int = 1, max_seq_len: Optional[int] = None,
-                  dtype: Optional[str] = None, **options) -> Optional[KVCache]:
-        """A KV cache shaped for this model. kind: "none", "concat", "static", "paged", "sliding".
+                  dtype: Optional[str] = None, *, block_size: Optional[int] = None,
+                  num_blocks: Optional[int] = None, window: Optional[int] = None) -> Optional[KVCache]:
+        """A KV cache shaped for this model (its layers, K/V heads and head_dim), for ``forward``/``generate``.
 
-        max_seq_len defaults to the model's maximum position; dtype to the model's (or "float16" to
-        halve the memory, or "int8" (static only) to store K/V as int8 with a scale per token and head);
-        options: block_size/num_blocks (paged), window (sliding)."""
+        kind:        "static" (default: max_seq_len slots per sequence, allocated once), "concat" (grows by
+                     np.concatenate: the textbook version), "paged" (blocks from a shared pool, through a
+                     block table), "sliding" (a ring of the last ``window`` positions), or "none" (returns
+                     None: recompute everything).
+        batch_size:  sequences the cache holds side by side (default 1).
+        max_seq_len: positions per sequence (default: the model's max_position_embeddings).
+        dtype:       storage dtype (default: the model's; "float16" halves the memory; "int8", static
+                     only, stores K/V as int8 with a scale per token and head).
+        block_size:  "paged" only: positions per block (default 16).
+        num_blocks:  "paged" only: blocks in the pool (default: enough for batch_size x max_seq_len).
+        window:      "sliding" only: positions kept (default max_seq_len; never more than the model's
+                     own sliding_window, if its config has one).
+
+        Raises ConfigError for an unknown kind or an option that belongs to another kind.
+        """
         cfg = self.config
         max_seq_len = cfg.max_positions if max_seq_len is None else max_seq_len
         full_layers = [i for i, w in enumerate(cfg.layer_windows) if w is None]
@@ -520,9 +544,11 @@ class Transformer:
             raise ConfigError(
                 f"a sliding cache keeps only the last {cfg.sliding_window} positions, but the full-attention "
                 f"layers {full_layers} attend to every position; use a static or paged cache")
+        # Only the options given: make_cache refuses one that belongs to another kind, naming it.
+        options = {name: value for name, value in
+                   [("block_size", block_size), ("num_blocks", num_blocks), ("window", window)] if value is not None}
         if kind == "sliding" and cfg.sliding_window is not None:
             # The ring never exceeds the model's own window: slots beyond it could never be attended to.
-            window = options.get("window")
             if window is None or validate.is_integer(window):     # (any other value: the cache names it)
                 options["window"] = cfg.sliding_window if window is None else min(window, cfg.sliding_window)
         return make_cache(kind, n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
@@ -530,17 +556,73 @@ class Transformer:
                           dtype=self.dtype.name if dtype is None else dtype,
                           backend=self.backend, **options)
 
-    def generate(self, prompt, max_new_tokens: Optional[int] = None, **kwargs):
-        """Prefill then decode; see ``minikv.generate.generate`` for every option."""
+    def generate(self, prompt, max_new_tokens=DEFAULT, *, cache=DEFAULT, temperature=DEFAULT, top_k=DEFAULT,
+                 top_p=DEFAULT, min_p=DEFAULT, repetition_penalty=DEFAULT, seed=DEFAULT, rng=DEFAULT,
+                 stop_tokens=DEFAULT, prefill_chunk=DEFAULT, max_seq_len=DEFAULT, cache_dtype=DEFAULT,
+                 block_size=DEFAULT, num_blocks=DEFAULT, window=DEFAULT, cached_tokens=DEFAULT, stream: bool = False, **options):
+        """Generate text: prefill the prompt, then decode one token per step (``minikv.generate``).
+
+        ``model.generate("Once upon", max_new_tokens=20).text``. Options; one left out takes the
+        default shown (for max_new_tokens, the sampling options and stop_tokens: the checkpoint's
+        ``generation_config.json`` if it sets one, else the default shown: greedy, 50 tokens):
+
+        prompt:             a str, a list of str, a list of token ids, or a list of token-id lists (a
+                            ragged batch; each row is generated as if alone).
+        max_new_tokens:     tokens to generate per prompt (default 50).
+        cache:              "static" (default), "none" (recompute every step), "concat", "paged",
+                            "sliding", or a KVCache (e.g. from ``minikv.load_cache``: generation continues
+                            after what it holds).
+        temperature:        0.0 (default) = greedy; > 0 samples from softmax(logits / temperature).
+        top_k:              keep only the k most likely tokens (default None: all).
+        top_p:              keep the smallest set of tokens whose probability reaches p (default None).
+        min_p:              keep tokens with probability >= min_p x the largest (default None).
+        repetition_penalty: > 1 discourages tokens already in the sequence (default 1.0: off).
+        seed:               seed of the random generator (default 0: the same text on every run).
+        rng:                a ``numpy.random.Generator`` to draw from instead of ``seed``.
+        stop_tokens:        token ids that end a sequence (default: the eos_token_id(s) of
+                            generation_config.json, else of config.json).
+        prefill_chunk:      prefill N prompt tokens at a time (same logits, less peak memory).
+        max_seq_len:        positions the cache holds (default: just enough for prompt + new tokens).
+        cache_dtype:        cache storage dtype (default the model's; "float16" halves it).
+        block_size, num_blocks: the "paged" cache's block size and pool size.
+        window:             the "sliding" cache's window.
+        cached_tokens:      with a given cache, the ids it already holds per sequence (for the
+                            repetition penalty; ``chat`` passes them).
+        stream:             True returns a ``Stream`` (iterate it for tokens as they are made).
+
+        Returns a ``GenerationOutput``: ``.tokens`` (per prompt, the new token ids), ``.text`` (decoded;
+        a str for a str prompt), ``.stats`` (timings, cache bytes), ``.finish_reasons``. Raises
+        ``SequenceTooLongError`` or ``CacheOverflowError`` before any work if the generation cannot fit,
+        ``SamplingError`` for an impossible sampling option, and ``UnknownOptionError`` (a ``TypeError``)
+        for a keyword it does not take, naming the nearest valid one (``temprature`` -> temperature).
+        """
+        given = _given(locals(), options)   # first: the import below adds a local
         from .generate import generate
 
-        return generate(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
+        return generate(self, prompt, **given)
 
-    def stream(self, prompt, max_new_tokens: Optional[int] = None, **kwargs):
-        """Like generate, but an iterator of tokens as they are made; see ``minikv.generate.stream``."""
+    def stream(self, prompt, max_new_tokens=DEFAULT, *, cache=DEFAULT, temperature=DEFAULT, top_k=DEFAULT,
+               top_p=DEFAULT, min_p=DEFAULT, repetition_penalty=DEFAULT, seed=DEFAULT, rng=DEFAULT,
+               stop_tokens=DEFAULT, prefill_chunk=DEFAULT, max_seq_len=DEFAULT, cache_dtype=DEFAULT,
+               block_size=DEFAULT, num_blocks=DEFAULT, window=DEFAULT, cached_tokens=DEFAULT, **options):
+        """Like ``generate``, with the same options and defaults, but lazily: a ``Stream`` to iterate.
+
+        ::
+
+            s = model.stream("Once upon", max_new_tokens=20)
+            for event in s:
+                print(event.text, end="", flush=True)
+            print(s.output.stats)
+
+        Each ``TokenEvent`` has ``.sequence`` (which prompt), ``.token`` (the id) and ``.text`` (its text;
+        empty until a UTF-8 character is complete, so multi-byte characters print whole). After the
+        loop, ``s.output`` holds the ``GenerationOutput``, as ``generate`` returns it. The errors are
+        ``generate``'s, raised here, before any token is made. A Stream can be iterated once.
+        """
+        given = _given(locals(), options)   # first: the import below adds a local
         from .generate import stream
 
-        return stream(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
+        return stream(self, prompt, **given)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, **template_kwargs) -> list[int]:
         """The token ids of a conversation rendered with the checkpoint's own chat template (as
@@ -601,13 +683,32 @@ BUNDLED_MODEL = Path(__file__).parent / "data" / "tiny-fortunes"
 
 def load(path=None, *, dtype: str = "float32", backend: Optional[str] = None,
          attention: Optional[str] = None, quantize: Optional[str] = None) -> Transformer:
-    """Load a Hugging Face checkpoint: a folder, or a Hub id such as ``"Qwen/Qwen3-0.6B"`` (from the
-    local Hugging Face cache, else downloaded; see ``minikv.hub``). Default: the bundled tiny model.
+    """Load a model: a Hugging Face checkpoint (a folder or a Hub id), or with no path the bundled tiny model.
 
-    quantize: None (float weights), "int8" or "int4": every projection, the lm_head included, is
-    quantized group-wise at load (see minikv/quant.py); the embedding table and norms stay float.
+    path:      a folder with ``config.json`` and ``model.safetensors`` (or a sharded
+               ``model.safetensors.index.json``), and optionally ``tokenizer.json`` (with a chat
+               template) and ``generation_config.json`` (generate's default sampling options); or a Hub
+               id such as ``"Qwen/Qwen3-0.6B"``, read from the local Hugging Face cache, else downloaded
+               (extra ``hub``; see ``minikv.hub``). Default None: the bundled model, a 3.9M-parameter byte-level
+               LLaMA trained on fortune cookies (``minikv/data/tiny-fortunes``; trained on 256-byte
+               windows, so prompt + generated text should stay within 256 bytes).
+    dtype:     "float32" (default) or "float64" (for exact comparisons); the weights are converted.
+    backend:   "numpy" (default), "numba" (CPU kernels), "cuda" (a GPU: CuPy + Numba CUDA), or
+               "cuda-sim" (the CUDA kernels on the CPU through Numba's simulator); see
+               ``minikv.available_backends()``.
+    attention: the prefill attention algorithm: "naive", "online" or "tiled" (default: the backend's
+               choice, by length).
+    quantize:  None (float weights), "int8" or "int4": every projection, the lm_head included, is
+               quantized group-wise at load (see minikv/quant.py); the embedding table and norms stay float.
 
-    An encoder-decoder checkpoint (model_type "t5" or "bart") gives a ``minikv.seq2seq.EncoderDecoder``."""
+    Architectures: LLaMA (Llama 3 RoPE scaling included), Mistral, Qwen2, Qwen3, Gemma 3 (text) and
+    GPT-2 give a ``Transformer`` (``forward``, ``generate``, ``stream``, ``chat``, ``new_cache``); T5 and
+    BART (model_type "t5", "bart") give a ``minikv.seq2seq.EncoderDecoder``. Weights may be stored in
+    float32, float16, bfloat16 or float64. Raises ``CheckpointError`` for a missing or
+    unreadable file, ``ConfigError`` for a configuration minikv cannot run, and
+    ``BackendUnavailableError`` (saying what to install) for a backend this machine lacks. Only
+    safetensors are read, never pickle files.
+    """
     from .generation_config import read_generation_config
     from .hub import resolve_checkpoint
     from .seq2seq_checkpoint import is_seq2seq_folder

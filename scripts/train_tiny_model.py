@@ -162,7 +162,7 @@ class Hyperparameters:
     num_attention_heads: int = 8
     num_key_value_heads: int = 2
     intermediate_size: int = 608
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = 256   # = context: the model never sees a later position
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False

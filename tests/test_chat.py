@@ -455,7 +455,7 @@ def test_minikv_chat_command_keeps_the_cache_across_turns():
 
 def test_minikv_generate_samples_as_the_generation_config_says():
     # chatml's generation_config.json: do_sample false -> greedy, although no --temperature is given
-    # (the command's own default, 0.8, would sample).
+    # (a checkpoint without one gets model.generate's default, greedy too; the point is the file is read).
     record = expected("chatml")["generate"][2]
     tokenizer = HFTokenizer(CHAT / "chatml")
     assert tokenizer.encode("The cache") == record["prompt_ids"]

@@ -3,6 +3,11 @@
 # %% [markdown]
 # # Lesson 1: attention and the softmax
 #
+# **What it teaches:** scaled dot-product attention by hand, the causal mask, why the textbook softmax
+# overflows and the fix, the online softmax, tiled (flash) attention and its memory, measured.
+# **What it assumes:** Python and NumPy (matrix products, broadcasting); what a softmax is. No
+# transformer knowledge needed: this is the first lesson.
+#
 # Every token a transformer produces goes through **scaled dot-product attention**:
 #
 # $$\text{out}_i = \sum_j \text{softmax}_j(s_{ij})\, v_j, \qquad s_{ij} = \frac{q_i \cdot k_j}{\sqrt{d}}$$

@@ -3,6 +3,10 @@
 # %% [markdown]
 # # Lesson 2: rotary position embeddings (RoPE)
 #
+# **What it teaches:** how RoPE encodes positions by rotating pairs of numbers, the two pair conventions
+# (Hugging Face's and Meta's) and how to convert weights between them, and the position of a decoded token.
+# **What it assumes:** lesson 1 (attention scores `q . k`); a rotation in the plane (cos, sin).
+#
 # Attention by itself has no idea of order: permute the keys and values together and the output does
 # not change. LLaMA, Mistral and Qwen tell it where each token is by **rotating** queries and keys.
 # Each head vector of `head_dim` numbers is cut into `head_dim / 2` **pairs**, and pair `p` of a token at

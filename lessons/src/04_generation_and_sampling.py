@@ -3,6 +3,10 @@
 # %% [markdown]
 # # Lesson 4: generation and sampling
 #
+# **What it teaches:** prefill versus decode (measured), and how each sampling rule (temperature, top-k,
+# top-p, min-p, repetition penalty) reshapes the next-token distribution; seeds and streaming.
+# **What it assumes:** lesson 3 (the model, its logits and the KV cache); probabilities and the softmax.
+#
 # Generation has two phases:
 #
 # * **prefill**: the whole prompt goes through the model in one forward pass (a matrix of tokens per
@@ -197,7 +201,12 @@ for r in [1.0, 1.3]:
 # ## 5. Determinism by seed
 #
 # All randomness comes from one `numpy.random.Generator`; `seed=` creates it. The same seed gives the same
-# text, every run, on every machine.
+# text on every run with the same minikv, NumPy and BLAS library on the same machine. Across machines the
+# random draws are still the same (NumPy's PCG64 generator is specified bit for bit), but the logits may
+# differ in their last bits: BLAS libraries sum matrix products in different orders (by CPU, thread
+# count and version), and float32 rounding differs with the order. Where two tokens are nearly tied,
+# that can change a sampled token, and everything after it. So: reproducible here, usually but not
+# always identical elsewhere (float64 makes a flip much less likely, not impossible).
 
 # %%
 def sampled(seed):

@@ -3,6 +3,10 @@
 # %% [markdown]
 # # Lesson 5: batching, paging and sliding windows
 #
+# **What it teaches:** ragged batches and their padding, the paged KV cache and its block table, the
+# sliding-window ring buffer, and the memory each cache kind holds, measured.
+# **What it assumes:** lessons 3 (the KV cache) and 4 (generation); lesson 1's sliding-window mask.
+#
 # A server answers many prompts at once. Three problems appear, and this lesson measures each:
 #
 # 1. **Ragged batches.** Prompts have different lengths; stacking them in one array means padding.
@@ -110,7 +114,9 @@ print(f"memory held: {cache.nbytes / 1024:.0f} KiB; a static cache for the same 
 # %% [markdown]
 # Sequence 1 finishes: `free(1)` returns its blocks to the pool, and a new prompt can start in that row.
 # Its blocks come from wherever the free list points: a sequence's blocks need not be contiguous in
-# the pool, which is the whole point (no fragmentation, no copying when a sequence grows).
+# the pool, which is the whole point: any free block serves any sequence (no *external* fragmentation: a
+# free block is never too small or in the wrong place), and a growing sequence takes one more block
+# instead of being copied.
 
 # %%
 cache.free(1)
@@ -119,6 +125,22 @@ new_ids = np.zeros((len(prompts), len(new_prompt)), dtype=np.int64)
 new_ids[1] = new_prompt
 model.forward(new_ids, cache=cache, n_new=np.array([0, len(new_prompt), 0, 0]))   # prefill row 1 only
 draw_table(cache, "after free(1) and a new prompt in row 1")
+
+# %% [markdown]
+# Paging still wastes some memory: **internal fragmentation**. A sequence of `n` positions holds
+# `ceil(n / block_size)` blocks, and its last block is partly empty: up to `block_size - 1` unused slots
+# per sequence (the partly filled last columns in the drawing). Measured on this cache:
+
+# %%
+held = np.array([-(-n // block_size) * block_size for n in cache.lengths])       # slots in held blocks
+unused = held - cache.lengths
+print("| sequence | positions | slots held | unused in its last block |\n|---|---|---|---|")
+for b_i, (n, h, u) in enumerate(zip(cache.lengths, held, unused)):
+    print(f"| {b_i} | {n} | {h} | {u} |")
+print(f"\n{unused.sum()} of {held.sum()} slots held are unused ({unused.sum() / held.sum():.1%}); "
+      f"at most block_size - 1 = {block_size - 1} per sequence, so smaller blocks waste less (but make the "
+      f"block table longer and each read shorter)")
+assert np.all(unused < block_size) and held.sum() == cache.blocks_in_use * block_size
 
 # %% [markdown]
 # Attention reads K and V *through* the table. The reference kernel gathers each sequence's blocks into a

@@ -3,6 +3,11 @@
 # %% [markdown]
 # # Lesson 6: flash-decoding and the GPU kernels
 #
+# **What it teaches:** split-K (flash-decoding) attention and its exact merge, how minikv's CUDA kernels
+# implement it, and how to run and check those kernels without a GPU.
+# **What it assumes:** lesson 1 (online softmax, log-sum-exp), lessons 3 and 5 (the cache, block
+# tables); no CUDA knowledge (the lesson explains the terms it uses); a GPU is optional.
+#
 # During decode each sequence has **one** query per head against a long KV cache. Prefill attention
 # parallelises over queries; here there is only one, so a GPU would leave most of its cores idle.
 # **Flash-decoding** (split-K) parallelises over the *keys* instead: cut the cache into `n_splits`
@@ -82,7 +87,7 @@ outs, lses = split_k_by_hand(q, k_cache, v_cache, 8)
 shares = np.exp(np.stack(lses) - reference_lse)[:, 0, :, 0]            # (splits, heads)
 assert np.allclose(shares.sum(axis=0), 1.0)
 
-plt.figure(figsize=(8, 3.5))
+plt.figure(figsize=(9, 3.5))
 bottom = np.zeros(n_heads)
 for p in range(shares.shape[0]):
     plt.bar(np.arange(n_heads), shares[p], bottom=bottom, label=f"keys {p * 125}-{p * 125 + 124}")
@@ -90,7 +95,8 @@ for p in range(shares.shape[0]):
 plt.xlabel("query head")
 plt.ylabel("share of the softmax denominator")
 plt.title("8 splits of 1000 keys: each chunk's weight in the merge")
-plt.legend(fontsize=7, ncol=2, loc="lower right")
+plt.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the bars, not on them
+plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -119,9 +125,39 @@ print("static shared memory per block (bytes):", gpu.shared_bytes)
 # The split-K kernel. One CUDA **block** per (split, sequence x head); within it, thread `t` loads elements
 # of K/V rows into shared memory, scores key `t` of the tile, and owns output dimension `t`. Read it
 # against the math above: `m`, `l` and `acc` are the online softmax of lesson 1, run over one chunk.
+#
+# The kernel is about 100 lines, and most of them serve a handful of constants that the factory
+# `kernels.kernel_functions(config)` fixes before compiling (on a GPU, shared-memory arrays need sizes
+# known at compile time). Their values for the bundled model's `head_dim = 32`, and what each is for:
 
 # %%
 functions = kernels.kernel_functions(gpu)
+rows_per_pass = gpu.decode_threads // gpu.head_dim
+constants = [
+    ("HEAD_DIM", gpu.head_dim, "length of a q/k/v row; thread t < HEAD_DIM owns output dimension t"),
+    ("DEC_THREADS", gpu.decode_threads, "threads per block: a multiple of HEAD_DIM, at least 64 (two warps)"),
+    ("DEC_TILE", gpu.decode_tile, "keys per tile in shared memory; one score per thread, so <= DEC_THREADS"),
+    ("ROWS_PER_PASS", rows_per_pass, "DEC_THREADS // HEAD_DIM: K/V rows the block loads in one pass"),
+    ("K_STRIDE", gpu.head_dim + 1, "HEAD_DIM + 1: a padded K row, so threads reading column c of "
+                                  "different rows hit different shared-memory banks"),
+    ("UNROLL", 8, "rows each thread loads into registers before storing them (loads in flight together)"),
+    ("DECODE_LOADS", gpu.decode_tile // rows_per_pass, "DEC_TILE // ROWS_PER_PASS: rows per thread per tile"),
+]
+print("| constant | value | what it is for |\n|---|---|---|")
+for name, value, meaning in constants:
+    print(f"| `{name}` | {value} | {meaning} |")
+tile_bytes = gpu.shared_bytes["split_k_decode"]
+print(f"\nshared memory per block: q ({gpu.head_dim}) + DEC_TILE x (K row + V row + 2) floats = {tile_bytes:,} bytes")
+assert tile_bytes == (gpu.head_dim + gpu.decode_tile * (2 * gpu.head_dim + 2)) * 4
+
+# %% [markdown]
+# Why these sizes: a streaming multiprocessor has a fixed amount of shared memory (up to ~228 KiB on an
+# H100). Small decode blocks (two warps, a tile under ~20 KiB) let a dozen of them share one
+# multiprocessor, so that while one block waits for memory another computes; with 64-key tiles only
+# six fitted and the kernel ran slower (measured on an H100; `gpu_config`'s comments give the numbers).
+# Now the kernel itself; every upper-case name in it is one of the constants above:
+
+# %%
 print(textwrap.dedent(inspect.getsource(functions["split_k_decode"])))
 
 # %% [markdown]

@@ -3,15 +3,20 @@
 # %% [markdown]
 # # Lesson 7: real checkpoints
 #
+# **What it teaches:** what a Hugging Face checkpoint folder holds, how its tensor names map to minikv's,
+# how to check an implementation against `transformers` (stored logits, float64 and float32), and what
+# the bundled model's attention heads learned. **What it assumes:** lessons 1-3 (lesson 3 builds the
+# transformer block this lesson runs by hand), lesson 2's RoPE conventions.
+#
 # A Hugging Face checkpoint is a folder: `config.json` (the architecture) and `model.safetensors` (the
 # weights, by name). minikv reads it with NumPy only (safetensors, never pickle) and must compute the
 # **same logits** as Hugging Face `transformers`. In this lesson you will
 #
 # 1. open a checkpoint folder and see how its names map to minikv's;
-# 2. compare minikv's logits with logits stored from `transformers` for six tiny architectures
-#    (LLaMA with GQA, LLaMA with MQA and tied embeddings, Qwen2 with q/k/v biases, Mistral, Mistral
-#    with a sliding window, GPT-2), in float64 and float32;
-# 3. run the bundled model **layer by layer by hand** and look at what its attention heads attend to.
+# 2. compare minikv's logits with logits stored from `transformers` for three tiny architectures that
+#    ship with minikv (LLaMA with GQA, Mistral with a sliding window, GPT-2), in float64 and float32;
+# 3. run the bundled model **layer by layer by hand** and look at what its attention heads attend to;
+# 4. run a real pretrained checkpoint, if you have one on disk (nothing is downloaded).
 
 # %%
 import json
@@ -29,14 +34,15 @@ from minikv.exercises import check
 
 %matplotlib inline
 
-FIXTURES = Path("../tests/fixtures/hf")
-print(sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
+# Three tiny random checkpoints, saved by transformers, ship with minikv (about 130 KB each).
+EXAMPLES = Path(minikv.__file__).parent / "data" / "hf-examples"
+print(sorted(p.name for p in EXAMPLES.iterdir() if p.is_dir()))
 
 # %% [markdown]
 # ## 1. What is in a checkpoint folder
 
 # %%
-folder = FIXTURES / "llama_gqa"
+folder = EXAMPLES / "llama_gqa"
 for path in sorted(folder.iterdir()):
     print(f"{path.name:<25} {path.stat().st_size:>8,} bytes")
 hf_config = json.loads((folder / "config.json").read_text())
@@ -60,30 +66,32 @@ def show_table(config, first=6):
 
 show_table(model.config)
 print()
-show_table(minikv.load(FIXTURES / "gpt2").config, first=8)
+show_table(minikv.load(EXAMPLES / "gpt2").config, first=8)
 
 # %% [markdown]
 # ## 2. Same logits as `transformers`
 #
-# Each fixture folder holds `expected.safetensors`: two rows of 11 token ids and the logits `transformers`
-# computed for them in float64. We load every fixture in float64 and in float32 and measure the largest
-# difference.
+# Each example folder holds `expected.safetensors`: two rows of 11 token ids and the logits `transformers`
+# computed for them in float64 (by `scripts/make_hf_fixtures.py`, which needs torch; minikv does not). We
+# load every example in float64 and in float32 and measure the largest difference. (minikv's test suite
+# does the same for three more: LLaMA with one K/V head and tied embeddings, Qwen2 with q/k/v biases,
+# Mistral without a window.)
 
 # %%
 results = []
-for name in sorted(p.name for p in FIXTURES.iterdir() if (p / "expected.safetensors").exists()):
-    expected = load_file(str(FIXTURES / name / "expected.safetensors"))
+for name in sorted(p.name for p in EXAMPLES.iterdir() if (p / "expected.safetensors").exists()):
+    expected = load_file(str(EXAMPLES / name / "expected.safetensors"))
     row = {"name": name}
     for dtype in ["float64", "float32"]:
-        fixture_model = minikv.load(FIXTURES / name, dtype=dtype)
-        logits = fixture_model.forward(expected["input_ids"])
+        example_model = minikv.load(EXAMPLES / name, dtype=dtype)
+        logits = example_model.forward(expected["input_ids"])
         assert logits.dtype == np.dtype(dtype)
         row[dtype] = float(np.abs(logits - expected["logits"]).max())
     row["top1"] = float((logits.argmax(-1) == expected["logits"].argmax(-1)).mean())
-    row["type"] = fixture_model.config.model_type
+    row["type"] = example_model.config.model_type
     results.append(row)
 
-print("| fixture | model_type | max error float64 | max error float32 | top-1 agreement (float32) |")
+print("| example | model_type | max error float64 | max error float32 | top-1 agreement (float32) |")
 print("|---|---|---|---|---|")
 for r in results:
     print(f"| {r['name']} | {r['type']} | {r['float64']:.1e} | {r['float32']:.1e} | {r['top1']:.0%} |")
@@ -108,7 +116,7 @@ plt.show()
 # ## 3. The bundled model, layer by layer, and its attention patterns
 #
 # `model.forward` hides the attention weights (it never needs them). To look at them we run the model's
-# pieces ourselves, with the weights the model laid out at load time:
+# pieces ourselves, as lesson 3 did block by hand, with the weights the model laid out at load time:
 #
 # * `model.embed`: the embedding table; each layer's `attn_norm`, `qkv` (the q, k and v projections fused
 #   side by side), `o`, `mlp_norm`, `mlp_in` (gate and up side by side) and `mlp_down`;
@@ -203,6 +211,51 @@ for layer_i, head_i in zip(*np.nonzero(by_offset.max(-1) > 0.5)):
     print(f"| {layer_i} | {head_i} | {offsets[best]} back | {by_offset[layer_i, head_i, best]:.2f} |")
 
 # %% [markdown]
+# ## 4. A real checkpoint, if you have one
+#
+# Everything above runs on tiny models that ship with minikv. The same `minikv.load` reads a real
+# pretrained checkpoint folder (float32 or float16 safetensors, a `tokenizer.json`). This cell never
+# downloads anything: it uses the folder in the environment variable `MINIKV_CHECKPOINT` if you set one,
+# or else the first of a few small models already in your local Hugging Face cache. To get one (about
+# 550 MB), run `huggingface-cli download openai-community/gpt2` (needs `pip install huggingface_hub`),
+# then rerun this cell.
+
+# %%
+import os
+
+CANDIDATES = ["openai-community/gpt2", "HuggingFaceTB/SmolLM2-135M", "Qwen/Qwen2.5-0.5B"]
+
+def local_checkpoint():
+    """A checkpoint folder on this machine, or None. Never touches the network."""
+    if os.environ.get("MINIKV_CHECKPOINT"):
+        return Path(os.environ["MINIKV_CHECKPOINT"])
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    for repo_id in CANDIDATES:
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=True))   # raises if not cached
+        except Exception:
+            continue
+    return None
+
+folder = local_checkpoint()
+if folder is None:
+    print("No checkpoint found locally (set MINIKV_CHECKPOINT=/path/to/folder, or download one as above); "
+          "skipping this section.")
+else:
+    try:
+        real = minikv.load(folder)
+    except minikv.MinikvError as error:            # e.g. bfloat16 weights, an unsupported architecture
+        print(f"{folder} could not be loaded: {error}")
+    else:
+        print(real)
+        result = real.generate("The meaning of life is", max_new_tokens=20, temperature=0.0)
+        print(repr(result.text))
+        print(result.stats)
+
+# %% [markdown]
 # ## Exercises
 #
 # Each exercise cell has a stub between `# --- your solution ---` and `# --- check ---`: replace the
@@ -224,15 +277,15 @@ with check(1, row_sums, above_diagonal):
     assert np.all(attn[..., above_diagonal] == 0.0)
 
 # %% [markdown]
-# **Exercise 2.** The `mistral_window` fixture has `sliding_window = 4` in its config: query `i` sees only
+# **Exercise 2.** The `mistral_window` example has `sliding_window = 4` in its config: query `i` sees only
 # keys `i-3 .. i`. Show that the config field matters: run it with the window disabled (the same weights in
 # a `minikv.Transformer` whose config has `sliding_window=None`, via `config.replace`) and measure the
 # error against the stored logits; then with the default (the config's window).
 
 # %%
 name = "mistral_window"
-expected = load_file(str(FIXTURES / name / "expected.safetensors"))
-windowed = minikv.load(FIXTURES / name, dtype="float64")
+expected = load_file(str(EXAMPLES / name / "expected.safetensors"))
+windowed = minikv.load(EXAMPLES / name, dtype="float64")
 print("sliding_window from config.json:", windowed.config.sliding_window)
 
 # --- your solution ---
