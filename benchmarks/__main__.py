@@ -7,8 +7,8 @@
     python -m benchmarks --no-peer             # skip Hugging Face transformers (needs torch)
 
 Every benchmark writes ``NAME.md`` and ``NAME.json`` (numbers + the machine they came from) under the
-output folder; ``README_TABLES.md`` combines all tables found there, in a fixed order, for the
-project README. See benchmarks/README.md for what each table measures.
+output folder; ``README_TABLES.md`` combines all tables found there, in a fixed order, for
+benchmarks/README.md. See benchmarks/README.md for what each table measures.
 """
 
 from __future__ import annotations
@@ -63,20 +63,20 @@ def headline(out: Path) -> str:
         for row in decode["rows"]:
             ratio = row.get("ratio_numpy_vs_best_transformers")
             if ratio is not None:
-                met = "met" if ratio >= decode["target_ratio"] else "NOT met"
+                met = "reached" if ratio >= decode["target_ratio"] else "not reached"
                 lines.append(f"- decode, {row['model']}, prompt {row['prompt']} + {row['new_tokens']}: minikv numpy "
-                             f"**{ratio:.2f}x** the best transformers variant (target >= {decode['target_ratio']:.1f}x: "
+                             f"**{ratio:.2f}x** the best transformers variant (goal {decode['target_ratio']:.1f}x: "
                              f"{met})")
     roofline = _load(out, "roofline")
     if roofline:
         for row in roofline["rows"]:
             if row["backend"] == "numpy":
-                met = "met" if row["fraction_of_all_core"] >= roofline["target_fraction"] else "NOT met"
+                met = "reached" if row["fraction_of_all_core"] >= roofline["target_fraction"] else "not reached"
                 if row["model"] != "mid":
-                    met = "the target applies to mid"
+                    met = "the goal applies to mid"
                 lines.append(f"- roofline, {row['model']}, prompt {row['prompt']} + {row['new_tokens']}: "
                              f"{row['achieved_GBps']:.1f} GB/s = **{100 * row['fraction_of_all_core']:.0f}%** of the "
-                             f"all-core {roofline['all_core_GBps']:.1f} GB/s (target >= "
+                             f"all-core {roofline['all_core_GBps']:.1f} GB/s (goal "
                              f"{100 * roofline['target_fraction']:.0f}%: {met})")
     caches = _load(out, "caches")
     if caches:
@@ -84,7 +84,7 @@ def headline(out: Path) -> str:
             if row["new_tokens"] == 50:
                 s = row["kinds"]["static"]["speedup_over_none"]
                 lines.append(f"- static cache vs recompute at 50 new tokens (small, prompt 19): **{s:.2f}x** "
-                             "(the C# seed report claimed 13.2x)")
+                             "(a C# write-up reported 13.2x for the same shape)")
     return "\n".join(lines)
 
 
@@ -136,14 +136,15 @@ def combine(out: Path) -> Path:
             text = "\n".join(stamp if line.startswith("Machine: ") else line for line in text.split("\n"))
         parts.append(text.rstrip() + "\n\n")
         if name in PLOTS and (out / PLOTS[name]).exists():
-            rel = f"benchmarks/results/{PLOTS[name]}" if out.resolve() == RESULTS_DIR.resolve() else PLOTS[name]
+            # Relative to benchmarks/README.md, where update_readme copies the tables.
+            rel = f"results/{PLOTS[name]}" if out.resolve() == RESULTS_DIR.resolve() else PLOTS[name]
             parts.append(f"![{name}]({rel})\n\n")
     target = out / "README_TABLES.md"
     target.write_text("".join(parts))
     return target
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parent / "README.md"   # benchmarks/README.md: the full tables
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 

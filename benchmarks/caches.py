@@ -1,7 +1,7 @@
 """Table 3: every KV-cache kind against recomputing, by number of generated tokens (model ``small``).
 
-For a 19-token prompt (the C# seed report's) and 2 .. 2000 new tokens, greedy, batch 1:
-tokens/s end to end (prefill included, as the seed measured) for ``none`` (recompute the whole
+For a 19-token prompt (the C# write-up's) and 2 .. 2000 new tokens, greedy, batch 1:
+tokens/s end to end (prefill included, as the C# write-up measured) for ``none`` (recompute the whole
 sequence every step), ``concat``, ``static``, ``paged`` (block 16) and ``sliding`` (window 256),
 the speedup over ``none``, the bytes ``concat`` copies per step (``ConcatCache.bytes_copied``),
 and the memory each cache holds at the end.
@@ -172,7 +172,7 @@ def to_markdown(report: dict, ctx: Context) -> str:
     return "".join([
         "## KV cache kinds vs recompute (model small, prompt 19)\n",
         f"Machine: {machine_line(report['machine'] if 'machine' in report else ctx.info)}\n\n",
-        "Tokens/s end to end (prefill + decode, the seed report's measure), median of repeats; speedup = "
+        "Tokens/s end to end (prefill + decode, the measure the C# write-up used), median of repeats; speedup = "
         "time(none) / time(kind).\n\n",
         md_table(header, rows),
         f"\n{pays}\n\nRecompute (`none`) was measured in full up to {report['none_measured_up_to']} new tokens; beyond "
@@ -188,14 +188,14 @@ def to_markdown(report: dict, ctx: Context) -> str:
 
 
 def _seed_claims(report: dict) -> str:
-    """The seed reports' claims next to this run's numbers."""
+    """Other projects' claims next to this run's numbers."""
     by_n = {row["new_tokens"]: row for row in report["rows"]}
-    lines = ["\nThe seed reports' claims, against these numbers:\n\n"]
+    lines = ["\nTwo claims from other projects' KV-cache write-ups, against these numbers:\n\n"]
     if 50 in by_n:
         static50 = by_n[50]["kinds"]["static"]["speedup_over_none"]
-        lines.append(f"- \"13.2x faster at 50 tokens\" (C# seed, the same 4-layer 128-dim shape, prompt 19, end to end): "
+        lines.append(f"- \"13.2x faster at 50 tokens\" (a write-up of a KV cache in a C# transformer of the same 4-layer, 128-dim shape, prompt 19, end to end): "
                      f"here the static cache is **{static50:.2f}x** faster than recompute at 50 new tokens. The speedup "
-                     "depends on how slow recompute is, which depends on the implementation (the seed's recompute ran "
+                     "depends on how slow recompute is, which depends on the implementation (that write-up's recompute ran "
                      "at 5.29 tok/s; here it runs at "
                      f"{by_n[50]['kinds']['none']['e2e_tokens_per_s']:,.0f} tok/s); it grows with the length: "
                      + ", ".join(f"{row['kinds']['static']['speedup_over_none']:.1f}x at {row['new_tokens']}"
@@ -205,7 +205,7 @@ def _seed_claims(report: dict) -> str:
     if slowest:
         verdict = ("so caching was never slower than recomputing" if slowest[0] >= 1.0 else
                    "so there caching was slower than recomputing")
-        lines.append(f"- \"The cache is slower for short sequences\" (PyTorch encoder-decoder seed): the smallest speedup "
+        lines.append(f"- \"The cache is slower for short sequences\" (a write-up of KV caching in a small PyTorch encoder-decoder): the smallest speedup "
                      f"measured here is {slowest[0]:.2f}x ({slowest[1]}, {slowest[2]} new tokens), {verdict}. With "
                      "very few new tokens the cache's extra work (allocating it, writing K/V, a second code path) is "
                      "of the same order as the recompute it saves.\n")

@@ -32,7 +32,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # ------------------------------------------------------------------ the two models
 
-# "small": the 4-layer, 128-dim model of the C# seed report (a byte-sized vocabulary). Its
+# "small": the 4-layer, 128-dim shape of a C# KV-cache write-up (a byte-sized vocabulary). Its
 # max_position_embeddings is 4096 so the prefill table can run 4096-token prompts.
 SMALL = ModelConfig(
     model_type="llama", vocab_size=256, hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=32,

@@ -96,6 +96,26 @@ def test_notebooks_are_built_from_their_sources():
         )
 
 
+@pytest.mark.parametrize("name", EXPECTED)
+def test_lessons_read_no_data_from_the_test_suite(name):
+    """tests/ exists only in a clone; a lesson's data ships with the package or is made by the lesson."""
+    source = (build.SOURCES / f"{name}.py").read_text(encoding="utf-8")
+    assert "tests/" not in source.replace("tests/test_", ""), f"{name} reads from tests/"
+
+
+def test_shipped_hf_examples_are_the_test_fixtures():
+    """minikv/data/hf-examples/* are copies of fixtures the conformance tests check against transformers."""
+    examples = ROOT / "minikv" / "data" / "hf-examples"
+    folders = sorted(p for p in examples.iterdir() if p.is_dir())
+    assert [p.name for p in folders] == ["gpt2", "llama_gqa", "mistral_window"]
+    for folder in folders:
+        fixture = ROOT / "tests" / "fixtures" / "hf" / folder.name
+        names = sorted(p.name for p in folder.iterdir())
+        assert names == sorted(p.name for p in fixture.iterdir())
+        for file_name in names:
+            assert (folder / file_name).read_bytes() == (fixture / file_name).read_bytes(), (folder.name, file_name)
+
+
 def exercise_numbers(name: str) -> list[int]:
     return [number for number, _, _ in build.stub_regions((build.SOURCES / f"{name}.py").read_text(encoding="utf-8"))]
 
