@@ -193,7 +193,7 @@ assert outputs["none"].tokens == outputs["concat"].tokens == outputs["static"].t
 # %%
 prompt_ids = np.array([model.tokenizer.encode("A fortune: ")])
 n_prompt = prompt_ids.shape[1]
-n_steps = 300
+n_steps = config.max_position_embeddings - n_prompt   # up to the 256 positions the model was trained on
 total = n_prompt + n_steps
 
 recompute_every = 50
