@@ -93,8 +93,12 @@ def test_cli_version_and_defaults_in_help():
     pyproject = (ROOT / "pyproject.toml").read_text()   # (tomllib is Python 3.11+; minikv supports 3.10)
     assert f'\nversion = "{minikv.__version__}"\n' in pyproject
     help_text = " ".join(run_cli("generate", "--help").stdout.split())
-    for option, default in [("--max-new-tokens", "50"), ("--temperature", "0.0"), ("--cache", "static")]:
-        assert re.search(rf"{option} .*?\(default: {re.escape(default)}\)", help_text), (option, help_text)
+    # The API's defaults: the checkpoint's generation_config.json, else greedy and 50 tokens.
+    for option, default in [("--max-new-tokens", "generation_config.json's, else 50"),
+                            ("--temperature", "generation_config.json, else greedy"), ("--cache", "static"),
+                            ("--top-p", "generation_config.json's, else off")]:
+        assert re.search(rf"{option} .*?\(default: [^)]*{re.escape(default)}\)", help_text), (option, help_text)
+    assert "(default: None)" not in help_text
 
 
 def test_cli_generate_defaults_are_the_apis(model):
