@@ -633,7 +633,21 @@ class Transformer:
                                    **template_kwargs)
 
     def chat(self, messages, max_new_tokens: Optional[int] = None, **options):
-        """The assistant's reply to a conversation: its chat template, then ``generate``; see ``minikv.chat``."""
+        """The assistant's reply to a conversation: a ``GenerationOutput`` whose ``.text`` is the reply.
+
+        ``model.chat([{"role": "user", "content": "Hi!"}], max_new_tokens=60).text``
+
+        messages:          a list of ``{"role": "system" | "user" | "assistant", "content": str}`` dicts.
+        max_new_tokens:    the reply's length limit (default: generation_config.json's, else 50).
+        chat_template_kwargs: extra variables for the checkpoint's template (e.g. ``enable_thinking``).
+        every other option: as ``generate`` (temperature, top_p, seed, cache, ...; a misspelt one names
+                           the nearest), each defaulting to the checkpoint's generation_config.json.
+
+        The conversation is rendered with the checkpoint's own chat template (a generation prompt
+        added: the same ids as transformers' ``apply_chat_template``), then generated from. Raises
+        ``ChatTemplateError`` when the model has no tokenizer or no template. For a conversation that
+        keeps its KV cache from turn to turn, use ``minikv.chat.ChatSession`` (``minikv chat``).
+        """
         from .chat import chat
 
         return chat(self, messages, max_new_tokens=max_new_tokens, **options)
