@@ -559,7 +559,8 @@ class Transformer:
     def generate(self, prompt, max_new_tokens=DEFAULT, *, cache=DEFAULT, temperature=DEFAULT, top_k=DEFAULT,
                  top_p=DEFAULT, min_p=DEFAULT, repetition_penalty=DEFAULT, seed=DEFAULT, rng=DEFAULT,
                  stop_tokens=DEFAULT, prefill_chunk=DEFAULT, max_seq_len=DEFAULT, cache_dtype=DEFAULT,
-                 block_size=DEFAULT, num_blocks=DEFAULT, window=DEFAULT, cached_tokens=DEFAULT, stream: bool = False, **options):
+                 block_size=DEFAULT, num_blocks=DEFAULT, window=DEFAULT, cached_tokens=DEFAULT,
+                 speculative=DEFAULT, num_speculative_tokens=DEFAULT, stream: bool = False, **options):
         """Generate text: prefill the prompt, then decode one token per step (``minikv.generate``).
 
         ``model.generate("Once upon", max_new_tokens=20).text``. Options; one left out takes the
@@ -588,6 +589,10 @@ class Transformer:
         window:             the "sliding" cache's window.
         cached_tokens:      with a given cache, the ids it already holds per sequence (for the
                             repetition penalty; ``chat`` passes them).
+        speculative:        speculative decoding: "prompt_lookup" or a draft model (a ``Transformer`` with
+                            the same vocabulary) proposes ``num_speculative_tokens`` (default 4) tokens per
+                            step, verified in one forward: the same tokens when greedy, the same
+                            distribution when sampling (see ``minikv.speculative``). Default None: off.
         stream:             True returns a ``Stream`` (iterate it for tokens as they are made).
 
         Returns a ``GenerationOutput``: ``.tokens`` (per prompt, the new token ids), ``.text`` (decoded;
@@ -604,7 +609,8 @@ class Transformer:
     def stream(self, prompt, max_new_tokens=DEFAULT, *, cache=DEFAULT, temperature=DEFAULT, top_k=DEFAULT,
                top_p=DEFAULT, min_p=DEFAULT, repetition_penalty=DEFAULT, seed=DEFAULT, rng=DEFAULT,
                stop_tokens=DEFAULT, prefill_chunk=DEFAULT, max_seq_len=DEFAULT, cache_dtype=DEFAULT,
-               block_size=DEFAULT, num_blocks=DEFAULT, window=DEFAULT, cached_tokens=DEFAULT, **options):
+               block_size=DEFAULT, num_blocks=DEFAULT, window=DEFAULT, cached_tokens=DEFAULT,
+               speculative=DEFAULT, num_speculative_tokens=DEFAULT, **options):
         """Like ``generate``, with the same options and defaults, but lazily: a ``Stream`` to iterate.
 
         ::

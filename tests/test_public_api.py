@@ -118,12 +118,18 @@ def test_licence_and_py_typed_ship():
     assert '"py.typed"' in package_data
 
 
-def test_bundled_model_config_states_the_length_it_was_trained_on(model):
-    """Trained on 256-byte windows: the config must not promise more (it said 512)."""
-    training = (minikv.BUNDLED_MODEL / "TRAINING.md").read_text()
+@pytest.mark.parametrize("folder", ["tiny-fortunes", "tiny-fortunes-draft"])
+def test_bundled_model_configs_state_the_length_they_were_trained_on(folder):
+    """Trained on 256-byte windows: a config must not promise more (they said 512)."""
+    folder = minikv.BUNDLED_MODEL.parent / folder
+    training = (folder / "TRAINING.md").read_text()
     context = int(re.search(r"^\| context \| (\d+) \|", training, re.M).group(1))
-    config = json.loads((minikv.BUNDLED_MODEL / "config.json").read_text())
-    assert config["max_position_embeddings"] == context == model.config.max_position_embeddings == 256
+    config = json.loads((folder / "config.json").read_text())
+    assert config["max_position_embeddings"] == context == 256
+
+
+def test_the_bundled_model_refuses_and_reports_more_than_it_can_use(model):
+    assert model.config.max_position_embeddings == 256
     with pytest.raises(minikv.SequenceTooLongError):
         model.generate("x" * 200, max_new_tokens=60)
     info = run_cli("info")

@@ -3,6 +3,10 @@
 # %% [markdown]
 # # Lesson 10: speculative decoding
 #
+# **What it teaches:** speculative decoding (a draft model or prompt lookup proposes, one forward
+# checks), the rejection rule that keeps sampling exact, rewinding the cache, and when it pays.
+# **What it assumes:** lessons 3-5, and lesson 4's sampling (softmax, temperature).
+#
 # A decode step reads every weight of the model to make **one** token per sequence (lesson 4). Feeding
 # the model five tokens at once costs little more than feeding one: the weights are read once either
 # way. So if a cheap guesser could *propose* the next few tokens, one forward of the model could
@@ -30,6 +34,7 @@ import matplotlib.pyplot as plt
 import minikv
 from minikv import speculative
 from minikv.speculative import BUNDLED_DRAFT
+from minikv.exercises import check
 
 %matplotlib inline
 
@@ -236,17 +241,25 @@ for text_name, prompt_text in texts.items():
 #
 # ## Exercises
 #
+# Each exercise cell has a stub between `# --- your solution ---` and `# --- check ---`: replace the
+# `...` (or the `raise NotImplementedError`) with your code and run the cell. The check prints
+# `exercise N: not solved yet` while the stub is there, `exercise N: correct` when your answer passes,
+# and stops with a `WrongAnswer` naming the failed check otherwise. Solutions:
+# [`solutions/10_speculative_decoding.py`](solutions/10_speculative_decoding.py).
+#
 # **Exercise 1.** A proposer whose guesses are each accepted with probability `a = 0.8`, `k = 4`:
 # how many tokens does a step make on average? Check your closed form against the sum.
 
 # %%
-# --- your solution ---
 a, k_ = 0.8, 4
-mean_tokens = (1 - a ** (k_ + 1)) / (1 - a)
+
+# --- your solution ---
+mean_tokens = ...   # the expected tokens per step, in closed form (a float)
 # --- check ---
-assert abs(mean_tokens - expected_tokens(a, k_)) < 1e-12
-assert abs(mean_tokens - 3.3616) < 1e-12
-print(f"exercise 1: correct: {mean_tokens:.4f} tokens per step")
+with check(1, mean_tokens) as exercise:
+    assert abs(mean_tokens - expected_tokens(a, k_)) < 1e-12
+    assert abs(mean_tokens - 3.3616) < 1e-12
+    exercise.note = f"{mean_tokens:.4f} tokens per step"
 
 # %% [markdown]
 # **Exercise 2.** Prompt lookup proposed token `x = 0` for the distribution `p` above (a point mass
@@ -255,12 +268,10 @@ print(f"exercise 1: correct: {mean_tokens:.4f} tokens per step")
 
 # %%
 # --- your solution ---
-residual_by_hand = p.copy()
-residual_by_hand[0] = 0
-residual_by_hand /= residual_by_hand.sum()
-overall = (1 - p[0]) * residual_by_hand
-overall[0] += p[0]
+residual_by_hand = ...   # (5,): the distribution a rejection of x = 0 draws from
+overall = ...            # (5,): the chance of each token overall
 # --- check ---
-assert np.allclose(residual_by_hand, speculative.residual(p[None], np.eye(5)[[0]])[0])
-assert np.allclose(overall, p)
-print("exercise 2: correct:", np.round(residual_by_hand, 3))
+with check(2, residual_by_hand, overall) as exercise:
+    assert np.allclose(residual_by_hand, speculative.residual(p[None], np.eye(5)[[0]])[0])
+    assert np.allclose(overall, p)
+    exercise.note = str(np.round(residual_by_hand, 3))
