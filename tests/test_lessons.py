@@ -107,9 +107,10 @@ def test_shipped_hf_examples_are_the_test_fixtures():
     """minikv/data/hf-examples/* are copies of fixtures the conformance tests check against transformers."""
     examples = ROOT / "minikv" / "data" / "hf-examples"
     folders = sorted(p for p in examples.iterdir() if p.is_dir())
-    assert [p.name for p in folders] == ["gpt2", "llama_gqa", "mistral_window"]
+    assert [p.name for p in folders] == ["gpt2", "llama_gqa", "mistral_window", "t5_v1_1"]
     for folder in folders:
-        fixture = ROOT / "tests" / "fixtures" / "hf" / folder.name
+        kind = "seq2seq" if folder.name.startswith("t5") else "hf"
+        fixture = ROOT / "tests" / "fixtures" / kind / folder.name
         names = sorted(p.name for p in folder.iterdir())
         assert names == sorted(p.name for p in fixture.iterdir())
         for file_name in names:

@@ -3,6 +3,10 @@
 # %% [markdown]
 # # Lesson 8: encoder-decoder models and the cross-attention cache
 #
+# **What it teaches:** encoder-decoder models (T5, BART), cross-attention, and the two caches a
+# decoder step needs (one growing, one computed once per source). **What it assumes:** lessons 1-3
+# (attention, the KV cache) and 4 (generation).
+#
 # Everything so far was a *decoder-only* model: one stack that reads the prompt and continues it. T5 and
 # BART are **encoder-decoders**: an encoder reads a *source* once (bidirectionally: every source token sees
 # every other), and a decoder writes a *target* token by token, attending to two things at every layer:
@@ -38,10 +42,12 @@ from safetensors.numpy import load_file
 import minikv
 from minikv.seq2seq import EncoderDecoder, relative_position_bucket
 from minikv.seq2seq_checkpoint import Seq2SeqConfig, seq2seq_tensor_table
+from minikv.exercises import check
 
 %matplotlib inline
 
-FIXTURES = Path("..") / "tests" / "fixtures" / "seq2seq"
+# A tiny random T5 v1.1 saved by transformers, with the logits it computed; it ships with minikv.
+FIXTURES = Path(minikv.__file__).parent / "data" / "hf-examples"
 t5 = minikv.load(FIXTURES / "t5_v1_1", dtype="float64")     # a tiny random T5 v1.1 (gated-GELU, untied head)
 expected = load_file(str(FIXTURES / "t5_v1_1" / "expected.safetensors"))
 print(t5)
@@ -214,18 +220,23 @@ plt.show()
 #
 # ## Exercises
 #
+# Each exercise cell has a stub between `# --- your solution ---` and `# --- check ---`: replace the
+# `...` (or the `raise NotImplementedError`) with your code and run the cell. The check prints
+# `exercise N: not solved yet` while the stub is there, `exercise N: correct` when your answer passes,
+# and stops with a `WrongAnswer` naming the failed check otherwise. Solutions:
+# [`solutions/08_encoder_decoder.py`](solutions/08_encoder_decoder.py).
+#
 # **Exercise 1.** A ragged batch must give each source exactly what it would get alone (padding keys are
 # masked in the encoder *and* in cross-attention). Encode the two fixture sources one at a time and check
 # each against the real rows of the batched `states`, in float64 (to 1e-10).
 
 # %%
 # --- your solution ---
-alone = [t5.encode([src]) for src in sources]
-gaps = [np.abs(states[b, :len(src)] - alone[b][0]).max() for b, src in enumerate(sources)]
+gaps = ...   # per source: max |row of the batched states - that source encoded alone| (a list of floats)
 # --- check ---
-print("largest gap:", max(gaps))
-assert max(gaps) < 1e-10
-print("exercise 1: correct")
+with check(1, gaps):
+    print("largest gap:", max(gaps))
+    assert max(gaps) < 1e-10
 
 # %% [markdown]
 # **Exercise 2.** Break the cache on purpose: decode with a cache whose cross part is filled from the *wrong*
@@ -237,12 +248,9 @@ target = np.array([[c.decoder_start_token_id, 5, 9], [c.decoder_start_token_id, 
 want = t5.forward(target, encoder_states=states, encoder_lengths=lengths)
 
 # --- your solution ---
-good = t5.new_cache("static", batch_size=2, max_seq_len=3)
-got = t5.forward(target, encoder_states=states, cache=good, encoder_lengths=lengths)
-wrong_states = np.stack([states[1], states[1]])
-bad = t5.new_cache("static", batch_size=2, max_seq_len=3)
-got_bad = t5.forward(target, encoder_states=wrong_states, cache=bad, encoder_lengths=np.array([lengths[1]] * 2))
+got = ...       # t5.forward(target, ...) with a fresh static cache filled from the right states
+got_bad = ...   # the same with a fresh cache whose cross part comes from the second row's states for both rows
 # --- check ---
-assert np.abs(got - want).max() < 1e-10
-assert np.abs(got_bad[0] - want[0]).max() > 1e-3
-print("exercise 2: correct")
+with check(2, got, got_bad):
+    assert np.abs(got - want).max() < 1e-10
+    assert np.abs(got_bad[0] - want[0]).max() > 1e-3
