@@ -190,9 +190,10 @@ def cmd_generate(args) -> int:
 
 def _generate_seq2seq(model, args) -> int:
     """An encoder-decoder (T5, BART) reads the prompt as its source and writes a new text, not a continuation."""
-    options = {"temperature": 0.8, "top_p": 0.95, **_given_sampling(args)}     # the command's defaults
-    out = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, cache=args.cache, seed=args.seed,
-                         **options)
+    options = _given_sampling(args)     # flags not given: model.generate's defaults (greedy, 50 tokens)
+    if args.max_new_tokens is not None:
+        options["max_new_tokens"] = args.max_new_tokens
+    out = model.generate(args.prompt, cache=args.cache, seed=args.seed, **options)
     print(out.text, flush=True)
     print(f"[{out.stats}]", file=sys.stderr)
     return 0
