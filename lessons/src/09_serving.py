@@ -3,6 +3,10 @@
 # %% [markdown]
 # # Lesson 9: serving many requests: continuous batching and prefix caching
 #
+# **What it teaches:** continuous batching, K/V in a pool of blocks, prefix caching by hash chains,
+# copy-on-write, each checked against generating every request alone. **What it assumes:** lessons
+# 3-5 (the KV cache, generation, the paged cache).
+#
 # A server does not get one prompt; it gets a stream of requests that arrive and finish at different
 # times, and many of them start with the same text (a system prompt). Lesson 5 batched prompts that
 # start together. This lesson builds what engines like vLLM do instead, with `minikv.serving`:
@@ -27,6 +31,7 @@ import numpy as np
 
 import minikv
 from minikv.serving import BlockManager, Engine, block_hash
+from minikv.exercises import check
 
 %matplotlib inline
 
@@ -195,21 +200,28 @@ plt.show()
 # %% [markdown]
 # ## Exercises
 #
+# Each exercise cell has a stub between `# --- your solution ---` and `# --- check ---`: replace the
+# `...` (or the `raise NotImplementedError`) with your code and run the cell. The check prints
+# `exercise N: not solved yet` while the stub is there, `exercise N: correct` when your answer passes,
+# and stops with a `WrongAnswer` naming the failed check otherwise. Solutions:
+# [`solutions/09_serving.py`](solutions/09_serving.py).
+#
 # **Exercise 1.** Two prompts share their first 13 tokens, and the block size is 4. How many blocks can
 # the second prompt take from the cache? Check with a `BlockManager`.
 
 # %%
 # --- your solution ---
-shared_blocks = 13 // 4          # only *full* blocks are named by a hash, so the partial fourth is not shared
+shared_blocks = ...   # blocks of 4 the second prompt can take from the cache (an int)
 # --- check ---
-manager = BlockManager(num_blocks=16, block_size=4)
-a = Seq(list(range(13)) + [100, 101])
-manager.write_blocks(a, len(a.token_ids))
-a.num_computed = len(a.token_ids)
-manager.register_full_blocks(a)
-b = Seq(list(range(13)) + [200, 201, 202])
-assert manager.take_cached_prefix(b) == shared_blocks * 4
-print(f"exercise 1: correct: {shared_blocks} blocks ({shared_blocks * 4} tokens)")
+with check(1, shared_blocks) as exercise:
+    manager = BlockManager(num_blocks=16, block_size=4)
+    a = Seq(list(range(13)) + [100, 101])
+    manager.write_blocks(a, len(a.token_ids))
+    a.num_computed = len(a.token_ids)
+    manager.register_full_blocks(a)
+    b = Seq(list(range(13)) + [200, 201, 202])
+    assert manager.take_cached_prefix(b) == shared_blocks * 4
+    exercise.note = f"{shared_blocks} blocks ({shared_blocks * 4} tokens)"
 
 # %% [markdown]
 # **Exercise 2.** Break the hash chain: make the manager name a block by its own tokens only, then serve a
@@ -221,12 +233,10 @@ x, y = tokenizer.encode("abcdefgh"), tokenizer.encode("ijklmnop")
 prompts = [y + tokenizer.encode(" qrst"), x + y + tokenizer.encode(" uv")]
 
 # --- your solution ---
-broken = Engine(model, block_size=8)
-broken.blocks.hash_of = lambda parent, tokens: block_hash(None, tokens)
-broken.generate([x + tokenizer.encode(" w")], max_tokens=4)          # caches block "x" at positions 0..7
-broken.generate([prompts[0]], max_tokens=4)                          # caches block "y" at positions 0..7
-wrong = broken.generate([prompts[1]], max_tokens=12)[0]              # takes "y" for its positions 8..15
+broken = ...   # an Engine(model, block_size=8) whose block manager hashes a block by its own tokens only
+wrong = ...    # the 12 tokens it generates for prompts[1], after serving x and prompts[0]
 # --- check ---
-right = model.generate(prompts[1], max_new_tokens=12, temperature=0.0).tokens[0]
-assert broken.blocks.stats.cached_tokens >= 16 and wrong != right
-print(f"exercise 2: correct: broken {tokenizer.decode(wrong)!r} vs alone {tokenizer.decode(right)!r}")
+with check(2, broken, wrong) as exercise:
+    right = model.generate(prompts[1], max_new_tokens=12, temperature=0.0).tokens[0]
+    assert broken.blocks.stats.cached_tokens >= 16 and wrong != right
+    exercise.note = f"broken {tokenizer.decode(wrong)!r} vs alone {tokenizer.decode(right)!r}"
