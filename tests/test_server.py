@@ -222,7 +222,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server, client, m
     engine = app.state.engine.engine
     before = engine.stats.generated_tokens
     with httpx.stream("POST", url + "/v1/completions", json={"model": MODEL, "prompt": "Once upon a time",
-                                                             "max_tokens": 400, "temperature": 0, "stream": True}) as r:
+                                                             "max_tokens": 230, "temperature": 0, "stream": True}) as r:
         lines = r.iter_lines()
         for line in lines:
             if line.startswith("data: "):
@@ -231,7 +231,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server, client, m
     # The connection is closed: the server must abort the request and give every block back.
     engine = wait_idle(app)
     assert engine.blocks.num_in_use == 0 and not engine.requests
-    assert engine.stats.generated_tokens - before < 400
+    assert engine.stats.generated_tokens - before < 230       # (the bundled model holds 256 positions)
     # ... and it keeps serving.
     out = client.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=0)
     assert out.choices[0].text == alone(model, "Hi", 8)

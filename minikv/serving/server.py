@@ -456,7 +456,25 @@ def create_app(model, model_name: Optional[str] = None, *, default_max_tokens: i
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, model_name: Optional[str] = None,
           log_level: str = "info", **engine_options) -> None:
-    """Serve ``model`` until interrupted (what ``minikv serve`` runs)."""
+    """Serve ``model`` over HTTP with OpenAI's API until interrupted (what ``minikv serve`` runs).
+
+    ``serve(minikv.load("path/to/folder"), port=8000)``, then any OpenAI client with
+    ``base_url="http://127.0.0.1:8000/v1"``: ``/v1/models``, ``/v1/completions`` and
+    ``/v1/chat/completions`` (the checkpoint's chat template), streamed (server-sent events) or not.
+
+    model:          a ``Transformer`` (from ``minikv.load``).
+    host, port:     where to listen (default 127.0.0.1:8000: this machine only).
+    model_name:     the model id clients ask for (default: the checkpoint folder's name).
+    log_level:      uvicorn's ("info").
+    engine_options: for ``minikv.serving.Engine``: ``num_blocks`` (K/V pool size; default 1024 or one
+                    full-length sequence), ``block_size`` (16), ``max_num_tokens`` (the token budget per
+                    step, 256), ``max_num_seqs`` (64), ``prefix_caching`` (True), ``cache_dtype``.
+
+    Requests are batched continuously (each step runs every live request's next tokens in one forward)
+    and share cached prompt prefixes; a greedy request gets exactly the tokens ``model.generate`` gives
+    it alone (tests/test_serving.py).
+    Needs the ``serve`` extra (Starlette, uvicorn): ``BackendUnavailableError`` otherwise.
+    """
     try:
         import uvicorn
     except ImportError:
