@@ -3,6 +3,10 @@
 # %% [markdown]
 # # Lesson 11: quantization and the memory wall
 #
+# **What it teaches:** why decoding is limited by memory, group-wise int8/int4 weight quantization
+# and its error bound, what it costs in quality, and an int8 KV cache. **What it assumes:** lessons
+# 3 (the model's weights, the cache) and 4 (decode).
+#
 # Generating one token at batch 1 multiplies a single vector by every weight matrix of the model. Each
 # weight is read from memory once and used for **one** multiply-add. A CPU core can do dozens of
 # multiply-adds in the time memory delivers one float32, so decode speed is set by **bytes read per
@@ -26,6 +30,7 @@ import numpy as np
 
 import minikv
 from minikv import quant
+from minikv.exercises import check
 
 model = minikv.load()
 print(model)
@@ -167,16 +172,30 @@ print(repr(out.text))
 # %% [markdown]
 # ## Exercises
 #
-# 1. Bits per weight of int4 with group 32 and a float32 scale: `4 + 32 / 32 = 5`. Compute the int8 figure for
-#    group 64, and the int4 figure if the group were 128. (Checked below.)
-# 2. The int8 KV cache stores `head_dim` int8 values and one float32 scale per row: for this model's
-#    `head_dim = 32`, how many bytes per position (both K and V, every layer and kv head)?
+# Each exercise cell has a stub between `# --- your solution ---` and `# --- check ---`: replace the
+# `...` with your answer and run the cell. The check prints `exercise N: not solved yet` while the stub
+# is there, `exercise N: correct` when your answer passes, and stops with a `WrongAnswer` naming the
+# failed check otherwise. Solutions: [`solutions/11_quantization.py`](solutions/11_quantization.py).
+#
+# **Exercise 1.** Bits per weight of int4 with group 32 and a float32 scale: `4 + 32 / 32 = 5`. Compute
+# the int8 figure for group 64, and the int4 figure if the group were 128.
 
 # %%
-int8_bits_group_64 = 8 + 32 / 64            # your answer to 1a
-int4_bits_group_128 = 4 + 32 / 128         # your answer to 1b
-kv_int8_bytes = 2 * model.config.n_layers * model.config.n_kv_heads * (model.config.head_dim + 4)   # 2.
-assert int8_bits_group_64 == models["int8"].layers[0].o.bits_per_weight
-assert int4_bits_group_128 == quant.quantize(np.ones((4, 256), np.float32), "int4", group=128).bits_per_weight
-assert kv_int8_bytes == int8_cache.bytes_per_position()
-print("all answers check out")
+# --- your solution ---
+int8_bits_group_64 = ...    # bits per weight: int8 values, one float32 scale per 64 weights
+int4_bits_group_128 = ...   # bits per weight: int4 values, one float32 scale per 128 weights
+# --- check ---
+with check(1, int8_bits_group_64, int4_bits_group_128):
+    assert int8_bits_group_64 == models["int8"].layers[0].o.bits_per_weight
+    assert int4_bits_group_128 == quant.quantize(np.ones((4, 256), np.float32), "int4", group=128).bits_per_weight
+
+# %% [markdown]
+# **Exercise 2.** The int8 KV cache stores `head_dim` int8 values and one float32 scale per row: for this
+# model's `head_dim = 32`, how many bytes per position (both K and V, every layer and kv head)?
+
+# %%
+# --- your solution ---
+kv_int8_bytes = ...   # bytes per position of the int8 KV cache
+# --- check ---
+with check(2, kv_int8_bytes):
+    assert kv_int8_bytes == int8_cache.bytes_per_position()
