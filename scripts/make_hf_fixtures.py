@@ -259,15 +259,22 @@ def _rotary_forward_float64(self, x, position_ids):
     return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-@contextlib.contextmanager
-def float64_everywhere(model):
-    """Patch RMSNorm, rotary embedding and softmax of `model` to compute in the input dtype."""
+def _softmax_keeping_float64():
+    """(torch's softmax, a softmax that keeps float64 where eager attention asks for float32)."""
     original_softmax = torch.nn.functional.softmax
 
     def softmax_keep_float64(input, dim=None, _stacklevel=3, dtype=None):
         if dtype == torch.float32 and input.dtype == torch.float64:
             dtype = torch.float64
         return original_softmax(input, dim=dim, dtype=dtype)
+
+    return original_softmax, softmax_keep_float64
+
+
+@contextlib.contextmanager
+def float64_everywhere(model):
+    """Patch RMSNorm, rotary embedding and softmax of `model` to compute in the input dtype."""
+    original_softmax, softmax_keep_float64 = _softmax_keeping_float64()
 
     patched = []
     for module in model.modules():
@@ -514,12 +521,7 @@ def _gemma_rms_norm_keep_dtype(self, x):
 @contextlib.contextmanager
 def float64_families(model):
     """float64_everywhere for the new families: scaled RoPE, Gemma's norm and embedding scale too."""
-    original_softmax = torch.nn.functional.softmax
-
-    def softmax_keep_float64(input, dim=None, _stacklevel=3, dtype=None):
-        if dtype == torch.float32 and input.dtype == torch.float64:
-            dtype = torch.float64
-        return original_softmax(input, dim=dim, dtype=dtype)
+    original_softmax, softmax_keep_float64 = _softmax_keeping_float64()
 
     patched = []
     for module in model.modules():
