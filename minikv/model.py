@@ -103,6 +103,9 @@ class Transformer:
                               f"choose None or one of {sorted(quant.FORMATS)}")
         # None: float weights; "int8" / "int4": every projection (lm_head included) quantized group-wise.
         self.quantize = quantize
+        # The projection every layer calls: plain layers.linear for float weights (no dispatch call
+        # per matmul on the hot path), the quantized dispatch otherwise.
+        self._linear = layers.linear if quantize is None else self._quantized_linear
         self.config = config
         self.dtype = dtype
         self.backend = get_backend(backend)
@@ -365,8 +368,8 @@ class Transformer:
                                        lengths=view.lengths, window=window, algorithm=self.attention)
         return out
 
-    def _linear(self, x, weight, bias):
-        """y = x @ W (+ b): a float (in, out) matrix through BLAS, or a QuantizedWeight through the backend."""
+    def _quantized_linear(self, x, weight, bias):
+        """y = x @ W (+ b): a QuantizedWeight through the backend, a float (in, out) matrix through BLAS."""
         if isinstance(weight, quant.QuantizedWeight):
             return self.backend.quantized_linear(x, weight, bias)
         return layers.linear(x, weight, bias)
