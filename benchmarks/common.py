@@ -173,6 +173,18 @@ class blas_threads:
         return False
 
 
+def blas_line() -> str:
+    """The BLAS library, version, kernel (architecture) and threads NumPy uses, from threadpoolctl:
+    recorded beside every CPU figure."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "BLAS unknown (threadpoolctl not installed)"
+    pools = [f"{i.get('internal_api')} {i.get('version')} kernel {i.get('architecture')}, {i.get('num_threads')} threads"
+             for i in threadpool_info() if i.get("user_api") == "blas"]
+    return "BLAS " + ("; ".join(pools) or "none found")
+
+
 def numpy_threads() -> int:
     """Threads NumPy's BLAS uses (OpenBLAS asked through ctypes; else the environment; else the cores)."""
     getter = _openblas_symbol("get")

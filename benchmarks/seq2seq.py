@@ -41,7 +41,7 @@ import numpy as np
 from minikv.seq2seq import EncoderDecoder
 from minikv.seq2seq_checkpoint import Seq2SeqConfig, seq2seq_tensor_table
 
-from .common import RESULTS_DIR, Context, fmt, machine_line, md_table, median, write_result
+from .common import RESULTS_DIR, Context, blas_line, fmt, machine_line, md_table, median, write_result
 
 SOURCE_LENGTHS = [16, 64, 256, 1024, 2048]
 QUICK_SOURCE_LENGTHS = [16, 64]
@@ -72,16 +72,6 @@ def build_model(seed: int = 0) -> EncoderDecoder:
             scale = 1.0 if row.ours in ("embed.weight",) or "rel_bias" in row.ours else shape[-1] ** -0.5
             weights[row.ours] = (rng.standard_normal(shape) * scale).astype(np.float32)
     return EncoderDecoder(CONFIG, weights, dtype="float32")
-
-
-def blas_info() -> str:
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return "threadpoolctl not installed"
-    pools = [p for p in threadpool_info() if p.get("user_api") == "blas"]
-    return "; ".join(f"{p.get('internal_api')} {p.get('version')} ({p.get('architecture')}, {p.get('num_threads')} "
-                     f"threads)" for p in pools) or "no BLAS pool found"
 
 
 def decode_steps(model: EncoderDecoder, states, lengths, mode: str, steps: int):
@@ -232,7 +222,7 @@ def markdown(ctx: Context, rows, short, blas: str, n_params: int, steps: int) ->
 
 def run(ctx: Context) -> dict:
     model = build_model()
-    blas = blas_info()
+    blas = blas_line()
     sources = QUICK_SOURCE_LENGTHS if ctx.quick else SOURCE_LENGTHS
     repeats = 1 if ctx.quick else REPEATS
     steps = 4 if ctx.quick else STEPS

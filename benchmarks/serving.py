@@ -32,7 +32,7 @@ import numpy as np
 import minikv
 from minikv.serving import Engine
 
-from .common import RESULTS_DIR, Context, blas_threads, fmt, machine_line, md_table, numpy_threads, write_result
+from .common import RESULTS_DIR, Context, blas_line, blas_threads, fmt, machine_line, md_table, numpy_threads, write_result
 
 TARGET = 5.0
 
@@ -177,8 +177,6 @@ def equal_fraction(reference, other) -> float:
 
 
 def run(ctx: Context) -> dict:
-    from threadpoolctl import threadpool_info
-
     name = "small" if ctx.quick else "mid"
     path = ctx.checkpoint(name)
     model = minikv.load(path)
@@ -255,12 +253,12 @@ def run(ctx: Context) -> dict:
         f"{fmt(uncached['tokens_per_s'])} without ({cached['tokens_per_s'] / uncached['tokens_per_s']:.2f}x).\n\n"
         f"Tokens: float32 greedy runs can differ where two logits nearly tie (the engine computes attention "
         f"one query row at a time, generate a whole prompt at once); tests/test_serving.py proves equality "
-        f"in float64.\n\nBLAS: {threadpool_info()}\n\n{machine_line(ctx.info)}\n")
+        f"in float64.\n\n{blas_line()}\n\n{machine_line(ctx.info)}\n")
     report = {"model": name, "requests": n, "lengths": list(lengths), "threads": threads, "speedup": speedup,
               "cpu_speedup": cpu_speedup,
               "target": TARGET, "one_at_a_time": alone, "engine": {str(k): v for k, v in sweep.items()},
               "transformers": peer, "shared_prefix": {"with_cache": cached, "without_cache": uncached},
-              "blas": threadpool_info()}
+              "blas": blas_line()}
     write_result(ctx, "serving", report, markdown)
     return report
 

@@ -24,7 +24,7 @@ import numpy as np
 
 import minikv
 
-from .common import machine_info, machine_line
+from .common import blas_line, machine_info, machine_line
 
 
 def rss_bytes() -> int:
@@ -35,16 +35,6 @@ def rss_bytes() -> int:
     except (OSError, ValueError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
-
-
-def blas_line() -> str:
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return "BLAS unknown (threadpoolctl not installed)"
-    blas = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture')} ({i.get('num_threads')} threads)"
-            for i in threadpool_info() if i.get("user_api") == "blas"]
-    return "BLAS " + ("; ".join(blas) or "none found")
 
 
 def soak(steps: int = 10_000, every: int = 1_000, cache_kind: str = "static", seed: int = 0):

@@ -34,24 +34,13 @@ from pathlib import Path
 import minikv
 from minikv.speculative import BUNDLED_DRAFT
 
-from .common import RESULTS_DIR, first_difference, fmt, load_average, machine_info, machine_line, md_table
+from .common import RESULTS_DIR, blas_line, first_difference, fmt, load_average, machine_info, machine_line, md_table
 
 DRAFT = BUNDLED_DRAFT
 PROMPTS = ["The ", "A man ", "Life is "]
 PASSAGE = "A journey of a thousand miles begins with a single step.\n"
 # 134 bytes: with 100 new tokens it stays inside the 256-byte context the model was trained on.
 REPETITIVE = PASSAGE + PASSAGE + PASSAGE[:20]
-
-
-def blas_kernel() -> str:
-    """The BLAS library, version, kernel (architecture) and threads NumPy uses, from threadpoolctl."""
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return "unknown (threadpoolctl not installed)"
-    infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-    return "; ".join(f"{i.get('internal_api')} {i.get('version')} kernel {i.get('architecture')}, "
-                     f"{i.get('num_threads')} threads" for i in infos) or "none found"
 
 
 def run_one(model, prompts, max_new, speculative=None, k=1, temperature=0.0):
@@ -220,7 +209,7 @@ def main(argv=None) -> dict:
     repeats = 1 if args.quick else 3
     texts = {"bundled": PROMPTS, "repetitive": [REPETITIVE]}
     rows = measure(model, draft, texts, ks, max_new, repeats)
-    report = {"table": "speculative", "quick": args.quick, "machine": info, "blas": blas_kernel(),
+    report = {"table": "speculative", "quick": args.quick, "machine": info, "blas": blas_line(),
               "model_parameters": model.n_parameters, "draft_parameters": draft.n_parameters,
               "ks": ks, "max_new_tokens": max_new, "repeats": repeats, "rows": rows,
               "sampled": sampled_rows(model, draft, texts, max_new),
