@@ -30,24 +30,21 @@ class _Parser(argparse.ArgumentParser):
         return " ".join(parts[1:]) + " " if len(parts) > 1 else ""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def _int_at_least(minimum: int, why: str = ""):
+    """An argparse type: an integer >= minimum, or a usage error naming the value."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}{why}")
+        return value
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (a seed is a non-negative integer)")
-    return value
+_positive_int = _int_at_least(1)
+_seed = _int_at_least(0, " (a seed is a non-negative integer)")
 
 
 def _float(text: str) -> float:

@@ -451,7 +451,7 @@ class EncoderDecoder:
         is exactly as it was."""
         ids = self._check_ids(decoder_ids, "decoder_ids")
         batch, seq = ids.shape
-        n_new = np.full(batch, seq, dtype=np.int64) if n_new is None else self._check_n_new(n_new, batch, seq)
+        n_new = self._check_lengths(n_new, batch, seq, "n_new")          # None: every column is real
         self_cache = None
         if cache is not None:
             if not isinstance(cache, EncoderDecoderCache):
@@ -562,16 +562,6 @@ class EncoderDecoder:
             raise InvalidInputError(f"token id {int(ids[bad][0])} in {what} is out of range for a vocabulary of "
                                     f"{self.config.vocab_size} (valid ids are 0..{self.config.vocab_size - 1})")
         return ids.astype(np.int64, copy=False)
-
-    @staticmethod
-    def _check_n_new(n_new, batch: int, seq: int) -> np.ndarray:
-        values = np.asarray(n_new)
-        if values.dtype.kind not in "iu" or values.reshape(-1).shape != (batch,):
-            raise InvalidInputError(f"n_new={n_new!r} must hold {batch} integer counts between 1 and {seq}")
-        values = values.astype(np.int64).reshape(-1)
-        if values.min() < 1 or values.max() > seq:
-            raise InvalidInputError(f"n_new={values.tolist()} must hold {batch} counts between 1 and {seq}")
-        return values
 
     def _check_lengths(self, lengths, batch: int, width: int, what: str) -> np.ndarray:
         if lengths is None:

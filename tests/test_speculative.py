@@ -192,10 +192,9 @@ def first_tokens(n_accepted, next_token, draft):
     return np.where(n_accepted >= 1, draft[:, 0], next_token)
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_verification_samples_the_models_distribution(deterministic):
-    """Fixed p (the model) and q (the draft) over 6 tokens, k = 3; 20000 rows in one call."""
-    n, vocab = 20000, 6
+def first_token_counts(deterministic: bool, n: int = 20000, vocab: int = 6):
+    """Fixed p (the model) and q (the draft) over ``vocab`` tokens, k = 3, ``n`` rows verified in one
+    call: (how often each token came first, the model's distribution at position 0)."""
     rng = np.random.default_rng(0)
     p_rows = rng.dirichlet(np.ones(vocab), size=4)             # the model at positions 0..3
     q_rows = rng.dirichlet(np.ones(vocab), size=3)             # the draft at positions 0..2
@@ -207,26 +206,20 @@ def test_verification_samples_the_models_distribution(deterministic):
         draft = np.stack([rng.choice(vocab, size=n, p=q_rows[i]) for i in range(3)], axis=1)
         q = np.broadcast_to(q_rows, (n, 3, vocab))
     n_accepted, next_token = verify_sampled(p, draft, np.full(n, 3), q, np.random.default_rng(1))
-    counts = np.bincount(first_tokens(n_accepted, next_token, draft), minlength=vocab)
-    assert chi_square(counts, p_rows[0]) < CHI2_CRITICAL_0001[vocab - 1]
+    return np.bincount(first_tokens(n_accepted, next_token, draft), minlength=vocab), p_rows[0]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_verification_samples_the_models_distribution(deterministic):
+    counts, target = first_token_counts(deterministic)
+    assert chi_square(counts, target) < CHI2_CRITICAL_0001[len(target) - 1]
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_the_distribution_check_catches_a_wrong_acceptance_rule(monkeypatch, deterministic):
     monkeypatch.setattr(speculative, "acceptance_probability", lambda p_x, q_x: np.ones_like(p_x))
-    n, vocab = 20000, 6
-    rng = np.random.default_rng(0)
-    p_rows, q_rows = rng.dirichlet(np.ones(vocab), size=4), rng.dirichlet(np.ones(vocab), size=3)
-    p = np.broadcast_to(p_rows, (n, 4, vocab))
-    if deterministic:
-        draft, q = np.tile(np.array([2, 0, 5]), (n, 1)), None
-    else:
-        draft = np.stack([rng.choice(vocab, size=n, p=q_rows[i]) for i in range(3)], axis=1)
-        q = np.broadcast_to(q_rows, (n, 3, vocab))
-    n_accepted, next_token = verify_sampled(p, draft, np.full(n, 3), q, np.random.default_rng(1))
-    counts = np.bincount(first_tokens(n_accepted, next_token, draft), minlength=vocab)
-    expected = n * p_rows[0]
-    assert ((counts - expected) ** 2 / expected).sum() > CHI2_CRITICAL_0001[vocab - 1]
+    counts, target = first_token_counts(deterministic)
+    assert chi_square(counts, target) > CHI2_CRITICAL_0001[len(target) - 1]
 
 
 def tiny_model(seed: int, scale: float = 0.5) -> minikv.Transformer:
