@@ -350,9 +350,9 @@ class Transformer:
         block table. Returns (batch, H, seq, hd)."""
         backend = self.backend
         if view.k_scales is not None:
-            # An int8 cache: attention reads K = q_k * scale_k, V = q_v * scale_v (one scale per row).
-            view = KVView(quant.dequantize_rows(view.k, view.k_scales, q.dtype),
-                          quant.dequantize_rows(view.v, view.v_scales, q.dtype), view.q_offset, view.lengths)
+            # An int8 cache: attention reads K = q_k * scale_k, V = q_v * scale_v (one scale per row;
+            # a paged view's pages gathered first, so the view becomes contiguous).
+            view = view.dequantized(q.dtype)
         if q.shape[2] == 1:
             # Decode: each sequence's one query sits at position lengths[b] - 1 of the view.
             if view.block_table is not None:
@@ -530,8 +530,9 @@ class Transformer:
                      None: recompute everything).
         batch_size:  sequences the cache holds side by side (default 1).
         max_seq_len: positions per sequence (default: the model's max_position_embeddings).
-        dtype:       storage dtype (default: the model's; "float16" halves the memory; "int8", static
-                     only, stores K/V as int8 with a scale per token and head).
+        dtype:       storage dtype (default: the model's; "float16" halves the memory; "int8", any kind,
+                     stores K/V as int8 with a float32 scale per token and head: (head_dim + 4) / (4 head_dim)
+                     of float32's bytes).
         block_size:  "paged" only: positions per block (default 16).
         num_blocks:  "paged" only: blocks in the pool (default: enough for batch_size x max_seq_len).
         window:      "sliding" only: positions kept (default max_seq_len; never more than the model's
@@ -587,7 +588,8 @@ class Transformer:
                             generation_config.json, else of config.json).
         prefill_chunk:      prefill N prompt tokens at a time (same logits, less peak memory).
         max_seq_len:        positions the cache holds (default: just enough for prompt + new tokens).
-        cache_dtype:        cache storage dtype (default the model's; "float16" halves it).
+        cache_dtype:        cache storage dtype (default the model's; "float16" halves it; "int8", any
+                            cache kind, about quarters it: int8 K/V with a float32 scale per token and head).
         block_size, num_blocks: the "paged" cache's block size and pool size.
         window:             the "sliding" cache's window.
         cached_tokens:      with a given cache, the ids it already holds per sequence (for the
