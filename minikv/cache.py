@@ -26,7 +26,7 @@ quantized on write, ``q = round(row / scale)`` with ``scale = max|row| / 127`` (
 ``quantize_rows``), and its float32 scale is kept beside it, laid out like the storage (a scale
 array per K and V array with the head_dim axis dropped). A row then costs head_dim + 4 bytes instead
 of 4 * head_dim; the view hands over q and the scales (``KVView.k_scales``), and attention reads
-``q * scale`` (``KVView.dequantized``). Every promise below holds for the scales as for K and V.
+``q * scale`` (``dequantize_view``). Every promise below holds for the scales as for K and V.
 
 A cache **stores**; it does not attend. One forward of ``n_new[b]`` new tokens per sequence drives
 it like this (``Transformer.forward`` in model.py)::
@@ -50,13 +50,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
 
 from . import validate
-from .backend import Backend, gather_pages, get_backend
+from .backend import Backend, get_backend
 from .errors import (CacheMismatchError, CacheOverflowError, CacheRewindError, CheckpointError, ConfigError,
                      InvalidInputError)
 from .quant import dequantize_rows, quantize_rows
@@ -72,7 +72,9 @@ class KVView:
     """What attention needs after a write: every key and value the new queries may see.
 
     k, v:        contiguous caches: (batch, kv_heads, width, head_dim) views (no copy where the
-                 storage allows it); paged: the pools (num_blocks, kv_heads, block_size, head_dim)
+                 storage allows it); paged: the pools (num_blocks, kv_heads, block_size, head_dim).
+                 int8 caches: k, v hold the integers q, and k_scales, v_scales the float32 scale of
+                 each row, laid out like k, v without the head_dim axis (see dequantize_view)
     q_offset:    (batch,) position *in the view* of each sequence's first new query
     lengths:     (batch,) keys present per sequence, the new ones included (= q_offset + n_new)
     block_table: paged only: (batch, blocks used) pool block of each block of positions; else None
@@ -86,24 +88,25 @@ class KVView:
     q_offset: np.ndarray
     lengths: np.ndarray
     block_table: Any = None
-    k_scales: Any = None     # int8 caches: the scale of each stored key row, laid out like k without its
-    v_scales: Any = None     # head_dim axis ((batch, kv_heads, width); paged (num_blocks, kv_heads, block_size))
+    k_scales: Any = None     # int8 caches: (batch, kv_heads, width) scale of each stored key row; else None
+    v_scales: Any = None
 
-    def dequantized(self, dtype) -> "KVView":
-        """An int8 view read as floats: K = q_k * scale_k, V = q_v * scale_v, one scale per row (the
-        reference reading; the numba decode step multiplies inside its dot products instead).
 
-        Paged: only the pages the block table names are gathered and dequantized (not the whole
-        pool), so the result is contiguous (batch, kv_heads, blocks * block_size, head_dim) in position
-        order, with no block table: the same positions at the same indices as a static cache's view."""
-        k, v, k_scales, v_scales = self.k, self.v, self.k_scales, self.v_scales
-        if self.block_table is not None:
-            k, v = gather_pages(k, self.block_table), gather_pages(v, self.block_table)
-            # (num_blocks, kv, block_size) -> (num_blocks, kv, block_size, 1): gathered as a pool of head_dim 1
-            k_scales = gather_pages(k_scales[..., None], self.block_table)[..., 0]
-            v_scales = gather_pages(v_scales[..., None], self.block_table)[..., 0]
-        return KVView(dequantize_rows(k, k_scales, dtype), dequantize_rows(v, v_scales, dtype), self.q_offset,
-                      self.lengths)
+def dequantize_view(view: KVView, dtype) -> KVView:
+    """An int8 view read as floats: K = q_k * scale_k, V = q_v * scale_v, one scale per row (the
+    reference reading; the numba decode step multiplies inside its dot products instead).
+
+    Paged: only the blocks the block table names are dequantized, not the whole pool: they become a
+    small pool of their own, (blocks named, kv_heads, block_size, head_dim), and the table is renumbered
+    into it. Everything else of the view (offsets, lengths, which rows go together) stays as it was."""
+    k, v, k_scales, v_scales, table = view.k, view.v, view.k_scales, view.v_scales, view.block_table
+    if table is not None:
+        # blocks[i] is the i-th distinct block named; renumbered[r, c] the index of table[r, c] in blocks
+        blocks, renumbered = np.unique(table.clip(min=0), return_inverse=True)
+        table = np.where(table >= 0, renumbered.reshape(table.shape), -1).astype(table.dtype)
+        k, v, k_scales, v_scales = k[blocks], v[blocks], k_scales[blocks], v_scales[blocks]
+    return replace(view, k=dequantize_rows(k, k_scales, dtype), v=dequantize_rows(v, v_scales, dtype),
+                   block_table=table, k_scales=None, v_scales=None)
 
 
 class KVCache:

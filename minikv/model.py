@@ -35,7 +35,7 @@ import numpy as np
 
 from . import layers, quant, validate
 from .backend import Backend, get_backend
-from .cache import CACHE_PROTOCOL, KVCache, KVView, make_cache
+from .cache import CACHE_PROTOCOL, KVCache, KVView, dequantize_view, make_cache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, InvalidInputError, SequenceTooLongError
@@ -350,9 +350,8 @@ class Transformer:
         block table. Returns (batch, H, seq, hd)."""
         backend = self.backend
         if view.k_scales is not None:
-            # An int8 cache: attention reads K = q_k * scale_k, V = q_v * scale_v (one scale per row;
-            # a paged view's pages gathered first, so the view becomes contiguous).
-            view = view.dequantized(q.dtype)
+            # An int8 cache: attention reads K = q_k * scale_k, V = q_v * scale_v (one scale per row).
+            view = dequantize_view(view, q.dtype)
         if q.shape[2] == 1:
             # Decode: each sequence's one query sits at position lengths[b] - 1 of the view.
             if view.block_table is not None:
