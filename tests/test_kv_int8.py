@@ -372,3 +372,77 @@ def test_compiled_decode_step_reads_int8_paged_and_concat_caches():
         want = drive(reference, new_cache(reference, kind, 2, "int8", block_size=4), prompts, 4, 5)
         # K/V of later layers may round to a neighbouring integer (see tests/test_quant.py's int8 test).
         np.testing.assert_allclose(got[kind], want, rtol=2e-2, atol=2e-2, err_msg=kind)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. The serving engine's paged store in int8: served == generated alone (with an int8 cache)
+# ---------------------------------------------------------------------------------------------------
+
+
+def served(engine, prompts, max_tokens):
+    ids = [engine.add_request(p, max_tokens) for p in prompts]
+    out = {r: [] for r in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.new_token_ids
+        engine.check_blocks()
+    return [out[r] for r in ids]
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])
+def test_int8_store_serves_what_an_int8_cache_generates_alone(name):
+    """Rows of one token, preemption (12 blocks of 4 cannot hold the four), prefix reuse: each request's
+    greedy tokens equal generate(cache_dtype="int8") of its prompt alone (float64: same K/V, same
+    rounding; see tests/test_serving.py for why argmax then agrees)."""
+    from minikv.serving import Engine
+
+    model = model_for(name)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (3, 11, 17, 6)]
+    prompts.append(prompts[2][:9] + [1, 2])                 # shares two full blocks with the third
+    engine = Engine(model, num_blocks=12, block_size=4, max_num_tokens=7, cache_dtype="int8")
+    assert engine.store.k_pool[0].dtype == np.int8
+    got = served(engine, prompts, 9)
+    want = [model.generate([p], max_new_tokens=9, temperature=0.0, cache_dtype="int8").tokens[0] for p in prompts]
+    assert got == want
+    assert engine.stats.preemptions > 0
+    float_engine = Engine(model, num_blocks=12, block_size=4, max_num_tokens=7)
+    # a row: head_dim int8 + a float32 scale, against head_dim floats of the model's dtype
+    hd, itemsize = model.config.head_dim, model.dtype.itemsize
+    assert engine.store.nbytes * hd * itemsize == float_engine.store.nbytes * (hd + 4)
+
+
+def test_int8_store_copy_on_write_copies_the_scales():
+    """n answers fork the prompt's partial block (copy-on-write): answer i equals generate(seed + i) with
+    an int8 cache; a store whose copy forgets the scales is caught by the same comparison."""
+    from minikv.serving import Engine
+
+    model = model_for("llama_gqa")
+    prompt = [3, 1, 4, 1, 5, 9, 2]                          # 7 tokens: the last block (of 4) is partial
+
+    def answers(broken):
+        engine = Engine(model, block_size=4, num_blocks=32, cache_dtype="int8")
+        store = engine.store
+        if broken:
+            copy = store.copy_blocks
+
+            def copy_without_scales(copies):                 # copies K/V, not the scales
+                store.quantized = False
+                try:
+                    copy(copies)
+                finally:
+                    store.quantized = True
+
+            store.copy_blocks = copy_without_scales
+        engine.add_request(prompt, 10, temperature=1.0, seed=11, n=3, stop_token_ids=[])
+        out = {0: [], 1: [], 2: []}
+        while engine.has_unfinished():
+            for o in engine.step():
+                out[o.index] += o.new_token_ids
+        assert engine.blocks.stats.cow_copies >= 2
+        return out
+
+    want = {i: model.generate([prompt], max_new_tokens=10, temperature=1.0, seed=11 + i, stop_tokens=[],
+                              cache_dtype="int8").tokens[0] for i in range(3)}
+    assert answers(broken=False) == want
+    assert answers(broken=True) != want
