@@ -127,7 +127,8 @@ class KVCache:
         try:
             self.dtype = np.dtype(dtype)
         except TypeError:
-            raise ConfigError(f"cache dtype={dtype!r} is not a dtype; choose float16, float32 or float64") from None
+            raise ConfigError(f"cache dtype={dtype!r} is not a dtype; choose float16, float32, float64 or "
+                              "int8") from None
         if self.dtype.name not in ("float16", "float32", "float64") + self.quantized_dtypes:
             raise ConfigError(f"cache dtype={self.dtype.name!r} must be float16, float32, float64"
                               + "".join(f" or {name}" for name in self.quantized_dtypes) + f" for a {self.kind} cache")
@@ -539,7 +540,8 @@ class PagedCache(KVCache):
             offsets = positions % self.block_size
             # pool[blocks[i], :, offsets[i]] = new[b, :, i]  for each new position i;  (kv, n, hd) -> (n, kv, hd)
             # (a scale pool the same with no hd: (kv, n) -> (n, kv))
-            pool[self.backend.to_device(blocks), :, self.backend.to_device(offsets)] = new[b, :, :positions.size].swapaxes(0, 1)
+            rows = new[b, :, :positions.size].swapaxes(0, 1)
+            pool[self.backend.to_device(blocks), :, self.backend.to_device(offsets)] = rows
 
     def update(self, layer, k_new, v_new):
         q_offset, n_new = self.lengths, self._n_new
@@ -609,8 +611,9 @@ class SlidingCache(_PerLayerArrays):
     Mistral's sliding-window attention, and memory stays window-sized however long the sequence.
 
     A write overwrites the slots of positions that are still visible, so ``update`` keeps what it
-    overwrote (K, V and, int8, their scales) until ``advance``: ``rollback`` puts it back. For the same reason a ring can rewind
-    only while the positions the next query needs are still in it (``CacheRewindError`` otherwise)."""
+    overwrote (K, V and, int8, their scales) until ``advance``: ``rollback`` puts it back. For the
+    same reason a ring can rewind only while the positions the next query needs are still in it
+    (``CacheRewindError`` otherwise)."""
 
     kind = "sliding"
 
