@@ -14,8 +14,10 @@ exp(NLL), its change against float32, and the mean KL(p_float32 || p_format) ove
 position (nats): the distribution shift the rounding causes, which perplexity can hide when errors
 cancel. Formats: int8 and int4 weights (every projection and the lm_head; see minikv/quant.py),
 the int8 KV cache (float32 weights; K/V rounded per token and head: the prefill attends over the
-rounded K/V, exactly what decode reads), and int8 weights + int8 KV together. Runs on the numpy
-reference (the numba kernels equal it to float32 round-off: tests/test_quant.py).
+rounded K/V, exactly what decode reads), and int8 weights + int8 KV together. The KV figure is
+measured through a static cache; the concat, paged and sliding int8 caches give the same logits
+(tests/test_kv_int8.py), so it holds for every kind. Runs on the numpy reference (the numba kernels
+equal it to float32 round-off: tests/test_quant.py).
 """
 
 from __future__ import annotations

@@ -21,6 +21,13 @@ Memory held, for a cache of ``positions`` slots per sequence::
 
     nbytes = 2 (K and V) * layers * batch * positions * kv_heads * head_dim * itemsize
 
+``dtype="int8"`` (every kind): each key and value row (one token, one head: head_dim numbers) is
+quantized on write, ``q = round(row / scale)`` with ``scale = max|row| / 127`` (minikv.quant's
+``quantize_rows``), and its float32 scale is kept beside it, laid out like the storage (a scale
+array per K and V array with the head_dim axis dropped). A row then costs head_dim + 4 bytes instead
+of 4 * head_dim; the view hands over q and the scales (``KVView.k_scales``), and attention reads
+``q * scale`` (``dequantize_view``). Every promise below holds for the scales as for K and V.
+
 A cache **stores**; it does not attend. One forward of ``n_new[b]`` new tokens per sequence drives
 it like this (``Transformer.forward`` in model.py)::
 
@@ -43,7 +50,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -52,7 +59,7 @@ from . import validate
 from .backend import Backend, get_backend
 from .errors import (CacheMismatchError, CacheOverflowError, CacheRewindError, CheckpointError, ConfigError,
                      InvalidInputError)
-from .quant import quantize_rows
+from .quant import dequantize_rows, quantize_rows
 
 CACHE_KINDS = ("none", "concat", "static", "paged", "sliding")
 _FORMAT_VERSION = "1"
@@ -65,7 +72,9 @@ class KVView:
     """What attention needs after a write: every key and value the new queries may see.
 
     k, v:        contiguous caches: (batch, kv_heads, width, head_dim) views (no copy where the
-                 storage allows it); paged: the pools (num_blocks, kv_heads, block_size, head_dim)
+                 storage allows it); paged: the pools (num_blocks, kv_heads, block_size, head_dim).
+                 int8 caches: k, v hold the integers q, and k_scales, v_scales the float32 scale of
+                 each row, laid out like k, v without the head_dim axis (see dequantize_view)
     q_offset:    (batch,) position *in the view* of each sequence's first new query
     lengths:     (batch,) keys present per sequence, the new ones included (= q_offset + n_new)
     block_table: paged only: (batch, blocks used) pool block of each block of positions; else None
@@ -83,11 +92,28 @@ class KVView:
     v_scales: Any = None
 
 
+def dequantize_view(view: KVView, dtype) -> KVView:
+    """An int8 view read as floats: K = q_k * scale_k, V = q_v * scale_v, one scale per row (the
+    reference reading; the numba decode step multiplies inside its dot products instead).
+
+    Paged: only the blocks the block table names are dequantized, not the whole pool: they become a
+    small pool of their own, (blocks named, kv_heads, block_size, head_dim), and the table is renumbered
+    into it. Everything else of the view (offsets, lengths, which rows go together) stays as it was."""
+    k, v, k_scales, v_scales, table = view.k, view.v, view.k_scales, view.v_scales, view.block_table
+    if table is not None:
+        # blocks[i] is the i-th distinct block named; renumbered[r, c] the index of table[r, c] in blocks
+        blocks, renumbered = np.unique(table.clip(min=0), return_inverse=True)
+        table = np.where(table >= 0, renumbered.reshape(table.shape), -1).astype(table.dtype)
+        k, v, k_scales, v_scales = k[blocks], v[blocks], k_scales[blocks], v_scales[blocks]
+    return replace(view, k=dequantize_rows(k, k_scales, dtype), v=dequantize_rows(v, v_scales, dtype),
+                   block_table=table, k_scales=None, v_scales=None)
+
+
 class KVCache:
     """The interface; subclasses decide where K and V live (see the module docstring for the protocol)."""
 
     kind = "base"
-    quantized_dtypes: tuple[str, ...] = ()   # kinds that can store int8 K/V (with per-row scales) list "int8"
+    quantized_dtypes: tuple[str, ...] = ("int8",)   # K/V stored as int8 with a float32 scale per row
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, batch_size: int, max_seq_len: int,
                  dtype="float32", backend: Optional[Backend] = None):
@@ -101,10 +127,11 @@ class KVCache:
         try:
             self.dtype = np.dtype(dtype)
         except TypeError:
-            raise ConfigError(f"cache dtype={dtype!r} is not a dtype; choose float16, float32 or float64") from None
+            raise ConfigError(f"cache dtype={dtype!r} is not a dtype; choose float16, float32, float64 or "
+                              "int8") from None
         if self.dtype.name not in ("float16", "float32", "float64") + self.quantized_dtypes:
-            raise ConfigError(f"cache dtype={self.dtype.name!r} must be float16, float32 or float64"
-                              + (" (int8: the static cache only)" if self.dtype.name == "int8" else ""))
+            raise ConfigError(f"cache dtype={self.dtype.name!r} must be float16, float32, float64"
+                              + "".join(f" or {name}" for name in self.quantized_dtypes) + f" for a {self.kind} cache")
         self.backend = get_backend(backend)
         # int8: K and V rows quantized on write, one float32 scale per (sequence, head, position).
         self.quantized = self.dtype.name == "int8"
@@ -147,6 +174,14 @@ class KVCache:
                             f"a {self.kind} cache of {positions:,} positions ({self.batch_size} sequences, "
                             f"max_seq_len={self.max_seq_len:,})",
                             "pass a smaller max_seq_len (generate sizes its cache to prompt + max_new_tokens)")
+
+    def _encoded(self, k_new, v_new):
+        """What the arrays store of this step's K/V: (k, v, k_scale, v_scale). Float caches: the rows
+        themselves and no scales; int8: q int8 (b, kv, seq, hd) and one float32 scale (b, kv, seq) per row."""
+        if not self.quantized:
+            return k_new, v_new, None, None
+        (k, k_scale), (v, v_scale) = quantize_rows(k_new), quantize_rows(v_new)
+        return k, v, k_scale, v_scale
 
     def check_compatible(self, config, batch_size: int) -> None:
         """Refuse a cache built for another model or batch, naming what differs. Changes nothing."""
@@ -270,10 +305,16 @@ class _PerLayerArrays(KVCache):
         shape = (self.batch_size, self.n_kv_heads, slots, self.head_dim)
         self.k = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
         self.v = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
-        if self.quantized:
-            # (batch, kv_heads, slots): the scale of each stored key / value row
-            self.k_scales = [self.xp.zeros(shape[:3], dtype=np.float32) for _ in range(self.n_layers)]
-            self.v_scales = [self.xp.zeros(shape[:3], dtype=np.float32) for _ in range(self.n_layers)]
+        # int8: (batch, kv_heads, slots), the scale of each stored key / value row; float: None per layer
+        self.k_scales = [self.xp.zeros(shape[:3], dtype=np.float32) if self.quantized else None
+                         for _ in range(self.n_layers)]
+        self.v_scales = [self.xp.zeros(shape[:3], dtype=np.float32) if self.quantized else None
+                         for _ in range(self.n_layers)]
+
+    def _arrays(self, layer: int) -> list:
+        """The arrays one layer writes, in the order of ``_encoded``'s values: K, V (and int8: their scales)."""
+        out = [self.k[layer], self.v[layer]]
+        return out + [self.k_scales[layer], self.v_scales[layer]] if self.quantized else out
 
     def _tensors(self):
         out = {}
@@ -313,12 +354,9 @@ class StaticCache(_PerLayerArrays):
         lengths = q_offset + n_new
         width = int(lengths.max())
         if self.quantized:
-            # int8: each new (token, head) row becomes q int8 (hd,) and one scale (minikv.quant.quantize_rows)
-            for new, store, scales in ((k_new, self.k[layer], self.k_scales[layer]),
-                                       (v_new, self.v[layer], self.v_scales[layer])):
-                q, scale = quantize_rows(new)                  # (b, kv, seq, hd) int8, (b, kv, seq) float32
-                self.backend.write_kv(store, q, q_offset, n_new)
-                self.backend.write_kv(scales, scale, q_offset, n_new)
+            # int8: each new (token, head) row becomes q int8 (hd,) and one scale, written side by side
+            for store, new in zip(self._arrays(layer), self._encoded(k_new, v_new)):
+                self.backend.write_kv(store, new, q_offset, n_new)
             return KVView(self.k[layer][:, :, :width], self.v[layer][:, :, :width], q_offset, lengths,
                           k_scales=self.k_scales[layer][:, :, :width], v_scales=self.v_scales[layer][:, :, :width])
         # k[b, :, q_offset[b] : lengths[b]] = k_new[b, :, :n_new[b]]: llama2.c's one-line cache write
@@ -347,31 +385,37 @@ class ConcatCache(_PerLayerArrays):
     def reserve(self, n_new):
         super().reserve(n_new)
         # The arrays before this forward: a rollback puts them back (each update makes new ones).
-        self._before = (list(self.k), list(self.v), self.bytes_copied)
+        self._before = (list(self.k), list(self.v), list(self.k_scales), list(self.v_scales), self.bytes_copied)
 
     def update(self, layer, k_new, v_new):
-        xp = self.xp
         q_offset, n_new = self.lengths, self._n_new
         lengths = q_offset + n_new
-        width, seq = self.k[layer].shape[2], k_new.shape[2]
-        self.bytes_copied += 2 * self.k[layer].nbytes
+        k, v, k_scale, v_scale = self._encoded(k_new, v_new)
+        self.k[layer] = self._grown(self.k[layer], k, q_offset, n_new, lengths)
+        self.v[layer] = self._grown(self.v[layer], v, q_offset, n_new, lengths)
+        if self.quantized:
+            # the scales (batch, kv_heads, width) grow with the arrays they belong to
+            self.k_scales[layer] = self._grown(self.k_scales[layer], k_scale, q_offset, n_new, lengths)
+            self.v_scales[layer] = self._grown(self.v_scales[layer], v_scale, q_offset, n_new, lengths)
+        return KVView(self.k[layer], self.v[layer], q_offset, lengths, k_scales=self.k_scales[layer],
+                      v_scales=self.v_scales[layer])
+
+    def _grown(self, old, new, q_offset, n_new, lengths):
+        """A new array: ``old`` (batch, kv_heads, width, ...) with ``new`` written at each sequence's length."""
+        xp, width, seq = self.xp, old.shape[2], new.shape[2]
+        self.bytes_copied += old.nbytes
         if np.all(q_offset == width) and np.all(n_new == seq):
             # Every sequence is as long as the array: the textbook k = concat([k, k_new]) on the seq axis.
-            self.k[layer] = xp.concatenate([self.k[layer], k_new.astype(self.dtype)], axis=2)
-            self.v[layer] = xp.concatenate([self.v[layer], v_new.astype(self.dtype)], axis=2)
-        else:
-            # A ragged batch: grow to the longest sequence with an empty block, then write each row.
-            grow = max(int(lengths.max()) - width, 0)
-            pad = xp.zeros(self.k[layer].shape[:2] + (grow, self.head_dim), dtype=self.dtype)
-            self.k[layer] = xp.concatenate([self.k[layer], pad], axis=2)
-            self.v[layer] = xp.concatenate([self.v[layer], pad], axis=2)
-            self.backend.write_kv(self.k[layer], k_new, q_offset, n_new)
-            self.backend.write_kv(self.v[layer], v_new, q_offset, n_new)
-        return KVView(self.k[layer], self.v[layer], q_offset, lengths)
+            return xp.concatenate([old, new.astype(old.dtype)], axis=2)
+        # A ragged batch: grow to the longest sequence with an empty block, then write each row.
+        grow = max(int(lengths.max()) - width, 0)
+        grown = xp.concatenate([old, xp.zeros(old.shape[:2] + (grow,) + old.shape[3:], dtype=old.dtype)], axis=2)
+        self.backend.write_kv(grown, new, q_offset, n_new)
+        return grown
 
     def rollback(self):
         if self._n_new is not None:
-            self.k, self.v, self.bytes_copied = self._before
+            self.k, self.v, self.k_scales, self.v_scales, self.bytes_copied = self._before
         super().rollback()
 
     def _truncate(self, lengths):
@@ -379,6 +423,9 @@ class ConcatCache(_PerLayerArrays):
         width = int(lengths.max(initial=0))
         self.k = [k[:, :, :width] for k in self.k]
         self.v = [v[:, :, :width] for v in self.v]
+        if self.quantized:
+            self.k_scales = [s[:, :, :width] for s in self.k_scales]
+            self.v_scales = [s[:, :, :width] for s in self.v_scales]
 
     def reset(self):
         super().reset()
@@ -411,6 +458,11 @@ class PagedCache(KVCache):
         shape = (self.num_blocks, self.n_kv_heads, self.block_size, self.head_dim)
         self.k_pool = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
         self.v_pool = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
+        # int8: (num_blocks, kv_heads, block_size) beside each pool, the scale of each stored row; float: None
+        self.k_scales = [self.xp.zeros(shape[:3], dtype=np.float32) if self.quantized else None
+                         for _ in range(self.n_layers)]
+        self.v_scales = [self.xp.zeros(shape[:3], dtype=np.float32) if self.quantized else None
+                         for _ in range(self.n_layers)]
         self.block_table = np.full((self.batch_size, self.blocks_per_seq), -1, dtype=np.int32)
         self.free_blocks = list(range(self.num_blocks))
         self._table_on_device = None
@@ -487,15 +539,22 @@ class PagedCache(KVCache):
             blocks = self.block_table[b, positions // self.block_size]
             offsets = positions % self.block_size
             # pool[blocks[i], :, offsets[i]] = new[b, :, i]  for each new position i;  (kv, n, hd) -> (n, kv, hd)
-            pool[self.backend.to_device(blocks), :, self.backend.to_device(offsets)] = new[b, :, :positions.size].transpose(1, 0, 2)
+            # (a scale pool the same with no hd: (kv, n) -> (n, kv))
+            rows = new[b, :, :positions.size].swapaxes(0, 1)
+            pool[self.backend.to_device(blocks), :, self.backend.to_device(offsets)] = rows
 
     def update(self, layer, k_new, v_new):
         q_offset, n_new = self.lengths, self._n_new
-        self._write(self.k_pool[layer], k_new, q_offset, n_new)
-        self._write(self.v_pool[layer], v_new, q_offset, n_new)
+        k, v, k_scale, v_scale = self._encoded(k_new, v_new)
+        self._write(self.k_pool[layer], k, q_offset, n_new)
+        self._write(self.v_pool[layer], v, q_offset, n_new)
+        if self.quantized:
+            self._write(self.k_scales[layer], k_scale, q_offset, n_new)
+            self._write(self.v_scales[layer], v_scale, q_offset, n_new)
         lengths = q_offset + n_new
         used = -(-int(lengths.max()) // self.block_size)      # table columns that hold positions
-        return KVView(self.k_pool[layer], self.v_pool[layer], q_offset, lengths, self._table_device()[:, :used])
+        return KVView(self.k_pool[layer], self.v_pool[layer], q_offset, lengths, self._table_device()[:, :used],
+                      k_scales=self.k_scales[layer], v_scales=self.v_scales[layer])
 
     def _release(self, seq: int, keep_blocks: int) -> None:
         held = [int(x) for x in self.block_table[seq, keep_blocks:] if x >= 0]
@@ -529,11 +588,16 @@ class PagedCache(KVCache):
         out = {"block_table": self.block_table}
         for i in range(self.n_layers):
             out[f"k.{i}"], out[f"v.{i}"] = self.k_pool[i], self.v_pool[i]
+            if self.quantized:
+                out[f"k_scales.{i}"], out[f"v_scales.{i}"] = self.k_scales[i], self.v_scales[i]
         return out
 
     def _restore(self, tensors):
         self.k_pool = [self.backend.to_device(tensors[f"k.{i}"]) for i in range(self.n_layers)]
         self.v_pool = [self.backend.to_device(tensors[f"v.{i}"]) for i in range(self.n_layers)]
+        if self.quantized:
+            self.k_scales = [self.backend.to_device(tensors[f"k_scales.{i}"]) for i in range(self.n_layers)]
+            self.v_scales = [self.backend.to_device(tensors[f"v_scales.{i}"]) for i in range(self.n_layers)]
         self.block_table = tensors["block_table"].astype(np.int32)
         used = set(int(x) for x in self.block_table.ravel() if x >= 0)
         self.free_blocks = [i for i in range(self.num_blocks) if i not in used]
@@ -547,8 +611,9 @@ class SlidingCache(_PerLayerArrays):
     Mistral's sliding-window attention, and memory stays window-sized however long the sequence.
 
     A write overwrites the slots of positions that are still visible, so ``update`` keeps what it
-    overwrote until ``advance``: ``rollback`` puts it back. For the same reason a ring can rewind
-    only while the positions the next query needs are still in it (``CacheRewindError`` otherwise)."""
+    overwrote (K, V and, int8, their scales) until ``advance``: ``rollback`` puts it back. For the
+    same reason a ring can rewind only while the positions the next query needs are still in it
+    (``CacheRewindError`` otherwise)."""
 
     kind = "sliding"
 
@@ -575,53 +640,59 @@ class SlidingCache(_PerLayerArrays):
             out.append((positions, positions % self.window))
         return out
 
-    def _write_ring(self, layer, k_new, v_new, q_offset, n_new):
+    def _write_ring(self, stores, news, q_offset, n_new):
+        """Write each news[i] (batch, kv_heads, seq, ...) into the ring stores[i] (K, V, int8: their scales)."""
         to_device = self.backend.to_device
         for b, (positions, slots) in enumerate(self._ring_slots(q_offset, n_new)):
             if positions.size == 0:
                 continue
             slots_dev, new_dev = to_device(slots), to_device(positions - int(q_offset[b]))
-            # Keep the overwritten slots (b, :, slots) of K and V for a rollback, then write.
-            self._undo.append((layer, b, slots_dev, self.k[layer][b][:, slots_dev], self.v[layer][b][:, slots_dev]))
-            self.k[layer][b][:, slots_dev] = k_new[b][:, new_dev]
-            self.v[layer][b][:, slots_dev] = v_new[b][:, new_dev]
+            for store, new in zip(stores, news):
+                # Keep the overwritten slots (b, :, slots) for a rollback, then write.
+                self._undo.append((store, b, slots_dev, store[b][:, slots_dev]))
+                store[b][:, slots_dev] = new[b][:, new_dev]
 
     def update(self, layer, k_new, v_new):
-        xp, W = self.xp, self.window
+        W = self.window
         q_offset, n_new = self.lengths, self._n_new
+        # K, V (int8: and their scales) with what this step writes into each (zip stops at the shorter)
+        stores, news = self._arrays(layer), self._encoded(k_new, v_new)
         if k_new.shape[2] == 1:
             # Decode: write the new position into its slot, then hand over the ring as it lies. Every
             # filled slot is within the window, and attention does not care about the order of keys
             # (RoPE already put each key's position into it), so the keys are slots 0..filled-1 and
             # the query is the last of them.
-            self._write_ring(layer, k_new, v_new, q_offset, n_new)
+            self._write_ring(stores, news, q_offset, n_new)
             filled = np.minimum(q_offset + n_new, W)
-            return KVView(self.k[layer], self.v[layer], filled - n_new, filled)
+            return KVView(self.k[layer], self.v[layer], filled - n_new, filled, k_scales=self.k_scales[layer],
+                          v_scales=self.v_scales[layer])
         # Prefill: lay out the last window-1 old positions in order, then the new ones, so the window
         # mask sees true relative positions; then keep the last W in the ring.
         n_old = np.minimum(q_offset, W - 1)
         width = int((n_old + n_new).max())
-        # (batch, kv_heads, width, head_dim): old positions, then new ones, per sequence
-        k_all = xp.zeros((self.batch_size, self.n_kv_heads, width, self.head_dim), dtype=k_new.dtype)
-        v_all = xp.zeros_like(k_all)
+        in_order = [self._in_order(store, new, q_offset, n_old, n_new, width) for store, new in zip(stores, news)]
+        self._write_ring(stores, news, q_offset, n_new)
+        k_all, v_all, k_scales, v_scales = in_order + [None] * (4 - len(in_order))
+        return KVView(k_all, v_all, n_old, n_old + n_new, k_scales=k_scales, v_scales=v_scales)
+
+    def _in_order(self, store, new, q_offset, n_old, n_new, width):
+        """(batch, kv_heads, width, ...): per sequence its last n_old[b] ring positions in position order,
+        then its n_new[b] new ones (K or V with head_dim; int8 scales without)."""
+        out = self.xp.zeros((self.batch_size, self.n_kv_heads, width) + store.shape[3:], dtype=new.dtype)
         for b in range(self.batch_size):
             old_positions = np.arange(int(q_offset[b] - n_old[b]), int(q_offset[b]))
-            slots = self.backend.to_device(old_positions % W)
-            k_all[b, :, :n_old[b]] = self.k[layer][b][:, slots]
-            v_all[b, :, :n_old[b]] = self.v[layer][b][:, slots]
-            k_all[b, :, n_old[b]:n_old[b] + n_new[b]] = k_new[b, :, :n_new[b]]
-            v_all[b, :, n_old[b]:n_old[b] + n_new[b]] = v_new[b, :, :n_new[b]]
-        self._write_ring(layer, k_new, v_new, q_offset, n_new)
-        return KVView(k_all, v_all, n_old, n_old + n_new)
+            slots = self.backend.to_device(old_positions % self.window)
+            out[b, :, :n_old[b]] = store[b][:, slots]
+            out[b, :, n_old[b]:n_old[b] + n_new[b]] = new[b, :, :n_new[b]]
+        return out
 
     def advance(self, n_new):
         self._undo = []
         super().advance(n_new)
 
     def rollback(self):
-        for layer, b, slots, old_k, old_v in reversed(self._undo):
-            self.k[layer][b][:, slots] = old_k
-            self.v[layer][b][:, slots] = old_v
+        for store, b, slots, old in reversed(self._undo):
+            store[b][:, slots] = old
         self._undo = []
         super().rollback()
 
@@ -715,10 +786,9 @@ def _checked_metadata(path, meta: dict) -> tuple[str, dict, dict]:
     kind = meta["kind"]
     sizes = {name: size(name, meta.get(name)) for name in ("n_layers", "n_kv_heads", "head_dim", "batch_size",
                                                            "max_seq_len")}
-    if meta.get("dtype") not in ("float16", "float32", "float64") and not (meta.get("dtype") == "int8"
-                                                                          and kind in ("static",)):
-        raise CheckpointError(f"{path}: cache metadata dtype={meta.get('dtype')!r} must be float16, float32 or float64"
-                              " (or int8 for a static cache)")
+    if meta.get("dtype") not in ("float16", "float32", "float64") + _KINDS[kind].quantized_dtypes:
+        raise CheckpointError(f"{path}: cache metadata dtype={meta.get('dtype')!r} must be float16, float32, float64"
+                              + "".join(f" or {name}" for name in _KINDS[kind].quantized_dtypes))
     try:
         extra = json.loads(meta.get("extra", "{}"))
     except (ValueError, RecursionError):

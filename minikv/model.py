@@ -35,7 +35,7 @@ import numpy as np
 
 from . import layers, quant, validate
 from .backend import Backend, get_backend
-from .cache import CACHE_PROTOCOL, KVCache, KVView, make_cache
+from .cache import CACHE_PROTOCOL, KVCache, KVView, dequantize_view, make_cache
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, InvalidInputError, SequenceTooLongError
@@ -351,8 +351,7 @@ class Transformer:
         backend = self.backend
         if view.k_scales is not None:
             # An int8 cache: attention reads K = q_k * scale_k, V = q_v * scale_v (one scale per row).
-            view = KVView(quant.dequantize_rows(view.k, view.k_scales, q.dtype),
-                          quant.dequantize_rows(view.v, view.v_scales, q.dtype), view.q_offset, view.lengths)
+            view = dequantize_view(view, q.dtype)
         if q.shape[2] == 1:
             # Decode: each sequence's one query sits at position lengths[b] - 1 of the view.
             if view.block_table is not None:
@@ -530,8 +529,9 @@ class Transformer:
                      None: recompute everything).
         batch_size:  sequences the cache holds side by side (default 1).
         max_seq_len: positions per sequence (default: the model's max_position_embeddings).
-        dtype:       storage dtype (default: the model's; "float16" halves the memory; "int8", static
-                     only, stores K/V as int8 with a scale per token and head).
+        dtype:       storage dtype (default: the model's; "float16" halves the memory; "int8", any kind,
+                     stores K/V as int8 with a float32 scale per token and head: (head_dim + 4) / (4 head_dim)
+                     of float32's bytes).
         block_size:  "paged" only: positions per block (default 16).
         num_blocks:  "paged" only: blocks in the pool (default: enough for batch_size x max_seq_len).
         window:      "sliding" only: positions kept (default max_seq_len; never more than the model's
@@ -587,7 +587,8 @@ class Transformer:
                             generation_config.json, else of config.json).
         prefill_chunk:      prefill N prompt tokens at a time (same logits, less peak memory).
         max_seq_len:        positions the cache holds (default: just enough for prompt + new tokens).
-        cache_dtype:        cache storage dtype (default the model's; "float16" halves it).
+        cache_dtype:        cache storage dtype (default the model's; "float16" halves it; "int8", any
+                            cache kind, about quarters it: int8 K/V with a float32 scale per token and head).
         block_size, num_blocks: the "paged" cache's block size and pool size.
         window:             the "sliding" cache's window.
         cached_tokens:      with a given cache, the ids it already holds per sequence (for the

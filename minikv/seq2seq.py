@@ -615,6 +615,11 @@ class EncoderDecoder:
         self_cache = make_cache(kind, n_layers=c.decoder_layers, n_kv_heads=c.decoder_heads, head_dim=c.head_dim,
                                 batch_size=batch_size, max_seq_len=max_seq_len, dtype=dtype or self.dtype.name,
                                 backend=self.backend, **options)
+        if self_cache.quantized:
+            # An int8 cache hands attention q and per-row scales (KVView.k_scales); this model's attention
+            # and its cross-attention cache read floats only.
+            raise ConfigError("cache dtype='int8' is for decoder-only models (minikv.Transformer); an "
+                              "encoder-decoder model's cache takes float16, float32 or float64")
         return EncoderDecoderCache(self_cache, c.decoder_layers, cache_cross=cache_cross)
 
     def _sources(self, source) -> tuple[list[list[int]], bool]:

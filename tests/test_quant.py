@@ -347,10 +347,7 @@ def test_int8_kv_cache_saves_and_loads(tmp_path):
     assert np.array_equal(a, b)
 
 
-def test_int8_kv_cache_only_where_supported():
-    model = _bundled("numpy")
-    with pytest.raises(ConfigError, match="static cache only"):
-        model.new_cache("paged", batch_size=1, max_seq_len=16, dtype="int8")
+# The int8 KV cache of the other kinds (concat, paged, sliding): tests/test_kv_int8.py.
 
 
 _MODELS = {}

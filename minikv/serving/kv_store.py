@@ -17,6 +17,9 @@ of a prefill chunk sees the first one's K/V in the pool: the causal mask inside 
 
 The model needs no change for this; the store implements the protocol of ``minikv.cache.KVCache``
 (reserve / update / advance / rollback) for a batch it is told about with ``bind`` before each step.
+
+``dtype="int8"``: as the int8 caches of minikv/cache.py, each K/V row is stored as int8 with a float32
+scale beside it (scale pools (num_blocks, kv_heads, block_size) per layer; copy-on-write copies them too).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..cache import KVView
-from ..errors import CacheMismatchError, CacheOverflowError
+from ..errors import CacheMismatchError, CacheOverflowError, ConfigError
+from ..quant import quantize_rows
 
 
 class PagedKVStore:
@@ -39,17 +43,24 @@ class PagedKVStore:
         self.n_layers, self.n_kv_heads, self.head_dim = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
         self.num_blocks, self.block_size = int(num_blocks), int(block_size)
         self.dtype = np.dtype(dtype or model.dtype)
+        self.quantized = self.dtype.name == "int8"
+        if self.dtype.name not in ("float16", "float32", "float64", "int8") or (self.quantized and self.xp is not np):
+            raise ConfigError(f"cache_dtype={self.dtype.name!r}: the engine's K/V store takes float16, float32, "
+                              "float64 or (on the CPU backends) int8")
         shape = (self.num_blocks, self.n_kv_heads, self.block_size, self.head_dim)
         self.k_pool = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
         self.v_pool = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
+        # int8: the scale of each stored row, (num_blocks, kv_heads, block_size) beside each pool; float: None
+        self.k_scales = [np.zeros(shape[:3], np.float32) if self.quantized else None for _ in range(self.n_layers)]
+        self.v_scales = [np.zeros(shape[:3], np.float32) if self.quantized else None for _ in range(self.n_layers)]
         self.lengths = np.zeros(0, dtype=np.int64)
         self._table = np.zeros((0, 1), dtype=np.int32)
         self._n_new = None
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.n_layers * self.num_blocks * self.block_size * self.n_kv_heads * self.head_dim * \
-            self.dtype.itemsize
+        row = self.head_dim * self.dtype.itemsize + (4 if self.quantized else 0)      # int8: + a float32 scale
+        return 2 * self.n_layers * self.num_blocks * self.block_size * self.n_kv_heads * row
 
     # ---- the engine's side ----
     def copy_blocks(self, copies) -> None:
@@ -57,7 +68,7 @@ class PagedKVStore:
         if not copies:
             return
         src, dst = (self.backend.to_device(np.array(c, dtype=np.int64)) for c in zip(*copies))
-        for pool in self.k_pool + self.v_pool:
+        for pool in self.k_pool + self.v_pool + (self.k_scales + self.v_scales if self.quantized else []):
             pool[dst] = pool[src]
 
     def bind(self, positions: np.ndarray, block_tables: np.ndarray) -> None:
@@ -87,10 +98,16 @@ class PagedKVStore:
         self._n_new = n_new
 
     def update(self, layer: int, k_new, v_new) -> KVView:
+        if self.quantized:
+            (k_new, k_scale), (v_new, v_scale) = quantize_rows(k_new), quantize_rows(v_new)
+            # scales[block[r], :, offset[r]] = scale[r, :, 0]: (T, kv, 1) -> (T, kv)
+            self.k_scales[layer][self._slot_blocks, :, self._slot_offsets] = k_scale[:, :, 0]
+            self.v_scales[layer][self._slot_blocks, :, self._slot_offsets] = v_scale[:, :, 0]
         # pool[block[r], :, offset[r]] = new[r, :, 0] for every row r: (T, kv, 1, hd) -> (T, kv, hd)
         self.k_pool[layer][self._slot_blocks, :, self._slot_offsets] = k_new[:, :, 0]
         self.v_pool[layer][self._slot_blocks, :, self._slot_offsets] = v_new[:, :, 0]
-        return KVView(self.k_pool[layer], self.v_pool[layer], self.lengths, self.lengths + 1, self._table_device)
+        return KVView(self.k_pool[layer], self.v_pool[layer], self.lengths, self.lengths + 1, self._table_device,
+                      k_scales=self.k_scales[layer], v_scales=self.v_scales[layer])
 
     def advance(self, n_new: np.ndarray) -> None:
         # The engine owns the sequence lengths; the rows of a step are forgotten after it.
