@@ -161,7 +161,7 @@ def test_numba_projection_equals_dequantized_product(format, rows, out_features,
     x = rng.standard_normal((rows, in_features)).astype(np.float32)
     y = np.full((rows, out_features), np.nan, dtype=np.float32)
     if format == "float32":
-        numba_decode.project_float(np.ascontiguousarray(w.T), x, y)
+        numba_decode.project_float(w, x, y)               # (out, in): the numba backend's layout
         dense = w
     else:
         qw = quant.quantize(w, format)
@@ -311,7 +311,8 @@ def test_compiled_attention_over_int8_equals_attention_over_its_dequantized_valu
     outputs = []
     for k_pool, v_pool, k_scales, v_scales, quantized in ((kq, vq, ks, vs, True), dense):
         attn = np.zeros((1, n_heads * head_dim), np.float32)
-        zeros = [np.zeros(shape, np.float32) for shape in ((n_heads * head_dim, d), (d, 2 * inter), (inter, d))]
+        # W_o, W_gate|up, W_down in the numba backend's (out, in) layout
+        zeros = [np.zeros(shape, np.float32) for shape in ((d, n_heads * head_dim), (2 * inter, d), (d, inter))]
         nd.decode_layer_out(np.zeros((1, d), np.float32), qkv, n_heads, n_kv, head_dim, strided(k_pool),
                             strided(v_pool), strided(k_scales) if quantized else k_scales,
                             strided(v_scales) if quantized else v_scales, quantized, np.zeros((1, 1), np.int32),
