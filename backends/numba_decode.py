@@ -111,9 +111,13 @@ def project_int4(packed, scales, group, x, y):
                 x_low, x_high = xr[i0:i0 + half], xr[i0 + half:i0 + 2 * half]
                 s = np.float32(0.0)
                 for b in range(half):
-                    byte = np.int32(bs[b])
-                    s += (x_low[b] * np.float32((byte & 15) - 8)
-                          + x_high[b] * np.float32((byte >> 4) - 8))
+                    # The nibbles in float arithmetic: byte = 16 high + low, so high = floor(byte / 16)
+                    # and low = byte - 16 high (exact in float32). Integer & and >> would be typed int64
+                    # by Numba, vectorising 8 lanes wide instead of 16 (measured 1.37x slower on `mid`).
+                    byte = np.float32(bs[b])
+                    high = np.floor(byte * np.float32(0.0625))
+                    low = byte - np.float32(16.0) * high
+                    s += x_low[b] * (low - np.float32(8.0)) + x_high[b] * (high - np.float32(8.0))
                 acc += s * scales[j, g]
             y[r, j] = acc
 
