@@ -61,7 +61,9 @@ def model_dtype(dtype) -> np.dtype:
 
 @dataclass
 class LayerWeights:
-    """One block's weights as the forward pass uses them: (in, out) layout, fused where it saves a matmul."""
+    """One block's weights as the forward pass uses them: shaped (in, out), fused where it saves a matmul.
+    In memory they are (in, out) or, for a backend whose ``weight_layout`` is "out_in" (numba), a
+    transposed view of a contiguous (out, in) array: the math reads the same either way."""
 
     attn_norm: Any
     attn_norm_bias: Any
