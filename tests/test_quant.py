@@ -210,6 +210,26 @@ def test_compiled_decode_step_equals_numpy_reference(quantize, kind):
 
 
 @needs_numba
+def test_numba_backend_keeps_float_weights_out_in_without_a_copy():
+    """The numba backend's weights: (in, out)-shaped views of contiguous (out, in) arrays, the same
+    memory the canonical weights and the compiled step read (no second copy of the model); the numpy
+    backend's are contiguous (in, out). Both compute the same logits."""
+    from minikv.backends import numba_decode
+
+    numpy_model, numba_model = minikv.load(), minikv.load(backend="numba")
+    for model, contiguous_as in ((numpy_model, "in_out"), (numba_model, "out_in")):
+        for layer in model.layers:
+            for w in (layer.qkv, layer.o, layer.mlp_in, layer.mlp_down):
+                assert (w.flags.c_contiguous if contiguous_as == "in_out" else w.T.flags.c_contiguous)
+    layer = numba_model.layers[0]
+    assert np.shares_memory(numba_model.weights["layers.0.attn.q.weight"], layer.qkv)
+    values, _, _ = numba_decode._weight_args(layer.mlp_down)
+    assert np.shares_memory(values, layer.mlp_down)                 # the kernel reads the model's array
+    ids = np.array([[5, 80, 99, 101, 32]])
+    np.testing.assert_allclose(numba_model.forward(ids), numpy_model.forward(ids), rtol=1e-4, atol=1e-4)
+
+
+@needs_numba
 def test_compiled_decode_step_broken_variant_is_caught():
     """The comparison above fails for a step that skips the newest key (lengths - 1)."""
     from minikv.backends import numba_decode
