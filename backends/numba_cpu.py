@@ -328,6 +328,10 @@ class NumbaBackend(SplitKDecode, Backend):
 
     name = "numba"
     xp = np
+    # Float weights kept (out, in): the compiled decode step's matrix-vector kernel reads each output's
+    # row contiguously (backends/numba_decode.py; measured there). The generic path still computes
+    # x @ W through a transposed view (BLAS takes it as a transposed operand, no copy).
+    weight_layout = "out_in"
     # "naive" and "online" run the NumPy reference (they exist to be read, not to be fast).
     attention_algorithms = ("tiled", "naive", "online")
     default_attention = "tiled"

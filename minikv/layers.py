@@ -39,8 +39,9 @@ def layer_norm(x, weight, bias, eps: float):
 
 
 def linear(x, weight_in_out, bias=None):
-    """y = x @ W (+ b). minikv stores weights as (in_features, out_features) so this is one matmul
-    on contiguous memory (PyTorch's nn.Linear stores (out, in) and computes x @ W.T)."""
+    """y = x @ W (+ b), W shaped (in_features, out_features). The numpy backend stores W contiguous in
+    that shape, BLAS's fastest orientation for x @ W; PyTorch's nn.Linear stores (out, in) and computes
+    x @ W.T, as the numba backend does (a transposed view; see Backend.weight_layout)."""
     y = x @ weight_in_out
     if bias is not None:
         y += bias

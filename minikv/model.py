@@ -61,7 +61,9 @@ def model_dtype(dtype) -> np.dtype:
 
 @dataclass
 class LayerWeights:
-    """One block's weights as the forward pass uses them: (in, out) layout, fused where it saves a matmul."""
+    """One block's weights as the forward pass uses them: shaped (in, out), fused where it saves a matmul.
+    In memory they are (in, out) or, for a backend whose ``weight_layout`` is "out_in" (numba), a
+    transposed view of a contiguous (out, in) array: the math reads the same either way."""
 
     attn_norm: Any
     attn_norm_bias: Any
@@ -142,14 +144,19 @@ class Transformer:
         def get(name):
             return dev(w[name]) if name in w else None
 
+        out_in = getattr(self.backend, "weight_layout", "in_out") == "out_in"
+
         def fused(names):
             # (out, in) projections side by side as one (in, sum of outs) matrix.
             if self.quantize is not None:
                 # Quantized: kept (sum of outs, in), the layout whose rows are the groups' runs.
                 return quant.quantize(np.concatenate([w[n] for n in names], axis=0), self.quantize)
-            if len(names) == 1:
-                return dev(np.ascontiguousarray(w[names[0]].T))
-            return dev(np.ascontiguousarray(np.concatenate([w[n] for n in names], axis=0).T))
+            stacked = w[names[0]] if len(names) == 1 else np.concatenate([w[n] for n in names], axis=0)
+            if out_in:
+                # (sum of outs, in) contiguous, seen as (in, sum of outs): the backend's layout (see
+                # Backend.weight_layout); a single contiguous checkpoint tensor is used as it is.
+                return dev(np.ascontiguousarray(stacked)).T
+            return dev(np.ascontiguousarray(stacked.T))
 
         def fused_bias(names):
             return dev(np.concatenate([w[n] for n in names])) if names[0] in w else None

@@ -161,7 +161,7 @@ def test_numba_projection_equals_dequantized_product(format, rows, out_features,
     x = rng.standard_normal((rows, in_features)).astype(np.float32)
     y = np.full((rows, out_features), np.nan, dtype=np.float32)
     if format == "float32":
-        numba_decode.project_float(np.ascontiguousarray(w.T), x, y)
+        numba_decode.project_float(w, x, y)               # (out, in): the numba backend's layout
         dense = w
     else:
         qw = quant.quantize(w, format)
@@ -207,6 +207,26 @@ def test_compiled_decode_step_equals_numpy_reference(quantize, kind):
     got = _decode_logits(compiled, prompts, 4, kind=kind)
     assert len(calls) == 4                                # every decode step took the compiled path
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_numba
+def test_numba_backend_keeps_float_weights_out_in_without_a_copy():
+    """The numba backend's weights: (in, out)-shaped views of contiguous (out, in) arrays, the same
+    memory the canonical weights and the compiled step read (no second copy of the model); the numpy
+    backend's are contiguous (in, out). Both compute the same logits."""
+    from minikv.backends import numba_decode
+
+    numpy_model, numba_model = minikv.load(), minikv.load(backend="numba")
+    for model, contiguous_as in ((numpy_model, "in_out"), (numba_model, "out_in")):
+        for layer in model.layers:
+            for w in (layer.qkv, layer.o, layer.mlp_in, layer.mlp_down):
+                assert (w.flags.c_contiguous if contiguous_as == "in_out" else w.T.flags.c_contiguous)
+    layer = numba_model.layers[0]
+    assert np.shares_memory(numba_model.weights["layers.0.attn.q.weight"], layer.qkv)
+    values, _, _ = numba_decode._weight_args(layer.mlp_down)
+    assert np.shares_memory(values, layer.mlp_down)                 # the kernel reads the model's array
+    ids = np.array([[5, 80, 99, 101, 32]])
+    np.testing.assert_allclose(numba_model.forward(ids), numpy_model.forward(ids), rtol=1e-4, atol=1e-4)
 
 
 @needs_numba
@@ -311,7 +331,8 @@ def test_compiled_attention_over_int8_equals_attention_over_its_dequantized_valu
     outputs = []
     for k_pool, v_pool, k_scales, v_scales, quantized in ((kq, vq, ks, vs, True), dense):
         attn = np.zeros((1, n_heads * head_dim), np.float32)
-        zeros = [np.zeros(shape, np.float32) for shape in ((n_heads * head_dim, d), (d, 2 * inter), (inter, d))]
+        # W_o, W_gate|up, W_down in the numba backend's (out, in) layout
+        zeros = [np.zeros(shape, np.float32) for shape in ((d, n_heads * head_dim), (2 * inter, d), (d, inter))]
         nd.decode_layer_out(np.zeros((1, d), np.float32), qkv, n_heads, n_kv, head_dim, strided(k_pool),
                             strided(v_pool), strided(k_scales) if quantized else k_scales,
                             strided(v_scales) if quantized else v_scales, quantized, np.zeros((1, 1), np.int32),
