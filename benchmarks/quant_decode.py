@@ -1,12 +1,18 @@
 """Decode tokens/s per weight format on ``mid``: minikv numpy / numba float32 / int8 / int4 against
 transformers float32 and its dynamic int8 quantization, same run, same weights.
 
-    python -m benchmarks.quant_decode [--threads 1,2] [--new 64] [--repeats 3] [--no-peer] [--out DIR]
+    python -m benchmarks.quant_decode [--model mid|mha] [--threads 1,2] [--new 64] [--repeats 3]
+                                      [--no-peer] [--out DIR]
 
 For each thread count (NumPy's BLAS, Numba and torch all get that many), every engine generates
 ``--new`` tokens greedily after a 19-token prompt from the same random ``mid`` checkpoint
 (benchmarks/common.py: 8 layers, d 512, GQA 8/2, vocab 32000, 221 MB float32), static cache for
-minikv, transformers' default dynamic cache. Repeats run every engine once in a rotated order; the
+minikv, transformers' default dynamic cache.
+
+``--model mha`` runs the MHA shape llama2.c's run.c is measured on by hand
+(benchmarks/results/llama2c.md) the way run.c runs it: from BOS (token 1) alone, 256 new tokens by
+default, so the 255 timed decode steps sit at positions 1..255 like run.c's ``-n 256``; its tables
+are quant_decode_mha.md/.json. Repeats run every engine once in a rotated order; the
 table shows medians. Effective GB/s = bytes a step must read (its format's projection matrices and
 lm_head, the norms, one embedding row, the K/V at the mean position) x tokens/s.
 
@@ -44,6 +50,12 @@ from .common import (MODELS, RESULTS_DIR, blas_threads, kv_bytes_per_position, m
 from .peer import minikv_generate, tokens_summary  # noqa: E402
 
 PROMPT = 19
+BOS = 1     # llama2.c's (sentencepiece's) beginning-of-sequence token: run.c starts every sequence with it
+# Per model: the prompt (a function of the config) and the default number of new tokens.
+RUNS = {
+    "mid": (lambda config: prompt_ids(config, PROMPT), 64),
+    "mha": (lambda config: [BOS], 256),
+}
 
 
 def step_bytes(model, mean_positions: float) -> float:
@@ -95,12 +107,13 @@ def engines_for(path: Path, peer: bool):
 
 
 def run(args) -> dict:
-    config = MODELS["mid"]
-    path = make_checkpoint("mid", Path(args.work))
+    config = MODELS[args.model]
+    path = make_checkpoint(args.model, Path(args.work))
     engines, minikv_models, hf_models, numba = engines_for(path, args.peer)
-    prompt = prompt_ids(config, PROMPT)
-    mean_positions = PROMPT + args.new / 2
-    report = {"model": "mid", "prompt": PROMPT, "new_tokens": args.new, "repeats": args.repeats, "by_threads": {}}
+    prompt = RUNS[args.model][0](config)
+    mean_positions = len(prompt) + args.new / 2
+    report = {"model": args.model, "prompt": len(prompt), "new_tokens": args.new, "repeats": args.repeats,
+              "by_threads": {}}
     for threads in args.threads:
         if args.peer:
             import torch
@@ -173,7 +186,7 @@ def summary(report: dict) -> dict:
 
 
 def markdown(report: dict, info: dict) -> str:
-    out = ["## Decode tokens/s per weight format (`mid`, batch 1, CPU)",
+    out = [f"## Decode tokens/s per weight format (`{report['model']}`, batch 1, CPU)",
            f"Machine: {machine_line(info)}. **Shared machine** (other jobs running: see the load average): "
            "absolute figures are noisy; the ratios are measured in the same run, engines interleaved.",
            f"BLAS and OpenMP runtimes (threadpoolctl): {json.dumps(report['blas'])}; "
@@ -210,13 +223,16 @@ def markdown(report: dict, info: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2")
-    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--model", default="mid", choices=sorted(RUNS))
+    parser.add_argument("--new", type=int, default=None, help="new tokens (default: 64 for mid, 256 for mha)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", dest="peer", action="store_false")
     parser.add_argument("--work", default="/tmp/minikv-bench")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",")]
+    if args.new is None:
+        args.new = RUNS[args.model][1]
     info = machine_info()
     report = run(args)
     report["machine"] = info
@@ -224,9 +240,10 @@ def main(argv=None) -> None:
         for row in rows.values():
             row.pop("tokens")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quant_decode.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    stem = "quant_decode" if args.model == "mid" else f"quant_decode_{args.model}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     text = markdown(report, info)
-    (args.out / "quant_decode.md").write_text(text)
+    (args.out / f"{stem}.md").write_text(text)
     print(text)
 
 
