@@ -74,16 +74,19 @@ def blas_info() -> list[dict]:
             for d in threadpool_info()]
 
 
-def engines_for(path: Path, peer: bool):
+QUANTIZED = ("int8", "int4")
+
+
+def engines_for(path: Path, peer: bool, quantized=QUANTIZED):
     """name -> (run(prompt, n_new) -> timing dict, bytes per step function, reference engine for tokens)."""
     import numba
 
     minikv_models = {
         "minikv numpy float32": minikv.load(path),
         "minikv numba float32": minikv.load(path, backend="numba"),
-        "minikv numba int8": minikv.load(path, backend="numba", quantize="int8"),
-        "minikv numba int4": minikv.load(path, backend="numba", quantize="int4"),
     }
+    for fmt in quantized:
+        minikv_models[f"minikv numba {fmt}"] = minikv.load(path, backend="numba", quantize=fmt)
     engines = {}
     for name, model in minikv_models.items():
         engines[name] = ((lambda m: lambda p, n: minikv_generate(m, p, n, cache="static"))(model),
@@ -99,7 +102,9 @@ def engines_for(path: Path, peer: bool):
                                                          dtype=torch.qint8)
         f32_bytes = lambda pos: step_bytes(minikv_models["minikv numpy float32"], pos)   # noqa: E731
         # qint8 per-channel: 1 byte per weight + a float scale and zero point per output row (~ int8 minikv)
-        int8_bytes = lambda pos: step_bytes(minikv_models["minikv numba int8"], pos)    # noqa: E731
+        int8_model = (minikv_models["minikv numba int8"] if "minikv numba int8" in minikv_models
+                      else minikv.load(path, quantize="int8"))
+        int8_bytes = lambda pos: step_bytes(int8_model, pos)    # noqa: E731
         engines["transformers float32"] = ((lambda p, n: hf_generate(hf, p, n, "dynamic")), f32_bytes)
         engines["transformers dynamic int8"] = ((lambda p, n: hf_generate(hf_int8, p, n, "dynamic")), int8_bytes)
         hf_models = {"float32": hf, "int8": hf_int8}
@@ -109,7 +114,7 @@ def engines_for(path: Path, peer: bool):
 def run(args) -> dict:
     config = MODELS[args.model]
     path = make_checkpoint(args.model, Path(args.work))
-    engines, minikv_models, hf_models, numba = engines_for(path, args.peer)
+    engines, minikv_models, hf_models, numba = engines_for(path, args.peer, args.quantized)
     prompt = RUNS[args.model][0](config)
     mean_positions = len(prompt) + args.new / 2
     report = {"model": args.model, "prompt": len(prompt), "new_tokens": args.new, "repeats": args.repeats,
@@ -151,9 +156,8 @@ def run(args) -> dict:
                 "decode_tokens_per_s"]
         report["by_threads"][str(threads)] = rows
     # Token checks (one thread: only the tokens matter): numba vs its numpy twin, same weights.
-    twins = {"minikv numba float32": minikv_models["minikv numpy float32"],
-             "minikv numba int8": minikv.load(path, quantize="int8"),
-             "minikv numba int4": minikv.load(path, quantize="int4")}
+    twins = {"minikv numba float32": minikv_models["minikv numpy float32"]}
+    twins.update({f"minikv numba {fmt}": minikv.load(path, quantize=fmt) for fmt in args.quantized})
     checks = {}
     with blas_threads(1):
         for name, twin in twins.items():
@@ -179,8 +183,9 @@ def summary(report: dict) -> dict:
     out = {name: best(name) for name in next(iter(report["by_threads"].values()))}
     if "transformers float32" in out:
         out["numba_float32_vs_best_transformers_float32"] = out["minikv numba float32"] / out["transformers float32"]
-    out["numba_int8_vs_numba_float32"] = out["minikv numba int8"] / out["minikv numba float32"]
-    out["numba_int4_vs_numba_float32"] = out["minikv numba int4"] / out["minikv numba float32"]
+    for fmt in QUANTIZED:
+        if f"minikv numba {fmt}" in out:
+            out[f"numba_{fmt}_vs_numba_float32"] = out[f"minikv numba {fmt}"] / out["minikv numba float32"]
     out["numba_float32_vs_numpy_float32"] = out["minikv numba float32"] / out["minikv numpy float32"]
     return out
 
@@ -210,9 +215,11 @@ def markdown(report: dict, info: dict) -> str:
     if "numba_float32_vs_best_transformers_float32" in s:
         ratio = s["numba_float32_vs_best_transformers_float32"]
         best.append(f"numba float32 / best transformers float32 = **{ratio:.2f}x** (target 2.0x)")
-    best.append(f"numba int8 / numba float32 = **{s['numba_int8_vs_numba_float32']:.2f}x** (target 1.5x); "
-                f"int4 / float32 = {s['numba_int4_vs_numba_float32']:.2f}x; "
-                f"numba float32 / numpy float32 = {s['numba_float32_vs_numpy_float32']:.2f}x")
+    if "numba_int8_vs_numba_float32" in s:
+        best.append(f"numba int8 / numba float32 = **{s['numba_int8_vs_numba_float32']:.2f}x** (target 1.5x)")
+    if "numba_int4_vs_numba_float32" in s:
+        best.append(f"int4 / float32 = {s['numba_int4_vs_numba_float32']:.2f}x")
+    best.append(f"numba float32 / numpy float32 = {s['numba_float32_vs_numpy_float32']:.2f}x")
     out.append("; ".join(best) + ".\n")
     out.append("Greedy tokens vs the numpy-reference twin (same weights): " + ", ".join(
         f"{name}: {'equal' if c['equal'] else 'first difference at ' + str(c['first_difference'])}"
@@ -227,10 +234,15 @@ def main(argv=None) -> None:
     parser.add_argument("--new", type=int, default=None, help="new tokens (default: 64 for mid, 256 for mha)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", dest="peer", action="store_false")
+    parser.add_argument("--quantized", default=",".join(QUANTIZED),
+                        help="comma-separated quantized formats to run (default int8,int4; '' for none)")
     parser.add_argument("--work", default="/tmp/minikv-bench")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",")]
+    args.quantized = [f for f in args.quantized.split(",") if f]
+    if not set(args.quantized) <= set(QUANTIZED):
+        parser.error(f"--quantized {args.quantized}: each must be one of {', '.join(QUANTIZED)}")
     if args.new is None:
         args.new = RUNS[args.model][1]
     info = machine_info()
