@@ -46,7 +46,16 @@ MID = ModelConfig(
     model_type="llama", vocab_size=32000, hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=64,
     intermediate_size=1408, max_position_embeddings=2048, norm_eps=1e-5, rope_theta=10000.0,
 )
-MODELS = {"small": SMALL, "mid": MID}
+# "mha": the shape issue 17 measures karpathy/llama2.c's run.c on (by hand; its code is not vendored, see
+# benchmarks/results/llama2c.md): 8 layers, d 512, 8 query and 8 kv heads (MHA: llama2.c's run.c is
+# written for it), llama2.c's FFN rule for d 512 (int(2 * 4d / 3) rounded up to a multiple of 32 = 1376),
+# vocab 32000, untied lm_head, 256 positions (llama2.c's seq_len): 232 MB of float32 weights, of which a
+# decode step reads 167 MB.
+MHA = ModelConfig(
+    model_type="llama", vocab_size=32000, hidden_size=512, n_layers=8, n_heads=8, n_kv_heads=8, head_dim=64,
+    intermediate_size=1376, max_position_embeddings=256, norm_eps=1e-5, rope_theta=10000.0,
+)
+MODELS = {"small": SMALL, "mid": MID, "mha": MHA}
 INIT_STD = 0.02     # the usual init scale (GPT-2, LLaMA): logits of a random model stay O(1)
 
 
@@ -63,7 +72,7 @@ def random_weights(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def make_checkpoint(name: str, folder: Path, seed: int = 0) -> Path:
-    """Write model ``name`` ("small" or "mid") as a Hugging Face folder under ``folder``; return its path."""
+    """Write model ``name`` (a key of MODELS) as a Hugging Face folder under ``folder``; return its path."""
     path = Path(folder) / name
     if not (path / "config.json").exists():
         config = MODELS[name]

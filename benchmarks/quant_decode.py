@@ -1,12 +1,18 @@
 """Decode tokens/s per weight format on ``mid``: minikv numpy / numba float32 / int8 / int4 against
 transformers float32 and its dynamic int8 quantization, same run, same weights.
 
-    python -m benchmarks.quant_decode [--threads 1,2] [--new 64] [--repeats 3] [--no-peer] [--out DIR]
+    python -m benchmarks.quant_decode [--model mid|mha] [--threads 1,2] [--new 64] [--repeats 3]
+                                      [--no-peer] [--out DIR]
 
 For each thread count (NumPy's BLAS, Numba and torch all get that many), every engine generates
 ``--new`` tokens greedily after a 19-token prompt from the same random ``mid`` checkpoint
 (benchmarks/common.py: 8 layers, d 512, GQA 8/2, vocab 32000, 221 MB float32), static cache for
-minikv, transformers' default dynamic cache. Repeats run every engine once in a rotated order; the
+minikv, transformers' default dynamic cache.
+
+``--model mha`` runs the MHA shape llama2.c's run.c is measured on by hand
+(benchmarks/results/llama2c.md) the way run.c runs it: from BOS (token 1) alone, 256 new tokens by
+default, so the 255 timed decode steps sit at positions 1..255 like run.c's ``-n 256``; its tables
+are quant_decode_mha.md/.json. Repeats run every engine once in a rotated order; the
 table shows medians. Effective GB/s = bytes a step must read (its format's projection matrices and
 lm_head, the norms, one embedding row, the K/V at the mean position) x tokens/s.
 
@@ -44,6 +50,12 @@ from .common import (MODELS, RESULTS_DIR, blas_threads, kv_bytes_per_position, m
 from .peer import minikv_generate, tokens_summary  # noqa: E402
 
 PROMPT = 19
+BOS = 1     # llama2.c's (sentencepiece's) beginning-of-sequence token: run.c starts every sequence with it
+# Per model: the prompt (a function of the config) and the default number of new tokens.
+RUNS = {
+    "mid": (lambda config: prompt_ids(config, PROMPT), 64),
+    "mha": (lambda config: [BOS], 256),
+}
 
 
 def step_bytes(model, mean_positions: float) -> float:
@@ -62,16 +74,19 @@ def blas_info() -> list[dict]:
             for d in threadpool_info()]
 
 
-def engines_for(path: Path, peer: bool):
+QUANTIZED = ("int8", "int4")
+
+
+def engines_for(path: Path, peer: bool, quantized=QUANTIZED):
     """name -> (run(prompt, n_new) -> timing dict, bytes per step function, reference engine for tokens)."""
     import numba
 
     minikv_models = {
         "minikv numpy float32": minikv.load(path),
         "minikv numba float32": minikv.load(path, backend="numba"),
-        "minikv numba int8": minikv.load(path, backend="numba", quantize="int8"),
-        "minikv numba int4": minikv.load(path, backend="numba", quantize="int4"),
     }
+    for fmt in quantized:
+        minikv_models[f"minikv numba {fmt}"] = minikv.load(path, backend="numba", quantize=fmt)
     engines = {}
     for name, model in minikv_models.items():
         engines[name] = ((lambda m: lambda p, n: minikv_generate(m, p, n, cache="static"))(model),
@@ -87,7 +102,9 @@ def engines_for(path: Path, peer: bool):
                                                          dtype=torch.qint8)
         f32_bytes = lambda pos: step_bytes(minikv_models["minikv numpy float32"], pos)   # noqa: E731
         # qint8 per-channel: 1 byte per weight + a float scale and zero point per output row (~ int8 minikv)
-        int8_bytes = lambda pos: step_bytes(minikv_models["minikv numba int8"], pos)    # noqa: E731
+        int8_model = (minikv_models["minikv numba int8"] if "minikv numba int8" in minikv_models
+                      else minikv.load(path, quantize="int8"))
+        int8_bytes = lambda pos: step_bytes(int8_model, pos)    # noqa: E731
         engines["transformers float32"] = ((lambda p, n: hf_generate(hf, p, n, "dynamic")), f32_bytes)
         engines["transformers dynamic int8"] = ((lambda p, n: hf_generate(hf_int8, p, n, "dynamic")), int8_bytes)
         hf_models = {"float32": hf, "int8": hf_int8}
@@ -95,12 +112,13 @@ def engines_for(path: Path, peer: bool):
 
 
 def run(args) -> dict:
-    config = MODELS["mid"]
-    path = make_checkpoint("mid", Path(args.work))
-    engines, minikv_models, hf_models, numba = engines_for(path, args.peer)
-    prompt = prompt_ids(config, PROMPT)
-    mean_positions = PROMPT + args.new / 2
-    report = {"model": "mid", "prompt": PROMPT, "new_tokens": args.new, "repeats": args.repeats, "by_threads": {}}
+    config = MODELS[args.model]
+    path = make_checkpoint(args.model, Path(args.work))
+    engines, minikv_models, hf_models, numba = engines_for(path, args.peer, args.quantized)
+    prompt = RUNS[args.model][0](config)
+    mean_positions = len(prompt) + args.new / 2
+    report = {"model": args.model, "prompt": len(prompt), "new_tokens": args.new, "repeats": args.repeats,
+              "by_threads": {}}
     for threads in args.threads:
         if args.peer:
             import torch
@@ -138,9 +156,8 @@ def run(args) -> dict:
                 "decode_tokens_per_s"]
         report["by_threads"][str(threads)] = rows
     # Token checks (one thread: only the tokens matter): numba vs its numpy twin, same weights.
-    twins = {"minikv numba float32": minikv_models["minikv numpy float32"],
-             "minikv numba int8": minikv.load(path, quantize="int8"),
-             "minikv numba int4": minikv.load(path, quantize="int4")}
+    twins = {"minikv numba float32": minikv_models["minikv numpy float32"]}
+    twins.update({f"minikv numba {fmt}": minikv.load(path, quantize=fmt) for fmt in args.quantized})
     checks = {}
     with blas_threads(1):
         for name, twin in twins.items():
@@ -166,14 +183,15 @@ def summary(report: dict) -> dict:
     out = {name: best(name) for name in next(iter(report["by_threads"].values()))}
     if "transformers float32" in out:
         out["numba_float32_vs_best_transformers_float32"] = out["minikv numba float32"] / out["transformers float32"]
-    out["numba_int8_vs_numba_float32"] = out["minikv numba int8"] / out["minikv numba float32"]
-    out["numba_int4_vs_numba_float32"] = out["minikv numba int4"] / out["minikv numba float32"]
+    for fmt in QUANTIZED:
+        if f"minikv numba {fmt}" in out:
+            out[f"numba_{fmt}_vs_numba_float32"] = out[f"minikv numba {fmt}"] / out["minikv numba float32"]
     out["numba_float32_vs_numpy_float32"] = out["minikv numba float32"] / out["minikv numpy float32"]
     return out
 
 
 def markdown(report: dict, info: dict) -> str:
-    out = ["## Decode tokens/s per weight format (`mid`, batch 1, CPU)",
+    out = [f"## Decode tokens/s per weight format (`{report['model']}`, batch 1, CPU)",
            f"Machine: {machine_line(info)}. **Shared machine** (other jobs running: see the load average): "
            "absolute figures are noisy; the ratios are measured in the same run, engines interleaved.",
            f"BLAS and OpenMP runtimes (threadpoolctl): {json.dumps(report['blas'])}; "
@@ -197,9 +215,11 @@ def markdown(report: dict, info: dict) -> str:
     if "numba_float32_vs_best_transformers_float32" in s:
         ratio = s["numba_float32_vs_best_transformers_float32"]
         best.append(f"numba float32 / best transformers float32 = **{ratio:.2f}x** (target 2.0x)")
-    best.append(f"numba int8 / numba float32 = **{s['numba_int8_vs_numba_float32']:.2f}x** (target 1.5x); "
-                f"int4 / float32 = {s['numba_int4_vs_numba_float32']:.2f}x; "
-                f"numba float32 / numpy float32 = {s['numba_float32_vs_numpy_float32']:.2f}x")
+    if "numba_int8_vs_numba_float32" in s:
+        best.append(f"numba int8 / numba float32 = **{s['numba_int8_vs_numba_float32']:.2f}x** (target 1.5x)")
+    if "numba_int4_vs_numba_float32" in s:
+        best.append(f"int4 / float32 = {s['numba_int4_vs_numba_float32']:.2f}x")
+    best.append(f"numba float32 / numpy float32 = {s['numba_float32_vs_numpy_float32']:.2f}x")
     out.append("; ".join(best) + ".\n")
     out.append("Greedy tokens vs the numpy-reference twin (same weights): " + ", ".join(
         f"{name}: {'equal' if c['equal'] else 'first difference at ' + str(c['first_difference'])}"
@@ -210,13 +230,21 @@ def markdown(report: dict, info: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2")
-    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--model", default="mid", choices=sorted(RUNS))
+    parser.add_argument("--new", type=int, default=None, help="new tokens (default: 64 for mid, 256 for mha)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", dest="peer", action="store_false")
+    parser.add_argument("--quantized", default=",".join(QUANTIZED),
+                        help="comma-separated quantized formats to run (default int8,int4; '' for none)")
     parser.add_argument("--work", default="/tmp/minikv-bench")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",")]
+    args.quantized = [f for f in args.quantized.split(",") if f]
+    if not set(args.quantized) <= set(QUANTIZED):
+        parser.error(f"--quantized {args.quantized}: each must be one of {', '.join(QUANTIZED)}")
+    if args.new is None:
+        args.new = RUNS[args.model][1]
     info = machine_info()
     report = run(args)
     report["machine"] = info
@@ -224,9 +252,10 @@ def main(argv=None) -> None:
         for row in rows.values():
             row.pop("tokens")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quant_decode.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    stem = "quant_decode" if args.model == "mid" else f"quant_decode_{args.model}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     text = markdown(report, info)
-    (args.out / "quant_decode.md").write_text(text)
+    (args.out / f"{stem}.md").write_text(text)
     print(text)
 
 
