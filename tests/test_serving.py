@@ -7,9 +7,9 @@ pool sizes (small pools force preemption); every request's greedy tokens must eq
 step the block accounting must match the live block tables (ref counts = table entries, never
 negative, every block free, cached or in use); at the end every block is free or cached.
 
-float64 fixtures: the engine runs attention one query row at a time where generate runs the
-prompt as one matrix, so logits differ by round-off (~1e-15); greedy argmax is then identical
-unless two logits tie to 1e-15, which random weights do not produce.
+float64 fixtures: the engine attends a prefill chunk at a time (and each decode row alone) where
+generate runs the prompt as one matrix, so logits differ by round-off (~1e-15); greedy argmax is
+then identical unless two logits tie to 1e-15, which random weights do not produce.
 
 Deliberately broken variants (a hash without its parent, sharing without copy-on-write) are run
 through the same checks and must be caught.
