@@ -69,14 +69,27 @@ def write_rows(cache, new, q_offset, n_new) -> None:
         cache[b, :, start:start + count] = new[b, :, :count]
 
 
+def _array_module(array):
+    """numpy, or cupy for a cupy array (without importing cupy where it is not in use)."""
+    return np if isinstance(array, np.ndarray) else sys.modules[type(array).__module__.split(".")[0]]
+
+
 def gather_pages(pool, block_table):
     """(num_blocks, kv_heads, block_size, head_dim) pool + (batch, blocks_per_seq) table
     -> (batch, kv_heads, blocks_per_seq * block_size, head_dim). Unused table entries (-1) read
     block 0; the lengths mask them out."""
-    table = block_table.clip(min=0)
-    pages = pool[table]                              # (batch, blocks, kv_heads, block_size, head_dim)
-    batch, n_blocks, kv_heads, block_size, head_dim = pages.shape
-    return pages.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, n_blocks * block_size, head_dim)
+    num_blocks, kv_heads, block_size, head_dim = pool.shape
+    xp = _array_module(pool)
+    # One copy, in the order the result wants: the pool as (num_blocks * kv_heads, block_size, head_dim)
+    # pages (page block * kv_heads + h is block `block` of head h), gathered (batch, kv_heads, blocks).
+    # Indexing the leading axis of a contiguous array is NumPy's fast gather; the former gather of
+    # whole blocks, then a transpose copy to (batch, kv_heads, ...), took ~2.5x as long (17 sequences
+    # of 16 blocks of mid's geometry: 0.24 -> 0.09 ms; a gather through a transposed view: 0.16 ms).
+    pages = pool.reshape(num_blocks * kv_heads, block_size, head_dim)
+    index = block_table.clip(min=0)[:, None, :] * kv_heads + xp.arange(kv_heads)[None, :, None]  # (b, kv, blocks)
+    batch, _, n_blocks = index.shape
+    # (batch, kv_heads, blocks, block_size, head_dim) -> (batch, kv_heads, blocks * block_size, head_dim)
+    return pages[index].reshape(batch, kv_heads, n_blocks * block_size, head_dim)
 
 
 class Backend:
@@ -136,8 +149,9 @@ class Backend:
           queries against hundreds of keys OpenBLAS runs this orientation ~2.5-3x faster than
           q K^T, while below ~300 keys q K^T is faster (benchmarks/results/decode_orientation.md);
           the softmax's max wants rows, not strided columns, hence the copy;
-        * no mask at all when every sequence's query sees every key it has (no window, all lengths
-          equal): the -inf guards of the masked softmax cost ~8 small array ops per layer per step.
+        * no mask when there is no window: a key past a sequence's length gets -inf added to its
+          score (nothing at all when all lengths are equal); the -inf guards of the masked softmax
+          cost ~8 small array ops per layer per step.
 
         Trusted inside: the model checked the shapes; only the filled prefix [0, max(lengths)) is read
         (and widened from float16 where the cache is stored so)."""
@@ -158,7 +172,12 @@ class Backend:
             scores = np.ascontiguousarray(np.matmul(k, np.ascontiguousarray(q_rows.swapaxes(-1, -2))).swapaxes(-1, -2))
         else:
             scores = np.matmul(q_rows, k.swapaxes(-1, -2))                   # (b, kv, group, width)
-        if window is None and width > 0 and int(lengths.min()) == width:
+        if window is None and width > 0 and int(lengths.min()) > 0:
+            if int(lengths.min()) < width:
+                # Keys j >= lengths[b] are absent: s = -inf there, so p = exp(-inf - m) = 0 exactly (m is
+                # finite: every query sees key 0). One broadcast add instead of the masked softmax.
+                absent = np.arange(width) >= lengths[:, None]                   # (b, width)
+                scores += np.where(absent, -np.inf, 0).astype(q.dtype)[:, None, None, :]
             row_max = scores.max(axis=-1, keepdims=True)
             probs = np.exp(scores - row_max)
             row_sum = probs.sum(axis=-1, keepdims=True)
