@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minikv
-from hf_fixtures import FIXTURES, model_for
+from hf_fixtures import FIXTURE_ROOT, FIXTURES, model_for
 from minikv.errors import CacheOverflowError, InvalidInputError, SamplingError, SequenceTooLongError
 from minikv.serving import BlockManager, Engine, block_hash
 
@@ -125,6 +125,19 @@ def test_every_fixture_family_served_exactly(name):
     served = run(engine, [(i, p, 9) for i, p in enumerate(prompts)])
     assert served == [generated_alone(model, p, 9) for p in prompts]
     assert engine.stats.preemptions > 0                         # 12 blocks of 4 cannot hold all four
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral_window"])
+def test_served_on_numba_equals_generated_alone(name):
+    # The numba backend's ragged attention (its tiled kernel on prefill chunks, its split-K kernel on decode
+    # rows, reassociated sums) against numpy's generate: GQA, and a window narrower than the prompts.
+    pytest.importorskip("numba")
+    model = minikv.load(FIXTURE_ROOT / name, dtype="float64", backend="numba")
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (3, 11, 17, 6)]
+    engine = Engine(model, num_blocks=40, block_size=4, max_num_tokens=9)
+    served = run(engine, [(i, p, 9) for i, p in enumerate(prompts)])
+    assert served == [generated_alone(model_for(name), p, 9) for p in prompts]
 
 
 def test_stop_tokens_end_a_request_like_generate():
