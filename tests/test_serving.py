@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import minikv
 from hf_fixtures import FIXTURE_ROOT, FIXTURES, model_for
-from minikv.errors import CacheOverflowError, InvalidInputError, SamplingError, SequenceTooLongError
+from minikv.errors import CacheMismatchError, CacheOverflowError, InvalidInputError, SamplingError, SequenceTooLongError
 from minikv.serving import BlockManager, Engine, block_hash
 
 _reference: dict = {}
@@ -138,6 +138,20 @@ def test_served_on_numba_equals_generated_alone(name):
     engine = Engine(model, num_blocks=40, block_size=4, max_num_tokens=9)
     served = run(engine, [(i, p, 9) for i, p in enumerate(prompts)])
     assert served == [generated_alone(model_for(name), p, 9) for p in prompts]
+
+
+def test_store_refuses_segments_that_are_not_runs_of_consecutive_positions():
+    # The ragged attention trusts the segments: a chunk's rows must be positions p, p+1, ... of one sequence.
+    store = Engine(model_for("llama_gqa"), num_blocks=8, block_size=4).store
+    tables = np.zeros((4, 2), dtype=np.int32)
+    store.bind(np.array([3, 4, 5, 0]), tables, np.array([0, 3, 4]))          # a chunk of 3, then a decode
+    for positions, segments in (([3, 4, 6, 0], [0, 3, 4]),                 # a gap inside a chunk
+                                ([3, 4, 5, 0], [0, 4]),                    # two sequences as one segment
+                                ([3, 4, 5, 0], [0, 3]),                    # rows left out
+                                ([3, 4, 5, 0], [0, 3, 3, 4])):             # an empty segment
+        with pytest.raises(CacheMismatchError, match="segments"):
+            store.bind(np.array(positions), tables, np.array(segments))
+    assert store.lengths.tolist() == [3, 4, 5, 0]                           # the refused binds changed nothing
 
 
 def test_stop_tokens_end_a_request_like_generate():
