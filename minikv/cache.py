@@ -78,9 +78,13 @@ class KVView:
     q_offset:    (batch,) position *in the view* of each sequence's first new query
     lengths:     (batch,) keys present per sequence, the new ones included (= q_offset + n_new)
     block_table: paged only: (batch, blocks used) pool block of each block of positions; else None
+    segments:    a flattened ragged batch only (the serving engine's store): (n_seqs + 1,) host int64
+                 row boundaries, like flash-attention's cu_seqlens. Rows segments[s]:segments[s+1]
+                 are consecutive tokens of one sequence (one query each, same block table, positions
+                 increasing by one), so the backend can attend to them as one chunk; else None
 
     These are exactly the arguments of ``minikv.attention`` (q_offset, lengths) and of the backend's
-    paged kernels (block_table), so the model passes them through unchanged.
+    paged kernels (block_table, segments), so the model passes them through unchanged.
     """
 
     k: Any
@@ -90,6 +94,7 @@ class KVView:
     block_table: Any = None
     k_scales: Any = None     # int8 caches: (batch, kv_heads, width) scale of each stored key row; else None
     v_scales: Any = None
+    segments: Any = None     # ragged batches only (see above); every other cache leaves it None
 
 
 def dequantize_view(view: KVView, dtype) -> KVView:

@@ -354,12 +354,17 @@ class Transformer:
 
         The one switch between prefill (many queries: the backend's attention algorithm) and decode
         (one query per sequence: its split-K decode kernel), each reading a paged view through its
-        block table. Returns (batch, H, seq, hd)."""
+        block table; a view with ``segments`` (the serving engine's ragged batch) mixes both in one
+        backend call. Returns (batch, H, seq, hd)."""
         backend = self.backend
         if view.k_scales is not None:
             # An int8 cache: attention reads K = q_k * scale_k, V = q_v * scale_v (one scale per row).
             view = dequantize_view(view, q.dtype)
-        if q.shape[2] == 1:
+        if view.segments is not None:
+            # A flattened ragged batch (the serving engine): rows of one query each, grouped into sequences.
+            out, _ = backend.ragged_paged_attention(q, view.k, view.v, view.block_table, view.lengths, view.segments,
+                                                    window=window, algorithm=self.attention)
+        elif q.shape[2] == 1:
             # Decode: each sequence's one query sits at position lengths[b] - 1 of the view.
             if view.block_table is not None:
                 out, _ = backend.paged_decode_attention(q, view.k, view.v, view.block_table, view.lengths,

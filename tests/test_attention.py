@@ -482,10 +482,10 @@ def test_zero_keys_is_legal_and_sees_nothing():
 
 
 def test_a_decode_step_over_a_full_cache_builds_no_mask(monkeypatch):
-    """The numpy backend's decode: one query per sequence, every sequence as long as the cache, no
-    window: every key is visible, so it takes the unmasked softmax (the step the KV cache runs a
-    thousand times) and never builds a mask. A ragged batch must still build one, and both must
-    equal naive attention (the reference ``attention.decode`` stays literal and always masks)."""
+    """The numpy backend's decode without a window never builds a mask: every sequence as long as the
+    cache takes the plain softmax (the step the KV cache runs a thousand times), a ragged batch adds
+    -inf to the scores of absent keys. A window must still build one, and all must equal naive
+    attention (the reference ``attention.decode`` stays literal and always masks)."""
     from minikv.backend import Backend
 
     backend = Backend()
@@ -499,10 +499,14 @@ def test_a_decode_step_over_a_full_cache_builds_no_mask(monkeypatch):
     full, _ = backend.decode_attention(q, k, v, np.array([9, 9]))
     assert built == []
     ragged, _ = backend.decode_attention(q, k, v, np.array([9, 5]))
+    assert built == []
+    windowed, _ = backend.decode_attention(q, k, v, np.array([9, 5]), window=3)
     assert len(built) == 1
     np.testing.assert_allclose(full, naive(q, k, v, causal=True, q_offset=8), rtol=0, atol=1e-12)
     expected = naive(q, k, v, causal=True, q_offset=np.array([8, 4]), lengths=np.array([9, 5]))
     np.testing.assert_allclose(ragged, expected, rtol=0, atol=1e-12)
+    expected = naive(q, k, v, causal=True, q_offset=np.array([8, 4]), lengths=np.array([9, 5]), window=3)
+    np.testing.assert_allclose(windowed, expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("keys", [5, 319, 320, 700])

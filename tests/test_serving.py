@@ -7,9 +7,9 @@ pool sizes (small pools force preemption); every request's greedy tokens must eq
 step the block accounting must match the live block tables (ref counts = table entries, never
 negative, every block free, cached or in use); at the end every block is free or cached.
 
-float64 fixtures: the engine runs attention one query row at a time where generate runs the
-prompt as one matrix, so logits differ by round-off (~1e-15); greedy argmax is then identical
-unless two logits tie to 1e-15, which random weights do not produce.
+float64 fixtures: the engine attends a prefill chunk at a time (and each decode row alone) where
+generate runs the prompt as one matrix, so logits differ by round-off (~1e-15); greedy argmax is
+then identical unless two logits tie to 1e-15, which random weights do not produce.
 
 Deliberately broken variants (a hash without its parent, sharing without copy-on-write) are run
 through the same checks and must be caught.
@@ -23,8 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minikv
-from hf_fixtures import FIXTURES, model_for
-from minikv.errors import CacheOverflowError, InvalidInputError, SamplingError, SequenceTooLongError
+from hf_fixtures import FIXTURE_ROOT, FIXTURES, model_for
+from minikv.errors import CacheMismatchError, CacheOverflowError, InvalidInputError, SamplingError, SequenceTooLongError
 from minikv.serving import BlockManager, Engine, block_hash
 
 _reference: dict = {}
@@ -125,6 +125,33 @@ def test_every_fixture_family_served_exactly(name):
     served = run(engine, [(i, p, 9) for i, p in enumerate(prompts)])
     assert served == [generated_alone(model, p, 9) for p in prompts]
     assert engine.stats.preemptions > 0                         # 12 blocks of 4 cannot hold all four
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral_window"])
+def test_served_on_numba_equals_generated_alone(name):
+    # The numba backend's ragged attention (its tiled kernel on prefill chunks, its split-K kernel on decode
+    # rows, reassociated sums) against numpy's generate: GQA, and a window narrower than the prompts.
+    pytest.importorskip("numba")
+    model = minikv.load(FIXTURE_ROOT / name, dtype="float64", backend="numba")
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, model.config.vocab_size, size=n).tolist() for n in (3, 11, 17, 6)]
+    engine = Engine(model, num_blocks=40, block_size=4, max_num_tokens=9)
+    served = run(engine, [(i, p, 9) for i, p in enumerate(prompts)])
+    assert served == [generated_alone(model_for(name), p, 9) for p in prompts]
+
+
+def test_store_refuses_segments_that_are_not_runs_of_consecutive_positions():
+    # The ragged attention trusts the segments: a chunk's rows must be positions p, p+1, ... of one sequence.
+    store = Engine(model_for("llama_gqa"), num_blocks=8, block_size=4).store
+    tables = np.zeros((4, 2), dtype=np.int32)
+    store.bind(np.array([3, 4, 5, 0]), tables, np.array([0, 3, 4]))          # a chunk of 3, then a decode
+    for positions, segments in (([3, 4, 6, 0], [0, 3, 4]),                 # a gap inside a chunk
+                                ([3, 4, 5, 0], [0, 4]),                    # two sequences as one segment
+                                ([3, 4, 5, 0], [0, 3]),                    # rows left out
+                                ([3, 4, 5, 0], [0, 3, 3, 4])):             # an empty segment
+        with pytest.raises(CacheMismatchError, match="segments"):
+            store.bind(np.array(positions), tables, np.array(segments))
+    assert store.lengths.tolist() == [3, 4, 5, 0]                           # the refused binds changed nothing
 
 
 def test_stop_tokens_end_a_request_like_generate():

@@ -76,6 +76,12 @@ for name, text in texts.items():
 # a chunk sees the first one's K/V because the write happened before the attention: the causal mask
 # inside a chunk comes out of the positions alone, and there is no padding anywhere.
 #
+# That is the math, row by row. The store also tells the backend which rows are one sequence's chunk
+# (`segments`, flash-attention's `cu_seqlens`), so the backend does the same work cheaper: a chunk of n
+# rows attends as one causal block over its sequence's blocks read once (not n times), and the decode
+# rows attend together (`Backend.ragged_paged_attention`; tests/test_backends.py proves it equal to
+# the rows alone).
+#
 # ## 2. The block table
 #
 # The pool here has blocks of 4 positions. A sequence of 10 tokens needs `ceil(10 / 4) = 3` blocks; which

@@ -164,7 +164,8 @@ class Engine:
         # What ran, for lessons and debugging: (request, answer, first position, tokens) per chunk.
         self.last_step = [(c.seq.request_id, c.seq.index, c.seq.num_computed, c.n_tokens) for c in schedule.chunks]
         ids, positions, tables, last_rows = self._flatten(schedule.chunks)
-        self.store.bind(positions, tables)
+        # rows segments[i]:segments[i+1] are chunk i's tokens (last_rows[i] + 1 = where chunk i ends)
+        self.store.bind(positions, tables, np.array([0] + [row + 1 for row in last_rows], dtype=np.int64))
         t0 = time.perf_counter()
         # Logits only for the rows that end a chunk at its sequence's last token (they sample next).
         sampling = [i for i, (c, row) in enumerate(zip(schedule.chunks, last_rows))

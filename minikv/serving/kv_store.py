@@ -8,12 +8,18 @@ model where it belongs:
     lengths[r]        its position (= the keys before it: the row continues a sequence of that length)
     block_table[r]    the block table of the sequence it belongs to
 
+    segments          (n_seqs + 1,) row boundaries: rows segments[s]:segments[s+1] are one
+                      sequence's chunk (flash-attention's cu_seqlens)
+
 ``Transformer.forward(ids, cache=store)`` then does what it does for any cache: ``reserve``, per
-layer ``update`` (write each row's K/V into its slot, return the pools and block tables), attention
-(one query per row: the decode kernel, reading the pool through row r's block table up to its
-position), ``advance``. A layer writes *all* rows' K/V before any row attends, so the second token
-of a prefill chunk sees the first one's K/V in the pool: the causal mask inside a chunk comes out of
-``lengths`` alone. No padding anywhere: the matmuls run on exactly T rows, whatever the mix.
+layer ``update`` (write each row's K/V into its slot, return the pools, block tables and
+segments), attention, ``advance``. Row by row, attention is the decode kernel: one query reading
+the pool through row r's block table up to its position. A layer writes *all* rows' K/V before any
+row attends, so the second token of a prefill chunk sees the first one's K/V in the pool: the
+causal mask inside a chunk comes out of ``lengths`` alone. The segments let the backend do the
+same work cheaper (``Backend.ragged_paged_attention``): a chunk of n rows becomes one causal
+attention over its sequence's blocks read once, instead of n reads of them. No padding anywhere:
+the matmuls run on exactly T rows, whatever the mix.
 
 The model needs no change for this; the store implements the protocol of ``minikv.cache.KVCache``
 (reserve / update / advance / rollback) for a batch it is told about with ``bind`` before each step.
@@ -55,6 +61,7 @@ class PagedKVStore:
         self.v_scales = [np.zeros(shape[:3], np.float32) if self.quantized else None for _ in range(self.n_layers)]
         self.lengths = np.zeros(0, dtype=np.int64)
         self._table = np.zeros((0, 1), dtype=np.int32)
+        self._segments = np.zeros(1, dtype=np.int64)
         self._n_new = None
 
     @property
@@ -71,11 +78,25 @@ class PagedKVStore:
         for pool in self.k_pool + self.v_pool + (self.k_scales + self.v_scales if self.quantized else []):
             pool[dst] = pool[src]
 
-    def bind(self, positions: np.ndarray, block_tables: np.ndarray) -> None:
+    def bind(self, positions: np.ndarray, block_tables: np.ndarray, segments: np.ndarray) -> None:
         """Set the batch of the next forward: row r is one token at position positions[r] of the
-        sequence whose block table is block_tables[r] ((T, columns), -1 past its blocks)."""
+        sequence whose block table is block_tables[r] ((T, columns), -1 past its blocks); rows
+        segments[s]:segments[s+1] are consecutive tokens of one sequence."""
+        segments = np.asarray(segments, dtype=np.int64)
+        # Checked here, once per step (attention trusts it): boundaries from 0 to T, each segment's
+        # positions one apart (what a chunk attending as one causal block assumes).
+        ok = len(segments) >= 2 and segments[0] == 0 and segments[-1] == len(positions) and (np.diff(segments) >= 1).all()
+        if ok:
+            steps = np.diff(positions)
+            inside = np.ones(len(steps), dtype=bool)
+            inside[segments[1:-1] - 1] = False             # the step from a segment's last row to the next's first
+            ok = (steps[inside] == 1).all()
+        if not ok:
+            raise CacheMismatchError(f"segments={segments.tolist()} do not split the {len(positions)} rows into runs of "
+                                     f"consecutive positions (positions={positions.tolist()})")
         self.lengths = positions.astype(np.int64)
         self._table = block_tables
+        self._segments = segments
         size = self.block_size
         # The slot of each row's token: block table[r, p // size], offset p % size.
         self._slot_blocks = self.backend.to_device(block_tables[np.arange(len(positions)), positions // size])
@@ -107,7 +128,7 @@ class PagedKVStore:
         self.k_pool[layer][self._slot_blocks, :, self._slot_offsets] = k_new[:, :, 0]
         self.v_pool[layer][self._slot_blocks, :, self._slot_offsets] = v_new[:, :, 0]
         return KVView(self.k_pool[layer], self.v_pool[layer], self.lengths, self.lengths + 1, self._table_device,
-                      k_scales=self.k_scales[layer], v_scales=self.v_scales[layer])
+                      k_scales=self.k_scales[layer], v_scales=self.v_scales[layer], segments=self._segments)
 
     def advance(self, n_new: np.ndarray) -> None:
         # The engine owns the sequence lengths; the rows of a step are forgotten after it.
