@@ -20,6 +20,8 @@ supplies
     serving engine's step; the reference routes each segment to the two kernels above;
   - ``apply_rope(x, cos, sin, convention)``;
   - ``write_kv(cache, new, q_offset, n_new)``: the cache write;
+  - ``linear(x, weight, bias)``: x @ W (+ b) for a float weight shaped (in, out), laid out as the
+    backend's ``weight_layout`` says (the reference: ``layers.linear``);
   - ``quantized_linear(x, weight, bias)``: x @ W^T for a group-quantized weight (``minikv.quant``);
   - optionally ``prepare_decode(model)``: a function that runs a whole batch-1 decode step (or None).
 
@@ -47,6 +49,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import attention as reference_attention
+from . import layers
 from . import quant as reference_quant
 from . import rope as reference_rope
 from .errors import BackendUnavailableError, ConfigError
@@ -258,6 +261,9 @@ class Backend:
 
     def apply_rope(self, x, cos, sin, convention="half"):
         return reference_rope.apply_rope(x, cos, sin, convention)
+
+    # y = x @ W (+ b): one BLAS matmul on the contiguous (in, out) weight (no wrapper call in between).
+    linear = staticmethod(layers.linear)
 
     def quantized_linear(self, x, weight, bias=None):
         """y = x @ dequantize(W)^T (+ b) for a ``quant.QuantizedWeight``: the reference (dequantize, then BLAS)."""

@@ -105,12 +105,12 @@ class Transformer:
                               f"choose None or one of {sorted(quant.FORMATS)}")
         # None: float weights; "int8" / "int4": every projection (lm_head included) quantized group-wise.
         self.quantize = quantize
-        # The projection every layer calls: plain layers.linear for float weights (no dispatch call
-        # per matmul on the hot path), the quantized dispatch otherwise.
-        self._linear = layers.linear if quantize is None else self._quantized_linear
         self.config = config
         self.dtype = dtype
         self.backend = get_backend(backend)
+        # The projection every layer calls: the backend's float linear (numpy: layers.linear itself, no
+        # dispatch call per matmul on the hot path), the quantized dispatch otherwise.
+        self._linear = self.backend.linear if quantize is None else self._quantized_linear
         if quantize is not None and self.backend.xp is not np:
             raise ConfigError(f"quantize={quantize!r} runs on the CPU backends only (numpy, numba), "
                               f"not on {self.backend.name!r}; load without quantize there")
@@ -341,9 +341,7 @@ class Transformer:
             if logit_rows is not None:
                 x = x[backend.to_device(logit_rows)]                     # (rows, d)
         x = self._norm(x, self.final_norm, self.final_norm_bias)
-        head = self.lm_head
-        logits = (backend.quantized_linear(x, head) if isinstance(head, quant.QuantizedWeight)
-                  else x @ head)                                     # (tokens, vocab)
+        logits = self._linear(x, self.lm_head, None)                 # (tokens, vocab)
         if cfg.final_logit_softcapping is not None:
             logits = layers.softcap(logits, cfg.final_logit_softcapping)
         logits = backend.to_host(logits)
@@ -383,7 +381,7 @@ class Transformer:
         """y = x @ W (+ b): a QuantizedWeight through the backend, a float (in, out) matrix through BLAS."""
         if isinstance(weight, quant.QuantizedWeight):
             return self.backend.quantized_linear(x, weight, bias)
-        return layers.linear(x, weight, bias)
+        return self.backend.linear(x, weight, bias)
 
     def _norm(self, x, weight, bias):
         if self.is_gpt2:

@@ -221,7 +221,7 @@ def test_float32_model_computes_in_float32(name, monkeypatch):
     assert m._linear is layers.linear          # float weights: the projections call layers.linear directly
     monkeypatch.setattr(m, "_linear", recording_linear)
     m.forward(random_ids(m.config.vocab_size, 2, 5))
-    assert len(seen) == 4 * m.config.n_layers  # qkv, o, mlp in, mlp down
+    assert len(seen) == 4 * m.config.n_layers + 1  # qkv, o, mlp in, mlp down per layer; the lm_head
     assert all(d == np.float32 for triple in seen for d in triple), seen
 
 

@@ -230,6 +230,24 @@ def test_numba_backend_keeps_float_weights_out_in_without_a_copy():
 
 
 @needs_numba
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 20), n_in=st.integers(1, 70), n_out=st.integers(1, 70), seed=st.integers(0, 2**16),
+       with_bias=st.booleans())
+def test_numba_linear_equals_the_product_for_few_and_many_rows(rows, n_in, n_out, seed, with_bias):
+    """NumbaBackend.linear over an (out, in) weight seen as (in, out): the compiled product up to
+    MAX_ROWS rows, BLAS on the (out, in) array beyond; both equal x @ W (float32 round-off)."""
+    rng = np.random.default_rng(seed)
+    w_out_in = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32) if with_bias else None
+    y = minikv.get_backend("numba").linear(x, w_out_in.T, bias)
+    assert y.shape == (rows, n_out) and y.dtype == np.float32
+    expected = x.astype(np.float64) @ w_out_in.T.astype(np.float64) + (0 if bias is None else bias)
+    assert _close_to_product(y - (0 if bias is None else bias), x, w_out_in).all()
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_numba
 def test_compiled_decode_step_broken_variant_is_caught():
     """The comparison above fails for a step that skips the newest key (lengths - 1)."""
     from minikv.backends import numba_decode
