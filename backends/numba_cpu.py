@@ -440,7 +440,7 @@ class NumbaBackend(SplitKDecode, Backend):
         """y = x @ W (+ b), W (in, out) seen through a transposed view of its contiguous (out, in) array.
 
         A few rows (a short prompt, a small batch): the compiled dot-per-row product
-        (numba_decode.project_float), which streams W once. More rows: BLAS on the (out, in) array as
+        (numba_decode.project), which streams W once. More rows: BLAS on the (out, in) array as
         it lies, y^T = W^T x^T, returned as its transposed view: OpenBLAS runs this orientation as fast
         as x @ W on an (in, out) array, while x @ W through the view (a transposed B operand) is
         1.3-1.6x slower from 8 to 32 rows on `mid`'s matrices (2 cores)."""
@@ -452,7 +452,7 @@ class NumbaBackend(SplitKDecode, Backend):
         if x.shape[0] <= numba_decode.MAX_ROWS and x.dtype == np.float32 and w.dtype == np.float32:
             y = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
             with numba_threads(threads_for(x.shape[0] * w.size)):
-                numba_decode.project_float(w, np.ascontiguousarray(x), y)
+                numba_decode.project(w, numba_decode.NO_SCALES, 0, np.ascontiguousarray(x), y)
         else:
             y = (w @ x.T).T                                  # (out, in) @ (in, rows) -> (out, rows) -> (rows, out)
         if bias is not None:

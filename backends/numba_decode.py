@@ -11,10 +11,12 @@ generic path (model.py) makes ~30 NumPy calls per layer; this one makes three:
                        x += (silu(h W_gate) * h W_up) W_down
 
 and one more for the final norm and the lm_head. Each kernel opens one parallel region per
-matrix-vector product and one for attention (``prange``): 5 thread wake-ups per layer.
+matrix-vector product and one for attention (``prange``): 5 thread wake-ups per layer (SwiGLU runs
+inside the gate/up product, ``project_swiglu``).
 
-The products (``project``), one per weight format, chosen when a kernel is compiled (``overload``
-on the weight's dtype):
+One loop shape for every product (``project``: each thread owns a range of outputs j), and one dot
+product per weight format (``row_dot``), chosen when a kernel is compiled (``overload`` on the
+weight's dtype):
 
 * float (out, in), the numba backend's layout (``weight_layout``): y[j] = dot(W[j], x), each
   thread streaming its rows of W front to back;
@@ -48,93 +50,101 @@ _SERIAL = dict(parallel=False, fastmath={"reassoc", "contract"}, cache=True, nog
 # --------------------------------------------------------------------------- matrix-vector products
 
 
-@njit(**_KERNEL)
-def project_float(w, x, y):
-    """y (rows, out) = x (rows, in) @ w^T for w (out, in), C-contiguous (the backend's weight layout):
-    y[r, j] = sum_i x[r, i] w[j, i]. Each output is the dot product of one contiguous row of w with x,
-    so a thread streams its rows of w front to back (the prefetcher's best case) and reuses each row
-    for every row of x while it sits in L1. Measured on `mid`'s 33 matrices, 2 cores, batch 1: this
-    form read 34.6 GB/s, the (in, out) axpy form (y[j0:j1] += x[i] w[i, j0:j1]) 26.1 GB/s and
-    OpenBLAS's x @ W 25.9 GB/s (benchmarks/results/quant_decode.md has the end-to-end figures)."""
-    n_out, n_in = w.shape
-    rows = x.shape[0]
-    for j in prange(n_out):
-        row = w[j]
-        for r in range(rows):
-            xr = x[r]
-            acc = np.float32(0.0)
-            for i in range(n_in):
-                acc += xr[i] * row[i]
-            y[r, j] = acc
+_ROW = dict(fastmath={"reassoc", "contract"}, cache=True, inline="always")
 
 
-@njit(**_KERNEL)
-def project_int8(q, scales, group, x, y):
-    """y (rows, out) = x (rows, in) @ dequantize(q, scales)^T, dequantizing inside the dot product:
-    y[r, j] = sum_g scale[j, g] sum_{i in g} x[r, i] q[j, i]."""
-    n_out, n_in = q.shape
-    rows = x.shape[0]
-    n_groups = scales.shape[1]
-    for j in prange(n_out):
-        row = q[j]
-        for r in range(rows):
-            xr = x[r]
-            acc = np.float32(0.0)
-            for g in range(n_groups):
-                i0 = g * group
-                i1 = min(i0 + group, n_in)
-                xs, qs = xr[i0:i1], row[i0:i1]
-                s = np.float32(0.0)
-                for i in range(i1 - i0):
-                    s += xs[i] * np.float32(qs[i])
-                acc += s * scales[j, g]
-            y[r, j] = acc
+@njit(**_ROW)
+def dot_float(w, scales, group, j, x):
+    """sum_i x[i] w[j, i] for a float w (out, in), C-contiguous (the backend's weight layout): one
+    contiguous row of w streamed front to back (the prefetcher's best case). Measured on `mid`'s 33
+    matrices, 2 cores, batch 1: this form read 34.6 GB/s, the (in, out) axpy form (y[j0:j1] +=
+    x[i] w[i, j0:j1]) 26.1 GB/s and OpenBLAS's x @ W 25.9 GB/s."""
+    row = w[j]
+    acc = np.float32(0.0)
+    for i in range(row.shape[0]):
+        acc += x[i] * row[i]
+    return acc
 
 
-@njit(**_KERNEL)
-def project_int4(packed, scales, group, x, y):
+@njit(**_ROW)
+def dot_int8(q, scales, group, j, x):
+    """sum_g scale[j, g] sum_{i in g} x[i] q[j, i]: the weight converted to float inside the dot product."""
+    row = q[j]
+    n_in = row.shape[0]
+    acc = np.float32(0.0)
+    for g in range(scales.shape[1]):
+        i0 = g * group
+        i1 = min(i0 + group, n_in)
+        xs, qs = x[i0:i1], row[i0:i1]
+        s = np.float32(0.0)
+        for i in range(i1 - i0):
+            s += xs[i] * np.float32(qs[i])
+        acc += s * scales[j, g]
+    return acc
+
+
+@njit(**_ROW)
+def dot_int4(packed, scales, group, j, x):
     """The same for int4 (layout: minikv.quant.pack_int4): byte b of a group of L elements holds
     element b + 8 in its low nibble and element b + L/2 + 8 in its high nibble."""
-    n_out = packed.shape[0]
-    n_in = x.shape[1]
-    rows = x.shape[0]
-    n_groups = scales.shape[1]
-    for j in prange(n_out):
-        row = packed[j]
-        for r in range(rows):
-            xr = x[r]
-            acc = np.float32(0.0)
-            for g in range(n_groups):
-                i0 = g * group
-                half = (min(i0 + group, n_in) - i0) // 2
-                bs = row[i0 // 2:i0 // 2 + half]
-                x_low, x_high = xr[i0:i0 + half], xr[i0 + half:i0 + 2 * half]
-                s = np.float32(0.0)
-                for b in range(half):
-                    # The nibbles in float arithmetic: byte = 16 high + low, so high = floor(byte / 16)
-                    # and low = byte - 16 high (exact in float32). Integer & and >> would be typed int64
-                    # by Numba, vectorising 8 lanes wide instead of 16 (measured 1.37x slower on `mid`).
-                    byte = np.float32(bs[b])
-                    high = np.floor(byte * np.float32(0.0625))
-                    low = byte - np.float32(16.0) * high
-                    s += x_low[b] * (low - np.float32(8.0)) + x_high[b] * (high - np.float32(8.0))
-                acc += s * scales[j, g]
-            y[r, j] = acc
+    row = packed[j]
+    n_in = x.shape[0]
+    acc = np.float32(0.0)
+    for g in range(scales.shape[1]):
+        i0 = g * group
+        half = (min(i0 + group, n_in) - i0) // 2
+        bs = row[i0 // 2:i0 // 2 + half]
+        x_low, x_high = x[i0:i0 + half], x[i0 + half:i0 + 2 * half]
+        s = np.float32(0.0)
+        for b in range(half):
+            # The nibbles in float arithmetic: byte = 16 high + low, so high = floor(byte / 16) and
+            # low = byte - 16 high (exact in float32). Integer & and >> would be typed int64 by Numba,
+            # vectorising 8 lanes wide instead of 16 (measured 1.37x slower on `mid`).
+            byte = np.float32(bs[b])
+            high = np.floor(byte * np.float32(0.0625))
+            low = byte - np.float32(16.0) * high
+            s += x_low[b] * (low - np.float32(8.0)) + x_high[b] * (high - np.float32(8.0))
+        acc += s * scales[j, g]
+    return acc
 
 
-def project(weight, scales, group, x, y):
-    """y = x @ W for any weight format; resolved at compile time by the overload below."""
-    raise NotImplementedError("project() runs inside compiled kernels only")
+def row_dot(weight, scales, group, j, x):
+    """Output j of x @ W for any weight format; resolved at compile time by the overload below."""
+    raise NotImplementedError("row_dot() runs inside compiled kernels only")
 
 
-@overload(project)
-def _project_overload(weight, scales, group, x, y):
+@overload(row_dot, inline="always")
+def _row_dot_overload(weight, scales, group, j, x):
     dtype = weight.dtype
     if dtype == types.int8:
-        return lambda weight, scales, group, x, y: project_int8(weight, scales, group, x, y)
+        return lambda weight, scales, group, j, x: dot_int8(weight, scales, group, j, x)
     if dtype == types.uint8:
-        return lambda weight, scales, group, x, y: project_int4(weight, scales, group, x, y)
-    return lambda weight, scales, group, x, y: project_float(weight, x, y)
+        return lambda weight, scales, group, j, x: dot_int4(weight, scales, group, j, x)
+    return lambda weight, scales, group, j, x: dot_float(weight, scales, group, j, x)
+
+
+@njit(**_KERNEL)
+def project(weight, scales, group, x, y):
+    """y (rows, out) = x (rows, in) @ W^T for W (out, in) in any format (float: scales and group unused):
+    each thread owns a range of outputs j and reuses row j of W for every row of x while it sits in L1."""
+    rows = x.shape[0]
+    for j in prange(y.shape[1]):
+        for r in range(rows):
+            y[r, j] = row_dot(weight, scales, group, j, x[r])
+
+
+@njit(**_KERNEL)
+def project_swiglu(weight, scales, group, x, intermediate, act):
+    """act (rows, I) = silu(x W_gate^T) * (x W_up^T) with W = [W_gate; W_up] ((2 I, in), any format):
+    gate j and up j are computed by the same task, so SwiGLU runs inside the parallel product (a
+    separate loop of I exponentials after it would run on one thread while the others wait)."""
+    rows = x.shape[0]
+    one = np.float32(1.0)
+    for j in prange(intermediate):
+        for r in range(rows):
+            gate = row_dot(weight, scales, group, j, x[r])
+            up = row_dot(weight, scales, group, intermediate + j, x[r])
+            act[r, j] = gate / (one + np.exp(-gate)) * up
 
 
 # --------------------------------------------------------------------------- one layer in two kernels
@@ -183,7 +193,7 @@ def decode_layer_in(x, norm, eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin,
 @njit(**_KERNEL)
 def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_scales, v_scales, quantized_kv,
                      block_table, block_size, lengths, window, w_o, s_o, g_o, mlp_norm, eps, w_in, s_in, g_in,
-                     w_down, s_down, g_down, intermediate, attn, h, hidden, act, y):
+                     w_down, s_down, g_down, intermediate, attn, h, act, y):
     """Attention of each row's query heads (the first H heads of qkv) over the cache, then
     x += attn W_o; x += (silu(gate) * up) W_down with gate | up = rms_norm(x) W_in.
 
@@ -246,12 +256,7 @@ def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_sc
         for i in range(x.shape[1]):
             x[r, i] += y[r, i]
     rms_norm_rows(x, mlp_norm, eps, h)
-    project(w_in, s_in, g_in, h, hidden)
-    one = np.float32(1.0)
-    for r in range(rows):
-        for i in range(intermediate):
-            gate = hidden[r, i]
-            act[r, i] = gate / (one + np.exp(-gate)) * hidden[r, intermediate + i]
+    project_swiglu(w_in, s_in, g_in, h, intermediate, act)
     project(w_down, s_down, g_down, act, y)
     for r in range(rows):
         for i in range(x.shape[1]):
@@ -364,16 +369,15 @@ class DecodeStep:
         h = np.empty((rows, d), dtype=np.float32)
         qkv = np.empty((rows, width), dtype=np.float32)
         attn = np.empty((rows, n_heads * head_dim), dtype=np.float32)
-        hidden = np.empty((rows, 2 * self.intermediate), dtype=np.float32)
         act = np.empty((rows, self.intermediate), dtype=np.float32)
         y = np.empty((rows, d), dtype=np.float32)
         # (rows, (H + 2 KV) hd) -> (rows, H + 2 KV, 1, hd): this step's heads, as cache.update takes them
         heads = qkv.reshape(rows, n_heads + 2 * n_kv, 1, head_dim)
         # At most the caller's numba.get_num_threads() (a benchmark or server may have lowered it).
         with numba_threads(min(threads_for(rows * self.layer_work), numba.get_num_threads())):
-            return self._layers(x, cos, sin, cache, windows, last_only, h, qkv, heads, attn, hidden, act, y)
+            return self._layers(x, cos, sin, cache, windows, last_only, h, qkv, heads, attn, act, y)
 
-    def _layers(self, x, cos, sin, cache, windows, last_only, h, qkv, heads, attn, hidden, act, y):
+    def _layers(self, x, cos, sin, cache, windows, last_only, h, qkv, heads, attn, act, y):
         model, n_heads, n_kv, head_dim = self.model, self.n_heads, self.n_kv, self.head_dim
         rows = x.shape[0]
         for index, (norm, (w_qkv, s_qkv, g_qkv), bias, has_bias, (w_o, s_o, g_o), mlp_norm,
@@ -392,7 +396,7 @@ class DecodeStep:
                              view.k_scales if quantized_kv else NO_KV_SCALES,
                              view.v_scales if quantized_kv else NO_KV_SCALES, quantized_kv, table, block_size,
                              view.lengths, 0 if window is None else int(window), w_o, s_o, g_o, mlp_norm, self.eps,
-                             w_in, s_in, g_in, w_down, s_down, g_down, self.intermediate, attn, h, hidden, act, y)
+                             w_in, s_in, g_in, w_down, s_down, g_down, self.intermediate, attn, h, act, y)
         w_head, s_head, g_head = self.head
         logits = np.empty((rows, model.config.vocab_size), dtype=np.float32)
         decode_head(x, model.final_norm, self.eps, w_head, s_head, g_head, h, logits)
@@ -411,10 +415,7 @@ def quantized_linear(x, weight, bias=None):
         return None
     x = np.ascontiguousarray(x)
     y = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-    if weight.format == "int8":
-        project_int8(weight.values, weight.scales, weight.group, x, y)
-    else:
-        project_int4(weight.values, weight.scales, weight.group, x, y)
+    project(weight.values, weight.scales, weight.group, x, y)
     if bias is not None:
         y += bias
     return y

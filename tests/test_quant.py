@@ -161,18 +161,29 @@ def test_numba_projection_equals_dequantized_product(format, rows, out_features,
     x = rng.standard_normal((rows, in_features)).astype(np.float32)
     y = np.full((rows, out_features), np.nan, dtype=np.float32)
     if format == "float32":
-        numba_decode.project_float(w, x, y)               # (out, in): the numba backend's layout
+        numba_decode.project(w, numba_decode.NO_SCALES, 0, x, y)   # (out, in): the numba backend's layout
         dense = w
     else:
         qw = quant.quantize(w, format)
-        kernel = numba_decode.project_int8 if format == "int8" else numba_decode.project_int4
-        kernel(qw.values, qw.scales, qw.group, x, y)
+        numba_decode.project(qw.values, qw.scales, qw.group, x, y)
         dense = quant.dequantize(qw)
         # The backend's quantized_linear is the same kernel and equals the reference function.
         reference = quant.quantized_linear(x, qw)
         assert _close_to_product(minikv.get_backend("numba").quantized_linear(x, qw), x, dense).all()
         assert _close_to_product(reference, x, dense).all()
     assert _close_to_product(y, x, dense).all()
+    # The fused SwiGLU product over the same matrix as [W_gate; W_up]: silu(x W_gate^T) * (x W_up^T).
+    if out_features % 2 == 0:
+        inter = out_features // 2
+        act = np.full((rows, inter), np.nan, dtype=np.float32)
+        if format == "float32":
+            numba_decode.project_swiglu(w, numba_decode.NO_SCALES, 0, x, inter, act)
+        else:
+            numba_decode.project_swiglu(qw.values, qw.scales, qw.group, x, inter, act)
+        gate, up = (x.astype(np.float64) @ dense.astype(np.float64).T)[:, :inter], \
+            (x.astype(np.float64) @ dense.astype(np.float64).T)[:, inter:]
+        expected = gate / (1 + np.exp(-gate)) * up
+        np.testing.assert_allclose(act, expected, rtol=1e-3, atol=1e-3 * (1 + np.abs(expected).max()))
 
 
 def _decode_logits(model, prompts, steps, cache_dtype=None, kind="static"):
@@ -239,12 +250,13 @@ def test_numba_linear_equals_the_product_for_few_and_many_rows(rows, n_in, n_out
     rng = np.random.default_rng(seed)
     w_out_in = rng.standard_normal((n_out, n_in)).astype(np.float32)
     x = rng.standard_normal((rows, n_in)).astype(np.float32)
-    bias = rng.standard_normal(n_out).astype(np.float32) if with_bias else None
-    y = minikv.get_backend("numba").linear(x, w_out_in.T, bias)
+    backend = minikv.get_backend("numba")
+    y = backend.linear(x, w_out_in.T)
     assert y.shape == (rows, n_out) and y.dtype == np.float32
-    expected = x.astype(np.float64) @ w_out_in.T.astype(np.float64) + (0 if bias is None else bias)
-    assert _close_to_product(y - (0 if bias is None else bias), x, w_out_in).all()
-    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+    assert _close_to_product(y, x, w_out_in).all()
+    if with_bias:
+        bias = rng.standard_normal(n_out).astype(np.float32)
+        np.testing.assert_array_equal(backend.linear(x, w_out_in.T, bias), y + bias)
 
 
 @needs_numba
@@ -356,8 +368,8 @@ def test_compiled_attention_over_int8_equals_attention_over_its_dequantized_valu
                             strided(v_scales) if quantized else v_scales, quantized, np.zeros((1, 1), np.int32),
                             width, np.array([width]), 0, zeros[0], nd.NO_SCALES, 0, np.ones(d, np.float32),
                             np.float32(1e-5), zeros[1], nd.NO_SCALES, 0, zeros[2], nd.NO_SCALES, 0, inter, attn,
-                            np.empty((1, d), np.float32), np.empty((1, 2 * inter), np.float32),
-                            np.empty((1, inter), np.float32), np.empty((1, d), np.float32))
+                            np.empty((1, d), np.float32), np.empty((1, inter), np.float32),
+                            np.empty((1, d), np.float32))
         outputs.append(attn)
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
 
