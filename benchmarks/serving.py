@@ -35,6 +35,8 @@ from minikv.serving import Engine
 from .common import RESULTS_DIR, Context, blas_line, blas_threads, fmt, machine_line, md_table, numpy_threads, write_result
 
 TARGET = 5.0
+HEADER = ["mode", "output tokens/s (wall)", "vs one at a time", "output tokens per CPU-s", "vs one at a time",
+          "TTFT p50 (s)", "TTFT p95 (s)", "TPOT p50 (ms)", "TPOT p95 (ms)", "requests with tokens equal to one at a time"]
 
 
 def workload(vocab: int, n: int, prompt_range, output_range, seed: int = 0, system: int = 0):
@@ -252,15 +254,11 @@ def run(ctx: Context) -> dict:
         f"{n} requests arriving at once, prompt and output lengths ~ U{list(lengths)} tokens, greedy, no stop "
         f"token; {threads} BLAS thread(s); float32. The load average when the run started is in the last line (a "
         f"load well above 0 means other work shared the 2 cores); the ratios are measured in the same run.\n\n"
-        + md_table(["mode", "output tokens/s (wall)", "vs one at a time", "output tokens per CPU-s",
-                    "vs one at a time", "TTFT p50 (s)", "TTFT p95 (s)", "TPOT p50 (ms)", "TPOT p95 (ms)",
-                    "requests with tokens equal to one at a time"], rows)
+        + md_table(HEADER, rows)
         + f"\n### Concurrency held at {n}: {4 * n} requests, at most {n} in flight\n\nThe same distributions; the "
         f"engine admits a new request whenever one finishes, so decode steps run close to {n} rows (above, "
         f"the {n} requests arriving at once drain to one row by the end).\n\n"
-        + md_table(["mode", "output tokens/s (wall)", "vs one at a time", "output tokens per CPU-s",
-                    "vs one at a time", "TTFT p50 (s)", "TTFT p95 (s)", "TPOT p50 (ms)", "TPOT p95 (ms)",
-                    "requests with tokens equal to one at a time"], held_rows)
+        + md_table(HEADER, held_rows)
         + f"\nTarget >= {TARGET:.0f}x one at a time at {n} concurrent requests: {n} arriving at once **{met}** "
         f"({speedup:.2f}x by wall clock, {cpu_speedup:.2f}x by CPU time); concurrency held at {n} **{held_met}** "
         f"({held_speedup:.2f}x by wall clock, {held_cpu_speedup:.2f}x by CPU time). On a machine shared with other "

@@ -34,3 +34,37 @@ def cache_options(kind, option, total):
     if kind == "sliding":
         return {"window": total + option - 1}
     return {}
+
+
+class InjectedFailure(BaseException):
+    """Raised mid-forward by the transactional-cache tests; a BaseException like KeyboardInterrupt."""
+
+
+def forward_failing_at_layer(model, cache, ids, fail_at: int) -> None:
+    """Run ``model.forward(ids, cache)`` with an InjectedFailure raised right after layer ``fail_at``
+    has written its K/V through ``cache.update``; the cache's own update is put back afterwards."""
+    import pytest
+
+    real_update = cache.update
+
+    def update(layer, k_new, v_new):
+        view = real_update(layer, k_new, v_new)          # this layer has written
+        if layer == fail_at:
+            raise InjectedFailure
+        return view
+
+    cache.update = update
+    try:
+        with pytest.raises(InjectedFailure):
+            model.forward(ids, cache)
+    finally:
+        del cache.update
+
+
+def padded(prompts):
+    """Right-padded ids (batch, longest) of ragged prompts, and each prompt's length (batch,)."""
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    ids = np.zeros((len(prompts), int(lengths.max())), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = p
+    return ids, lengths

@@ -26,7 +26,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_fixtures import FIXTURE_ROOT, FIXTURES, cache_options, model_for, random_prompts
+from hf_fixtures import (FIXTURE_ROOT, FIXTURES, cache_options, forward_failing_at_layer,
+                         model_for, padded, random_prompts)
 from minikv import Transformer
 from minikv.backend import Backend
 from minikv.cache import KVView, PagedCache, StaticCache, load_cache, make_cache
@@ -34,14 +35,6 @@ from minikv.errors import CacheMismatchError, CacheOverflowError, CheckpointErro
 
 KINDS = ("concat", "static", "paged", "sliding")
 EXACT = 1e-10        # float64 cached vs recomputed logits (see the module docstring)
-
-def padded(prompts):
-    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-    ids = np.zeros((len(prompts), int(lengths.max())), dtype=np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, :len(p)] = p
-    return ids, lengths
-
 
 def recompute(model, sequence, window=None):
     """The no-cache reference: the whole sequence again, (seq, vocab)."""
@@ -473,10 +466,6 @@ def test_paged_blocks_reserved_by_a_failed_call_go_back_to_the_pool():
     np.testing.assert_allclose(got[1], recompute(model, [1, 2, 3]), rtol=0, atol=EXACT)
 
 
-class InjectedFailure(BaseException):
-    """Raised mid-forward by the tests below; a BaseException like KeyboardInterrupt."""
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
@@ -495,18 +484,7 @@ def test_a_forward_that_fails_at_any_layer_leaves_the_cache_exactly_as_it_was(ki
     ids, lengths = padded(prompts)
     model.forward(ids, cache, n_new=lengths)
     before = snapshot(cache)
-    real_update = cache.update
-
-    def update(layer, k_new, v_new):
-        view = real_update(layer, k_new, v_new)          # this layer has written
-        if layer == fail_at:
-            raise InjectedFailure
-        return view
-
-    cache.update = update
-    with pytest.raises(InjectedFailure):
-        model.forward(np.ones((len(prompts), n_fail), dtype=np.int64), cache)
-    del cache.update
+    forward_failing_at_layer(model, cache, np.ones((len(prompts), n_fail), dtype=np.int64), fail_at)
     assert_same_state(before, snapshot(cache))
     got = model.forward(np.full((len(prompts), 1), 2, dtype=np.int64), cache, last_only=True)
     for b, prompt in enumerate(prompts):

@@ -32,7 +32,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minikv
-from hf_fixtures import FIXTURES, model_for, random_prompts
+from hf_fixtures import FIXTURES, forward_failing_at_layer, model_for, padded, random_prompts
 from minikv import quant
 from minikv.cache import PagedCache, SlidingCache, load_cache
 from minikv.errors import CacheRewindError, CheckpointError, ConfigError
@@ -40,14 +40,6 @@ from minikv.errors import CacheRewindError, CheckpointError, ConfigError
 KINDS = ("concat", "static", "paged", "sliding")
 EXACT = 1e-10
 HAS_NUMBA = "numba" in minikv.available_backends()
-
-
-def padded(prompts):
-    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-    ids = np.zeros((len(prompts), int(lengths.max())), dtype=np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, :len(p)] = p
-    return ids, lengths
 
 
 def rounding_twin(cache):
@@ -153,10 +145,6 @@ def test_int8_really_rounds_and_every_kind_gives_the_same_logits():
 # ---------------------------------------------------------------------------------------------------
 
 
-class InjectedFailure(BaseException):
-    pass
-
-
 def state(cache):
     """Everything a later query can read, scales included, copied; plus what must come back in full:
     concat's arrays, the sliding ring (every slot may be visible), paged's table and free list."""
@@ -182,18 +170,8 @@ def check_failed_forward_changes_nothing(model, cache, prompts, n_fail, fail_at)
     ids, lengths = padded(prompts)
     model.forward(ids, cache, n_new=lengths)
     before = state(cache)
-    real_update = cache.update
-
-    def update(layer, k_new, v_new):
-        view = real_update(layer, k_new, v_new)             # this layer has written K, V and scales
-        if layer == fail_at:
-            raise InjectedFailure
-        return view
-
-    cache.update = update
-    with pytest.raises(InjectedFailure):
-        model.forward(np.ones((len(prompts), n_fail), dtype=np.int64), cache)
-    del cache.update
+    # layer fail_at has written K, V and scales when the failure comes
+    forward_failing_at_layer(model, cache, np.ones((len(prompts), n_fail), dtype=np.int64), fail_at)
     after = state(cache)
     assert len(before) == len(after)
     for x, y in zip(before, after):
