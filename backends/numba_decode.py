@@ -33,11 +33,13 @@ the tests state the bound.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import fields
 
 import numba
 import numpy as np
 from numba import njit, prange, types
+from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
 
 from minikv import quant
@@ -50,7 +52,12 @@ _SERIAL = dict(parallel=False, fastmath={"reassoc", "contract"}, cache=True, nog
 # --------------------------------------------------------------------------- matrix-vector products
 
 
+# Inlined into the parallel kernels at Numba's IR level: in alternating A/B rounds on `mha` (2 threads)
+# 5 of 7 rounds ran 2-33% faster than leaving the calls to LLVM. Numba's pedantic IR check then reports
+# the inlined overload's locals as "not in scope" (a NumbaIRAssumptionWarning about its own bookkeeping,
+# not about the result, which the tests compare with the reference); that one message is silenced below.
 _ROW = dict(fastmath={"reassoc", "contract"}, cache=True, inline="always")
+warnings.filterwarnings("ignore", message=r"variable '_row_dot_overload", category=NumbaIRAssumptionWarning)
 
 
 @njit(**_ROW)

@@ -19,7 +19,7 @@ Properties
 * nbytes counts the scales: (head_dim + 4) bytes per row instead of head_dim * itemsize;
 * numba backend: its compiled decode step reads int8 paged and concat caches (through the block
   table / contiguously) and equals its own static-cache result to float32 round-off (1e-5), and the
-  numpy reference to the tolerance of tests/test_quant.py's int8 test (2e-2: see there);
+  numpy reference to the bound of tests/test_quant.py's int8 test (every logit within 0.1, mean below 1e-3: see there);
 * broken variants: a ring that forgets to restore scales, and a paged cache that writes each scale
   to the next head's slot, are both caught.
 """
@@ -349,7 +349,8 @@ def test_compiled_decode_step_reads_int8_paged_and_concat_caches():
         np.testing.assert_allclose(got[kind], got["static"], rtol=1e-5, atol=1e-5, err_msg=kind)
         want = drive(reference, new_cache(reference, kind, 2, "int8", block_size=4), prompts, 4, 5)
         # K/V of later layers may round to a neighbouring integer (see tests/test_quant.py's int8 test).
-        np.testing.assert_allclose(got[kind], want, rtol=2e-2, atol=2e-2, err_msg=kind)
+        difference = np.abs(got[kind] - want)
+        assert difference.max() < 0.1 and difference.mean() < 1e-3, (kind, difference.max(), difference.mean())
 
 
 # ---------------------------------------------------------------------------------------------------
