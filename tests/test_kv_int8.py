@@ -19,7 +19,8 @@ Properties
 * nbytes counts the scales: (head_dim + 4) bytes per row instead of head_dim * itemsize;
 * numba backend: its compiled decode step reads int8 paged and concat caches (through the block
   table / contiguously) and equals its own static-cache result to float32 round-off (1e-5), and the
-  numpy reference to the bound of tests/test_quant.py's int8 test (every logit within 0.1, mean below 1e-3: see there);
+  numpy reference to the bound of tests/test_quant.py's int8 test (every logit within 0.1, the mean
+  difference below 1e-3: see there);
 * broken variants: a ring that forgets to restore scales, and a paged cache that writes each scale
   to the next head's slot, are both caught.
 """
