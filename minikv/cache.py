@@ -62,6 +62,8 @@ from .errors import (CacheMismatchError, CacheOverflowError, CacheRewindError, C
 from .quant import dequantize_rows, quantize_rows
 
 CACHE_KINDS = ("none", "concat", "static", "paged", "sliding")
+# Storage dtypes every kind takes; int8 stores each K/V row as int8 with a float32 scale beside it.
+CACHE_DTYPES = ("float16", "float32", "float64", "int8")
 _FORMAT_VERSION = "1"
 # What Transformer.forward calls on a cache (a KVCache, or anything else that keeps the same promises).
 CACHE_PROTOCOL = ("lengths", "check_compatible", "reserve", "update", "advance", "rollback")
@@ -114,11 +116,25 @@ def dequantize_view(view: KVView, dtype) -> KVView:
                    block_table=table, k_scales=None, v_scales=None)
 
 
+def check_cache_dtype(dtype, backend: Backend, name: str = "cache dtype") -> np.dtype:
+    """The storage dtype of K/V, checked once for every cache and the serving engine's store: one of
+    CACHE_DTYPES, and int8 only on the CPU backends (its quantize-on-write and reads run in NumPy)."""
+    try:
+        checked = np.dtype(dtype)
+    except TypeError:
+        raise ConfigError(f"{name}={dtype!r} is not a dtype; choose {', '.join(CACHE_DTYPES[:-1])} or "
+                          f"{CACHE_DTYPES[-1]}") from None
+    if checked.name not in CACHE_DTYPES:
+        raise ConfigError(f"{name}={checked.name!r} must be {', '.join(CACHE_DTYPES[:-1])} or {CACHE_DTYPES[-1]}")
+    if checked.name == "int8" and backend.xp is not np:
+        raise ConfigError(f"{name}='int8' runs on the CPU backends only, not on {backend.name!r}")
+    return checked
+
+
 class KVCache:
     """The interface; subclasses decide where K and V live (see the module docstring for the protocol)."""
 
     kind = "base"
-    quantized_dtypes: tuple[str, ...] = ("int8",)   # K/V stored as int8 with a float32 scale per row
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, batch_size: int, max_seq_len: int,
                  dtype="float32", backend: Optional[Backend] = None):
@@ -129,19 +145,10 @@ class KVCache:
                                   f"<= {validate.MAX_SIZE} (2**31 - 1)")
         self.n_layers, self.n_kv_heads, self.head_dim = int(n_layers), int(n_kv_heads), int(head_dim)
         self.batch_size, self.max_seq_len = int(batch_size), int(max_seq_len)
-        try:
-            self.dtype = np.dtype(dtype)
-        except TypeError:
-            raise ConfigError(f"cache dtype={dtype!r} is not a dtype; choose float16, float32, float64 or "
-                              "int8") from None
-        if self.dtype.name not in ("float16", "float32", "float64") + self.quantized_dtypes:
-            raise ConfigError(f"cache dtype={self.dtype.name!r} must be float16, float32, float64"
-                              + "".join(f" or {name}" for name in self.quantized_dtypes) + f" for a {self.kind} cache")
         self.backend = get_backend(backend)
+        self.dtype = check_cache_dtype(dtype, self.backend)
         # int8: K and V rows quantized on write, one float32 scale per (sequence, head, position).
         self.quantized = self.dtype.name == "int8"
-        if self.quantized and self.backend.xp is not np:
-            raise ConfigError(f"cache dtype='int8' runs on the CPU backends only, not on {self.backend.name!r}")
         self.xp = self.backend.xp
         # Positions held per sequence, on the host: every kernel reads it, Python indexes with it.
         self.lengths = np.zeros(self.batch_size, dtype=np.int64)
@@ -344,7 +351,6 @@ class StaticCache(_PerLayerArrays):
     only there) needs no undo, and truncating is just lowering the lengths."""
 
     kind = "static"
-    quantized_dtypes = ("int8",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -791,9 +797,9 @@ def _checked_metadata(path, meta: dict) -> tuple[str, dict, dict]:
     kind = meta["kind"]
     sizes = {name: size(name, meta.get(name)) for name in ("n_layers", "n_kv_heads", "head_dim", "batch_size",
                                                            "max_seq_len")}
-    if meta.get("dtype") not in ("float16", "float32", "float64") + _KINDS[kind].quantized_dtypes:
-        raise CheckpointError(f"{path}: cache metadata dtype={meta.get('dtype')!r} must be float16, float32, float64"
-                              + "".join(f" or {name}" for name in _KINDS[kind].quantized_dtypes))
+    if meta.get("dtype") not in CACHE_DTYPES:
+        raise CheckpointError(f"{path}: cache metadata dtype={meta.get('dtype')!r} must be "
+                              f"{', '.join(CACHE_DTYPES[:-1])} or {CACHE_DTYPES[-1]}")
     try:
         extra = json.loads(meta.get("extra", "{}"))
     except (ValueError, RecursionError):

@@ -426,3 +426,19 @@ def test_int8_store_copy_on_write_copies_the_scales():
                               cache_dtype="int8").tokens[0] for i in range(3)}
     assert answers(broken=False) == want
     assert answers(broken=True) != want
+
+
+@pytest.mark.parametrize("dtype, message", [("int16", "cache_dtype='int16' must be float16, float32, float64 or int8"),
+                                            ("bogus", "cache_dtype='bogus' is not a dtype"),
+                                            ("complex64", "cache_dtype='complex64' must be")])
+def test_the_engine_store_and_every_cache_refuse_other_dtypes_alike(dtype, message):
+    """The serving store checks its dtype with the caches' own check (minikv.cache.check_cache_dtype):
+    a ConfigError naming the value and the dtypes it takes, for the store and for every cache kind."""
+    from minikv.serving import Engine
+
+    model = model_for("llama_gqa")
+    with pytest.raises(ConfigError, match=message):
+        Engine(model, block_size=4, num_blocks=8, cache_dtype=dtype)
+    for kind in KINDS:
+        with pytest.raises(ConfigError, match=message.replace("cache_dtype", "cache dtype")):
+            model.new_cache(kind, batch_size=1, max_seq_len=8, dtype=dtype)

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..cache import KVView
-from ..errors import CacheMismatchError, CacheOverflowError, ConfigError
+from ..cache import KVView, check_cache_dtype
+from ..errors import CacheMismatchError, CacheOverflowError
 from ..quant import quantize_rows
 
 
@@ -48,11 +48,8 @@ class PagedKVStore:
         self.backend, self.xp = model.backend, model.backend.xp
         self.n_layers, self.n_kv_heads, self.head_dim = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
         self.num_blocks, self.block_size = int(num_blocks), int(block_size)
-        self.dtype = np.dtype(dtype or model.dtype)
+        self.dtype = check_cache_dtype(dtype or model.dtype, self.backend, "cache_dtype")
         self.quantized = self.dtype.name == "int8"
-        if self.dtype.name not in ("float16", "float32", "float64", "int8") or (self.quantized and self.xp is not np):
-            raise ConfigError(f"cache_dtype={self.dtype.name!r}: the engine's K/V store takes float16, float32, "
-                              "float64 or (on the CPU backends) int8")
         shape = (self.num_blocks, self.n_kv_heads, self.block_size, self.head_dim)
         self.k_pool = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
         self.v_pool = [self.xp.zeros(shape, dtype=self.dtype) for _ in range(self.n_layers)]
