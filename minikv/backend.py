@@ -72,17 +72,11 @@ def write_rows(cache, new, q_offset, n_new) -> None:
         cache[b, :, start:start + count] = new[b, :, :count]
 
 
-def _array_module(array):
-    """numpy, or cupy for a cupy array (without importing cupy where it is not in use)."""
-    return np if isinstance(array, np.ndarray) else sys.modules[type(array).__module__.split(".")[0]]
-
-
-def gather_pages(pool, block_table):
+def gather_pages(pool, block_table, xp=np):
     """(num_blocks, kv_heads, block_size, head_dim) pool + (batch, blocks_per_seq) table
     -> (batch, kv_heads, blocks_per_seq * block_size, head_dim). Unused table entries (-1) read
-    block 0; the lengths mask them out."""
+    block 0; the lengths mask them out. ``xp``: the arrays' module (a backend passes its own)."""
     num_blocks, kv_heads, block_size, head_dim = pool.shape
-    xp = _array_module(pool)
     # One copy, in the order the result wants: the pool as (num_blocks * kv_heads, block_size, head_dim)
     # pages (page block * kv_heads + h is block `block` of head h), gathered (batch, kv_heads, blocks).
     # Indexing the leading axis of a contiguous array is NumPy's fast gather; the former gather of
@@ -197,7 +191,7 @@ class Backend:
                                scale=None):
         # Reference: gather each sequence's blocks into a contiguous view, then run plain decode.
         # The view's table holds only the columns with positions: the copy grows with the length.
-        k_cache, v_cache = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)
+        k_cache, v_cache = gather_pages(k_pool, block_table, self.xp), gather_pages(v_pool, block_table, self.xp)
         # scale only when asked for: the accelerated backends' decode_attention has no scale= (the encoder-
         # decoder models that pass one run on numpy)
         extra = {} if scale is None else {"scale": scale}
@@ -206,7 +200,7 @@ class Backend:
     def paged_attention(self, q, k_pool, v_pool, block_table, *, q_offset, lengths, window=None, algorithm=None,
                         scale=None):
         """Prefill (many queries per sequence) through a block table: gather, then ``attention``."""
-        k_all, v_all = gather_pages(k_pool, block_table), gather_pages(v_pool, block_table)
+        k_all, v_all = gather_pages(k_pool, block_table, self.xp), gather_pages(v_pool, block_table, self.xp)
         extra = {} if scale is None else {"scale": scale}     # as in paged_decode_attention
         return self.attention(q, k_all, v_all, causal=True, q_offset=q_offset, lengths=lengths, window=window,
                               algorithm=algorithm, **extra)
