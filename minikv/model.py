@@ -428,7 +428,8 @@ class Transformer:
         cfg = self.config
         ids = self._check_ids(token_ids)
         batch, seq = ids.shape
-        n_new = np.full(batch, seq, dtype=np.int64) if n_new is None else self._check_n_new(n_new, batch, seq)
+        n_new = (np.full(batch, seq, dtype=np.int64) if n_new is None
+                 else validate.per_sequence(n_new, "n_new", batch, 0, seq, "counts"))
         if cache is not None:
             # The cache protocol (minikv/cache.py), not a class: the serving engine's paged store implements it too.
             if not isinstance(cache, KVCache) and not all(hasattr(cache, name) for name in CACHE_PROTOCOL):
@@ -516,16 +517,6 @@ class Transformer:
             raise InvalidInputError(f"logit_rows={logit_rows!r:.60} must be a 1-D array of row indices in 0..{batch - 1}, "
                                     "with last_only=True")
         return rows.astype(np.int64)
-
-    @staticmethod
-    def _check_n_new(n_new, batch: int, seq: int) -> np.ndarray:
-        values = np.asarray(n_new)
-        if values.dtype.kind not in "iu" or values.reshape(-1).shape != (batch,):
-            raise InvalidInputError(f"n_new={n_new!r} must hold {batch} integer counts between 0 and {seq}")
-        values = values.astype(np.int64).reshape(-1)
-        if values.min() < 0 or values.max() > seq:
-            raise InvalidInputError(f"n_new={values.tolist()} must hold {batch} counts between 0 and {seq}")
-        return values
 
     # ------------------------------------------------------------ caches and generation
     def new_cache(self, kind: str = "static", batch_size: int = 1, max_seq_len: Optional[int] = None,

@@ -563,16 +563,11 @@ class EncoderDecoder:
                                     f"{self.config.vocab_size} (valid ids are 0..{self.config.vocab_size - 1})")
         return ids.astype(np.int64, copy=False)
 
-    def _check_lengths(self, lengths, batch: int, width: int, what: str) -> np.ndarray:
+    @staticmethod
+    def _check_lengths(lengths, batch: int, width: int, what: str) -> np.ndarray:
         if lengths is None:
             return np.full(batch, width, dtype=np.int64)
-        values = np.asarray(lengths)
-        if values.dtype.kind not in "iu" or values.reshape(-1).shape != (batch,):
-            raise InvalidInputError(f"{what}={lengths!r} must hold {batch} integer lengths between 1 and {width}")
-        values = values.astype(np.int64).reshape(-1)
-        if values.min() < 1 or values.max() > width:
-            raise InvalidInputError(f"{what}={values.tolist()} must hold {batch} lengths between 1 and {width}")
-        return values
+        return validate.per_sequence(lengths, what, batch, 1, width, "lengths")
 
     def _check_source(self, input_ids, lengths):
         ids = self._check_ids(input_ids, "input_ids")

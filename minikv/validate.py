@@ -61,6 +61,18 @@ def optional_integer(value, name: str, **kwargs) -> Optional[int]:
     return None if value is None else integer(value, name, **kwargs)
 
 
+def per_sequence(values, name: str, batch: int, minimum: int, maximum: int, noun: str) -> np.ndarray:
+    """One integer per sequence of a batch (``n_new``, source ``lengths``, ...): ``batch`` integers in
+    [minimum, maximum], as an int64 (batch,) array, or an InvalidInputError naming them."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "iu" or array.reshape(-1).shape != (batch,):
+        raise InvalidInputError(f"{name}={values!r} must hold {batch} integer {noun} between {minimum} and {maximum}")
+    array = array.astype(np.int64).reshape(-1)
+    if array.min() < minimum or array.max() > maximum:
+        raise InvalidInputError(f"{name}={array.tolist()} must hold {batch} {noun} between {minimum} and {maximum}")
+    return array
+
+
 def seed(value) -> Optional[int]:
     """A seed for ``numpy.random.default_rng``: None (fresh entropy) or an integer >= 0."""
     return optional_integer(value, "seed", minimum=0,
