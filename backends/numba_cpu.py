@@ -212,15 +212,17 @@ def split_k_decode_kernel(q, k_pool, v_pool, block_table, block_size, lengths, w
         acc = np.zeros((group, head_dim), dtype=q.dtype)
         scores = np.empty((group, DECODE_TILE), dtype=q.dtype)
         tile_max = np.empty(group, dtype=q.dtype)
+        tile_pages = np.empty(DECODE_TILE, dtype=np.int64)   # key j0 + c sits at row tile_rows[c] of
+        tile_rows = np.empty(DECODE_TILE, dtype=np.int64)    # page tile_pages[c] (K and V alike)
         for j0 in range(j_begin, j_end, DECODE_TILE):
             n_k = min(DECODE_TILE, j_end - j0)
-            first_blk = j0 // block_size
-            first_row = j0 - first_blk * block_size
-            # scores[g, c] = q_g . k_(j0 + c), walking the pages of the tile
+            # scores[g, c] = q_g . k_(j0 + c), walking the pages of the tile (one division per tile)
             tile_max[:] = neg_inf
-            blk, row = first_blk, first_row
+            blk = j0 // block_size
+            row = j0 - blk * block_size
             page = block_table[b, blk]
             for c in range(n_k):
+                tile_pages[c], tile_rows[c] = page, row
                 for g in range(group):
                     s = zero
                     for d in range(head_dim):
@@ -242,19 +244,13 @@ def split_k_decode_kernel(q, k_pool, v_pool, block_table, block_size, lengths, w
                 for c in range(n_k):
                     scores[g, c] = np.exp(scores[g, c] - m_new)   # now the weights p
                     l[g] += scores[g, c]
-            # acc[g] += p[g, c] v_(j0 + c), the same walk over the pages
-            blk, row = first_blk, first_row
-            page = block_table[b, blk]
+            # acc[g] += p[g, c] v_(j0 + c), at the slots the walk above found
             for c in range(n_k):
+                page, row = tile_pages[c], tile_rows[c]
                 for g in range(group):
                     p = scores[g, c]
                     for d in range(head_dim):
                         acc[g, d] += p * v_pool[page, kv, row, d]
-                row += 1
-                if row == block_size and c + 1 < n_k:
-                    row = 0
-                    blk += 1
-                    page = block_table[b, blk]
         for g in range(group):
             if l[g] > zero:
                 for d in range(head_dim):
@@ -449,20 +445,17 @@ class NumbaBackend(SplitKDecode, Backend):
         w = weight.T                                                       # (out, in)
         if x.ndim != 2 or not w.flags.c_contiguous:
             return super().linear(x, weight, bias)
-        if x.shape[0] <= numba_decode.MAX_ROWS and x.dtype == np.float32 and w.dtype == np.float32:
-            y = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-            with numba_threads(threads_for(x.shape[0] * w.size)):
-                numba_decode.project(w, numba_decode.NO_SCALES, 0, np.ascontiguousarray(x), y)
-        else:
+        y = numba_decode.few_rows_product(x, w, numba_decode.NO_SCALES, 0, bias)
+        if y is None:
             y = (w @ x.T).T                                  # (out, in) @ (in, rows) -> (out, rows) -> (rows, out)
-        if bias is not None:
-            y += bias
+            if bias is not None:
+                y += bias
         return y
 
     def quantized_linear(self, x, weight, bias=None):
         from . import numba_decode
 
-        y = numba_decode.quantized_linear(x, weight, bias)
+        y = numba_decode.few_rows_product(x, weight.values, weight.scales, weight.group, bias)
         return super().quantized_linear(x, weight, bias) if y is None else y
 
     # ---- RoPE

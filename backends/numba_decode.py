@@ -415,14 +415,17 @@ def prepare_decode(model):
     return DecodeStep(model) if _supported(model) else None
 
 
-def quantized_linear(x, weight, bias=None):
-    """x (rows, in) @ dequantize(W)^T (+ b) by the compiled kernels for a few rows; None for more rows
-    (there dequantizing once and calling BLAS is faster) or a float64 x (the kernels are float32)."""
-    if x.ndim != 2 or x.shape[0] > MAX_ROWS or x.dtype != np.float32:
+def few_rows_product(x, values, scales, group, bias=None):
+    """x (rows, in) @ W^T (+ b) by the compiled ``project`` for W (out, in) in any format (float: scales
+    and group unused); None where it does not serve: more than MAX_ROWS rows (there BLAS's blocked
+    matmul wins, after dequantizing for a quantized W) or float64 (the kernels accumulate in float32)."""
+    if x.ndim != 2 or x.shape[0] > MAX_ROWS or x.dtype != np.float32 or values.dtype == np.float64:
         return None
     x = np.ascontiguousarray(x)
-    y = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-    project(weight.values, weight.scales, weight.group, x, y)
+    y = np.empty((x.shape[0], values.shape[0]), dtype=np.float32)
+    # At most the caller's numba.get_num_threads(), as in DecodeStep.
+    with numba_threads(min(threads_for(x.shape[0] * values.size), numba.get_num_threads())):
+        project(values, scales, group, x, y)
     if bias is not None:
         y += bias
     return y
