@@ -144,7 +144,7 @@ class Transformer:
         def get(name):
             return dev(w[name]) if name in w else None
 
-        out_in = getattr(self.backend, "weight_layout", "in_out") == "out_in"
+        out_in = self.backend.weight_layout == "out_in"
 
         def fused(names):
             # (out, in) projections side by side as one (in, sum of outs) matrix.
