@@ -334,6 +334,7 @@ def choose_splits(batch: int, n_kv_heads: int, longest: int, workers: int, tile:
 # spinning threads for the same cores: measured on 2 cores, decode of a 55M model went from
 # 12.7 to 126 tokens/s with this rule.
 PARALLEL_MIN_WORK = 1 << 21
+SPLIT_K_WORK = 2
 
 
 def threads_for(work: int) -> int:
@@ -408,7 +409,8 @@ class NumbaBackend(SplitKDecode, Backend):
         lens = host_lengths(lengths, batch, table.shape[1] * block_size)
         if k_pool.dtype != dtype:  # float16 caches: widen (see the module docstring)
             k_pool, v_pool = k_pool.astype(dtype), v_pool.astype(dtype)
-        threads = threads_for(batch * n_heads * int(lens.max(initial=0)) * head_dim)
+        # multiply-adds: q.k and p v, head_dim each, per key and query head
+        threads = threads_for(SPLIT_K_WORK * batch * n_heads * int(lens.max(initial=0)) * head_dim)
         n_splits = int(n_splits or self.n_splits or choose_splits(batch, n_kv, int(lens.max(initial=0)), threads,
                                                                   DECODE_TILE))
         part_out = np.empty((batch, n_heads, n_splits, head_dim), dtype=dtype)
@@ -435,11 +437,11 @@ class NumbaBackend(SplitKDecode, Backend):
     def linear(self, x, weight, bias=None):
         """y = x @ W (+ b), W (in, out) seen through a transposed view of its contiguous (out, in) array.
 
-        A few rows (a short prompt, a small batch): the compiled dot-per-row product
-        (numba_decode.project), which streams W once. More rows: BLAS on the (out, in) array as
-        it lies, y^T = W^T x^T, returned as its transposed view: OpenBLAS runs this orientation as fast
-        as x @ W on an (in, out) array, while x @ W through the view (a transposed B operand) is
-        1.3-1.6x slower from 8 to 32 rows on `mid`'s matrices (2 cores)."""
+        Up to numba_decode.TILED_TO_ROWS rows (a decode step of a batch, a short prompt): a compiled
+        product that streams W once (numba_decode.few_rows_product: one dot per output for 1-3 rows,
+        register tiles from 4). More rows: BLAS on the (out, in) array as it lies, y^T = W^T x^T,
+        returned as its transposed view: x @ W through the view (a transposed B operand) is 1.3-1.6x
+        slower from 8 to 32 rows on `mid`'s matrices (2 cores)."""
         from . import numba_decode
 
         w = weight.T                                                       # (out, in)
