@@ -39,6 +39,8 @@ from .blocks import BlockManager, PrefixStats
 from .kv_store import PagedKVStore
 from .scheduler import FINISHED, RUNNING, Scheduler, Sequence
 
+_GREEDY = SamplingParams(temperature=0.0)
+
 
 @dataclass
 class RequestOutput:
@@ -176,17 +178,32 @@ class Engine:
         self.stats.forward_s += time.perf_counter() - t0
         self.stats.steps += 1
         self.stats.scheduled_tokens += len(ids)
-        outputs = []
+        pending = []                         # (sequence, its row of logits): each samples one token now
         for i, chunk in enumerate(schedule.chunks):
             seq = chunk.seq
             seq.num_computed += chunk.n_tokens
             self.blocks.register_full_blocks(seq)
             if seq.num_computed < len(seq.token_ids):
                 continue                     # a prefill chunk that did not reach the end of the prompt
-            family = [seq] + self._fork_children(seq)
-            for member in family:
-                outputs.append(self._append_token(member, logits[logit_of[i]:logit_of[i] + 1]))
-        return outputs
+            pending += [(member, logit_of[i]) for member in [seq] + self._fork_children(seq)]
+        return [self._append_token(seq, token) for (seq, _), token in zip(pending, self._sample(pending, logits))]
+
+    def _sample(self, pending, logits) -> list[int]:
+        """One token per (sequence, row of logits). The greedy ones in one ``sample`` call over their rows
+        together: greedy takes each row's argmax and draws no random numbers, so batching them changes no
+        token (and saves a call with its checks per row: ~2% of a 32-sequence step on `mid`). The others
+        one call each, with the sequence's own generator: its seed's stream must not depend on which
+        other sequences share the step."""
+        tokens = [0] * len(pending)
+        greedy = [k for k, (seq, _) in enumerate(pending) if seq.params.is_greedy]
+        if greedy:
+            rows = logits[[pending[k][1] for k in greedy]]                        # (greedy, vocab)
+            for k, token in zip(greedy, sample(rows, _GREEDY, None).tolist()):
+                tokens[k] = token
+        for k, (seq, row) in enumerate(pending):
+            if not seq.params.is_greedy:
+                tokens[k] = int(sample(logits[row:row + 1], seq.params, seq.rng)[0])
+        return tokens
 
     def _flatten(self, chunks):
         """The step's ragged batch as T rows of one token: ids (T,), positions (T,), block tables
@@ -221,8 +238,7 @@ class Engine:
         seq.child_rngs, seq.n_forks = [], 0
         return children
 
-    def _append_token(self, seq: Sequence, logits_row: np.ndarray) -> RequestOutput:
-        token = int(sample(logits_row, seq.params, seq.rng)[0])
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         new = []
         if token in seq.stop_token_ids:
             reason = "stop"                  # like generate: the stop token is not part of the output
