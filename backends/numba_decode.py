@@ -247,6 +247,56 @@ def project_swiglu(weight, scales, group, x, intermediate, act):
             act[r, j] = gate / (one + np.exp(-gate)) * up
 
 
+def product(weight, scales, group, x, y):
+    """y = x @ W^T for W (out, in) in any format, by the kernel that serves that many rows best: register
+    tiles (``project_tiled``) for a float W from TILED_FROM_ROWS rows on, else one dot per output and row
+    (``project``). Resolved when a kernel is compiled (overload below); the row count at run time."""
+    raise NotImplementedError("product() runs inside compiled kernels only")
+
+
+@overload(product)
+def _product_overload(weight, scales, group, x, y):
+    if weight.dtype == types.float32:
+        def tiled_or_dots(weight, scales, group, x, y):
+            if x.shape[0] >= TILED_FROM_ROWS:
+                project_tiled(weight, x, y)
+            else:
+                project(weight, scales, group, x, y)
+        return tiled_or_dots
+    return lambda weight, scales, group, x, y: project(weight, scales, group, x, y)
+
+
+def product_swiglu(weight, scales, group, x, intermediate, hidden, act):
+    """act (rows, I) = silu(x W_gate^T) * (x W_up^T), W = [W_gate; W_up], as ``product`` chooses: for tiles
+    (float, TILED_FROM_ROWS rows on) gate | up into ``hidden`` (rows, 2 I) first, then ``swiglu_rows``
+    (a tile does not pair gate j with up j); else ``project_swiglu``, SwiGLU inside the product."""
+    raise NotImplementedError("product_swiglu() runs inside compiled kernels only")
+
+
+@overload(product_swiglu)
+def _product_swiglu_overload(weight, scales, group, x, intermediate, hidden, act):
+    if weight.dtype == types.float32:
+        def tiled_or_dots(weight, scales, group, x, intermediate, hidden, act):
+            if x.shape[0] >= TILED_FROM_ROWS:
+                project_tiled(weight, x, hidden)
+                swiglu_rows(hidden, intermediate, act)
+            else:
+                project_swiglu(weight, scales, group, x, intermediate, act)
+        return tiled_or_dots
+    return lambda weight, scales, group, x, intermediate, hidden, act: project_swiglu(
+        weight, scales, group, x, intermediate, act)
+
+
+@njit(**_KERNEL)
+def swiglu_rows(hidden, intermediate, act):
+    """act (rows, I) = silu(gate) * up with hidden (rows, 2 I) = gate | up side by side."""
+    one = np.float32(1.0)
+    for r in prange(hidden.shape[0]):
+        for j in range(intermediate):
+            gate = hidden[r, j]
+            act[r, j] = gate / (one + np.exp(-gate)) * hidden[r, intermediate + j]
+
+
 # --------------------------------------------------------------------------- one layer in two kernels
 
 
@@ -270,7 +320,7 @@ def decode_layer_in(x, norm, eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin,
     """h = rms_norm(x); qkv (rows, (H + 2 KV) hd) = h W_qkv (+ b); RoPE on the first n_rope_heads heads
     (q and k) of each row. cos, sin (rows, hd / 2): each row's own position's angles."""
     rms_norm_rows(x, norm, eps, h)
-    project(w_qkv, s_qkv, g_qkv, h, qkv)
+    product(w_qkv, s_qkv, g_qkv, h, qkv)
     rows = x.shape[0]
     half = head_dim // 2
     for r in range(rows):
@@ -293,9 +343,13 @@ def decode_layer_in(x, norm, eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin,
 @njit(**_KERNEL)
 def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_scales, v_scales, quantized_kv,
                      block_table, block_size, lengths, window, w_o, s_o, g_o, mlp_norm, eps, w_in, s_in, g_in,
-                     w_down, s_down, g_down, intermediate, attn, h, act, y):
+                     w_down, s_down, g_down, intermediate, attn, h, hidden, act, y):
     """Attention of each row's query heads (the first H heads of qkv) over the cache, then
     x += attn W_o; x += (silu(gate) * up) W_down with gate | up = rms_norm(x) W_in.
+
+    Rows are independent: a serving step's rows may be several tokens of one sequence (a prefill chunk,
+    each row's lengths[r] its own position + 1, its keys written by cache.update before this kernel
+    runs), so row r attends causally within its chunk by its length alone.
 
     The cache is read through a block table, as the paged cache stores it: key t of row r lives in
     block block_table[r, t // block_size] at row t % block_size of k_pool, v_pool (blocks, KV,
@@ -351,13 +405,13 @@ def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_sc
         inv = np.float32(1.0) / total
         for d in range(head_dim):
             out[d] *= inv
-    project(w_o, s_o, g_o, attn, y)
+    product(w_o, s_o, g_o, attn, y)
     for r in range(rows):
         for i in range(x.shape[1]):
             x[r, i] += y[r, i]
     rms_norm_rows(x, mlp_norm, eps, h)
-    project_swiglu(w_in, s_in, g_in, h, intermediate, act)
-    project(w_down, s_down, g_down, act, y)
+    product_swiglu(w_in, s_in, g_in, h, intermediate, hidden, act)
+    product(w_down, s_down, g_down, act, y)
     for r in range(rows):
         for i in range(x.shape[1]):
             x[r, i] += y[r, i]
@@ -367,7 +421,7 @@ def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_sc
 def decode_head(x, norm, eps, w_head, s_head, g_head, h, logits):
     """logits = rms_norm(x) W_head."""
     rms_norm_rows(x, norm, eps, h)
-    project(w_head, s_head, g_head, h, logits)
+    product(w_head, s_head, g_head, h, logits)
 
 
 # --------------------------------------------------------------------------- the plan: which models, which caches
@@ -378,8 +432,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # to the generic path.
 KNOWN_FIELDS = {"attn_norm", "attn_norm_bias", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "mlp_norm_bias",
                 "mlp_in", "mlp_in_bias", "mlp_down", "mlp_down_bias"}
-# Largest batch the step takes: each weight row is reused for every row of x while in cache; beyond
-# a few rows BLAS's blocked matmul (the generic path) wins.
+# Largest batch the step takes with quantized weights (one dot per output and row: each weight row is
+# reused for every row of x while in cache; beyond a few rows dequantizing for BLAS, the generic path, wins).
 MAX_ROWS = 8
 # The rows a float product runs by register tiles (project_tiled) rather than one dot per output (below)
 # or BLAS (above), measured on `mid` (2 cores): see project_tiled.
@@ -424,8 +478,9 @@ def _supported(model) -> bool:
 class DecodeStep:
     """A model's compiled decode step: ``step(ids, positions, n_new, cache, windows, last_only)`` returns
     the logits, or None where this step does not apply (then the model takes its generic path):
-    prefill, a sliding cache (its ring is not in position order), float16 caches, more than MAX_ROWS
-    sequences, padding rows."""
+    prefill, a sliding cache (its ring is not in position order), float16 caches, more rows than
+    ``max_rows`` (TILED_TO_ROWS for float weights, MAX_ROWS for quantized ones), padding rows. With
+    ``logit_rows`` (a serving step), only those rows' logits."""
 
     CACHE_KINDS = ("static", "concat", "paged")
 
@@ -444,6 +499,11 @@ class DecodeStep:
                                 _weight_args(layer.o), layer.mlp_norm, _weight_args(layer.mlp_in),
                                 _weight_args(layer.mlp_down)))
         self.head = _weight_args(model.lm_head)
+        # The most rows a step takes: float weights through register tiles up to TILED_TO_ROWS (a serving
+        # step of many sequences); quantized ones, one dot per output and row, up to MAX_ROWS.
+        floats = all(values.dtype == np.float32 for layer in self.layers
+                     for values, _, _ in (layer[1], layer[4], layer[6], layer[7])) and self.head[0].dtype == np.float32
+        self.max_rows = TILED_TO_ROWS if floats else MAX_ROWS
         # Multiply-adds of one layer's products: below numba_cpu.PARALLEL_MIN_WORK the kernels run on the
         # calling thread (waking the pool costs more than it saves; see threads_for).
         d = cfg.hidden_size
@@ -454,12 +514,12 @@ class DecodeStep:
     def _contiguous_table(rows):
         return np.arange(rows, dtype=np.int32)[:, None]
 
-    def __call__(self, ids, positions, n_new, cache, windows, last_only):
+    def __call__(self, ids, positions, n_new, cache, windows, last_only, logit_rows=None):
         rows = ids.shape[0]
         # Any object keeping the cache protocol may arrive (the serving engine's store): only the
         # kinds and dtypes this step knows are taken.
         dtype = getattr(cache, "dtype", None)
-        if (getattr(cache, "kind", None) not in self.CACHE_KINDS or rows > MAX_ROWS or (n_new != 1).any()
+        if (getattr(cache, "kind", None) not in self.CACHE_KINDS or rows > self.max_rows or (n_new != 1).any()
                 or getattr(dtype, "name", None) not in ("float32", "int8")):
             return None
         model, n_heads, n_kv, head_dim = self.model, self.n_heads, self.n_kv, self.head_dim
@@ -473,15 +533,17 @@ class DecodeStep:
         h = np.empty((rows, d), dtype=np.float32)
         qkv = np.empty((rows, width), dtype=np.float32)
         attn = np.empty((rows, n_heads * head_dim), dtype=np.float32)
+        hidden = np.empty((rows, 2 * self.intermediate), dtype=np.float32)
         act = np.empty((rows, self.intermediate), dtype=np.float32)
         y = np.empty((rows, d), dtype=np.float32)
         # (rows, (H + 2 KV) hd) -> (rows, H + 2 KV, 1, hd): this step's heads, as cache.update takes them
         heads = qkv.reshape(rows, n_heads + 2 * n_kv, 1, head_dim)
         # At most the caller's numba.get_num_threads() (a benchmark or server may have lowered it).
         with numba_threads(min(threads_for(rows * self.layer_work), numba.get_num_threads())):
-            return self._layers(x, cos, sin, cache, windows, last_only, h, qkv, heads, attn, act, y)
+            return self._layers(x, cos, sin, cache, windows, last_only, logit_rows, h, qkv, heads, attn, hidden,
+                                act, y)
 
-    def _layers(self, x, cos, sin, cache, windows, last_only, h, qkv, heads, attn, act, y):
+    def _layers(self, x, cos, sin, cache, windows, last_only, logit_rows, h, qkv, heads, attn, hidden, act, y):
         model, n_heads, n_kv, head_dim = self.model, self.n_heads, self.n_kv, self.head_dim
         rows = x.shape[0]
         for index, (norm, (w_qkv, s_qkv, g_qkv), bias, has_bias, (w_o, s_o, g_o), mlp_norm,
@@ -500,9 +562,12 @@ class DecodeStep:
                              view.k_scales if quantized_kv else NO_KV_SCALES,
                              view.v_scales if quantized_kv else NO_KV_SCALES, quantized_kv, table, block_size,
                              view.lengths, 0 if window is None else int(window), w_o, s_o, g_o, mlp_norm, self.eps,
-                             w_in, s_in, g_in, w_down, s_down, g_down, self.intermediate, attn, h, act, y)
+                             w_in, s_in, g_in, w_down, s_down, g_down, self.intermediate, attn, h, hidden, act, y)
+        if logit_rows is not None:
+            # a serving step: only the rows that sample next (the last token of each chunk) need logits
+            x, h = np.ascontiguousarray(x[logit_rows]), h[:len(logit_rows)]                # (rows', d)
         w_head, s_head, g_head = self.head
-        logits = np.empty((rows, model.config.vocab_size), dtype=np.float32)
+        logits = np.empty((x.shape[0], model.config.vocab_size), dtype=np.float32)
         decode_head(x, model.final_norm, self.eps, w_head, s_head, g_head, h, logits)
         return logits if last_only else logits[:, None, :]
 

@@ -295,9 +295,9 @@ class Transformer:
         """The forward pass itself, on checked inputs (the hot path: no checks in here)."""
         cfg, backend = self.config, self.backend
         batch, seq = ids.shape
-        if seq == 1 and cache is not None and self._decode_step is not None and logit_rows is None:
+        if seq == 1 and cache is not None and self._decode_step is not None:
             # The backend's compiled decode step, where it supports this cache and batch (else None).
-            logits = self._decode_step(ids, positions, n_new, cache, windows, last_only)
+            logits = self._decode_step(ids, positions, n_new, cache, windows, last_only, logit_rows)
             if logits is not None:
                 return logits
         # Activations are (tokens, d) rows: a 2-D matmul per projection (a decode step's is a BLAS

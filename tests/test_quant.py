@@ -409,7 +409,8 @@ def test_compiled_attention_over_int8_equals_attention_over_its_dequantized_valu
                             strided(v_scales) if quantized else v_scales, quantized, np.zeros((1, 1), np.int32),
                             width, np.array([width]), 0, zeros[0], nd.NO_SCALES, 0, np.ones(d, np.float32),
                             np.float32(1e-5), zeros[1], nd.NO_SCALES, 0, zeros[2], nd.NO_SCALES, 0, inter, attn,
-                            np.empty((1, d), np.float32), np.empty((1, inter), np.float32),
+                            np.empty((1, d), np.float32), np.empty((1, 2 * inter), np.float32),
+                            np.empty((1, inter), np.float32),
                             np.empty((1, d), np.float32))
         outputs.append(attn)
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)

@@ -140,6 +140,48 @@ def test_served_on_numba_equals_generated_alone(name):
     assert served == [generated_alone(model_for(name), p, 9) for p in prompts]
 
 
+def _serve_recording_logits(model, prompts, max_tokens, max_num_tokens):
+    """Serve ``prompts`` greedily; returns each step's logits (the rows that sampled) and the tokens."""
+    engine = Engine(model, num_blocks=64, block_size=4, max_num_tokens=max_num_tokens)
+    forward, steps = model.forward, []
+    model.forward = lambda *args, **kwargs: steps.append(forward(*args, **kwargs)) or steps[-1]
+    try:
+        tokens = run(engine, [(0, p, max_tokens) for p in prompts])
+    finally:
+        del model.forward
+    return steps, tokens
+
+
+def test_compiled_step_serves_ragged_rows_like_the_generic_path():
+    """float32 on numba: the compiled decode step takes serving steps of up to TILED_TO_ROWS rows (decode
+    rows of many sequences, and prefill chunks, each row attending by its own length), with register-tiled
+    products from TILED_FROM_ROWS rows on; every step's logits equal the numpy engine's (float32 round-off)
+    and it took the steps it should."""
+    pytest.importorskip("numba")
+    from minikv.backends import numba_decode
+
+    reference, compiled = minikv.load(), minikv.load(backend="numba")
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, reference.config.vocab_size, size=n).tolist() for n in (2, 9, 5, 13, 4, 7)]
+    rows_taken = []
+    step = compiled._decode_step
+
+    def counting(ids, *args):
+        logits = step(ids, *args)
+        rows_taken.append(ids.shape[0] if logits is not None else 0)
+        return logits
+
+    compiled._decode_step = counting
+    expected, expected_tokens = _serve_recording_logits(reference, prompts, 6, max_num_tokens=24)
+    got, tokens = _serve_recording_logits(compiled, prompts, 6, max_num_tokens=24)
+    assert tokens == expected_tokens
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+    assert max(rows_taken) >= numba_decode.TILED_FROM_ROWS                 # tiles ran
+    assert sum(1 for r in rows_taken if r > 0) == len(got)                # every step (all <= 24 rows)
+
+
 def test_store_refuses_segments_that_are_not_runs_of_consecutive_positions():
     # The ragged attention trusts the segments: a chunk's rows must be positions p, p+1, ... of one sequence.
     store = Engine(model_for("llama_gqa"), num_blocks=8, block_size=4).store
