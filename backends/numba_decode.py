@@ -360,51 +360,56 @@ def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_sc
     rows = x.shape[0]
     group = n_heads // n_kv_heads
     scale = np.float32(1.0) / np.sqrt(np.float32(head_dim))
-    for task in prange(rows * n_heads):
-        r = task // n_heads
-        head = task % n_heads
-        kv = head // group
-        q = qkv[r, head * head_dim:(head + 1) * head_dim]
-        out = attn[r, head * head_dim:(head + 1) * head_dim]
+    # One task per (row, KV head): the `group` query heads that share KV head kv (GQA) are served
+    # together, so each key and value row is loaded once for all of them (a task per query head loaded
+    # it `group` times). s[g, t] = q_g . k_t * scale; p = exp(s - max_t s) / sum_t exp(s - max_t s);
+    # out_g = sum_t p[g, t] v_t (two passes over the keys: the span is short enough to keep s).
+    for task in prange(rows * n_kv_heads):
+        r = task // n_kv_heads
+        kv = task % n_kv_heads
+        h0 = kv * group                                   # query heads h0 .. h0 + group - 1
         end = lengths[r]
         start = 0
         if window > 0:
             start = max(0, end - window)
-        scores = np.empty(end - start, dtype=np.float32)
-        best = np.float32(-np.inf)
+        scores = np.empty((group, end - start), dtype=np.float32)
         # Walk the blocks that hold keys start..end-1 (no division per key).
         for blk in range(start // block_size, (end + block_size - 1) // block_size):
             block = block_table[r, blk]
             t0 = blk * block_size
             for t in range(max(start, t0), min(end, t0 + block_size)):
                 key = k_pool[block, kv, t - t0]
-                s = np.float32(0.0)
-                for d in range(head_dim):
-                    s += q[d] * np.float32(key[d])
-                if quantized_kv:
-                    s *= k_scales[block, kv, t - t0]
-                s *= scale
-                scores[t - start] = s
-                best = max(best, s)
-        total = np.float32(0.0)
-        for t in range(end - start):
-            scores[t] = np.exp(scores[t] - best)
-            total += scores[t]
-        for d in range(head_dim):
-            out[d] = np.float32(0.0)
+                key_scale = scale * k_scales[block, kv, t - t0] if quantized_kv else scale
+                for g in range(group):
+                    q = qkv[r, (h0 + g) * head_dim:(h0 + g + 1) * head_dim]
+                    s = np.float32(0.0)
+                    for d in range(head_dim):
+                        s += q[d] * np.float32(key[d])
+                    scores[g, t - start] = s * key_scale
+        for g in range(group):
+            best = np.float32(-np.inf)
+            for t in range(end - start):
+                best = max(best, scores[g, t])
+            total = np.float32(0.0)
+            for t in range(end - start):
+                scores[g, t] = np.exp(scores[g, t] - best)
+                total += scores[g, t]
+            inv = np.float32(1.0) / total                 # the normalisation, folded into the weights
+            for t in range(end - start):
+                scores[g, t] *= inv
+        out = attn[r, h0 * head_dim:(h0 + group) * head_dim]
+        for i in range(group * head_dim):
+            out[i] = np.float32(0.0)
         for blk in range(start // block_size, (end + block_size - 1) // block_size):
             block = block_table[r, blk]
             t0 = blk * block_size
             for t in range(max(start, t0), min(end, t0 + block_size)):
                 value = v_pool[block, kv, t - t0]
-                p = scores[t - start]
-                if quantized_kv:
-                    p *= v_scales[block, kv, t - t0]
-                for d in range(head_dim):
-                    out[d] += p * np.float32(value[d])
-        inv = np.float32(1.0) / total
-        for d in range(head_dim):
-            out[d] *= inv
+                value_scale = v_scales[block, kv, t - t0] if quantized_kv else np.float32(1.0)
+                for g in range(group):
+                    p = scores[g, t - start] * value_scale
+                    for d in range(head_dim):
+                        out[g * head_dim + d] += p * np.float32(value[d])
     product(w_o, s_o, g_o, attn, y)
     for r in range(rows):
         for i in range(x.shape[1]):
