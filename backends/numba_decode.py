@@ -373,6 +373,7 @@ def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_sc
         if window > 0:
             start = max(0, end - window)
         scores = np.empty((group, end - start), dtype=np.float32)
+        queries = qkv[r, h0 * head_dim:(h0 + group) * head_dim]     # the group's heads side by side
         # Walk the blocks that hold keys start..end-1 (no division per key).
         for blk in range(start // block_size, (end + block_size - 1) // block_size):
             block = block_table[r, blk]
@@ -381,10 +382,9 @@ def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_sc
                 key = k_pool[block, kv, t - t0]
                 key_scale = scale * k_scales[block, kv, t - t0] if quantized_kv else scale
                 for g in range(group):
-                    q = qkv[r, (h0 + g) * head_dim:(h0 + g + 1) * head_dim]
                     s = np.float32(0.0)
                     for d in range(head_dim):
-                        s += q[d] * np.float32(key[d])
+                        s += queries[g * head_dim + d] * np.float32(key[d])
                     scores[g, t - start] = s * key_scale
         for g in range(group):
             best = np.float32(-np.inf)
