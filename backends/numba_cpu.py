@@ -460,6 +460,20 @@ class NumbaBackend(SplitKDecode, Backend):
         y = numba_decode.few_rows_product(x, weight.values, weight.scales, weight.group, bias)
         return super().quantized_linear(x, weight, bias) if y is None else y
 
+    # ---- the elementwise parts of a block (float32 rows; anything else: the reference)
+    # One pass per row where NumPy makes five temporaries (the compiled decode step's RMSNorm, rows in
+    # parallel). 512 rows of `mid`, one thread: 0.27 -> 0.08 ms. (SwiGLU stays NumPy's: its vectorised exp
+    # beats Numba's scalar one, 512 x 1408: ~1 ms vs 3.9 ms.)
+    def rms_norm(self, x, weight, eps):
+        from . import numba_decode
+
+        if x.ndim != 2 or x.dtype != np.float32 or weight.dtype != np.float32:
+            return super().rms_norm(x, weight, eps)
+        out = np.empty(x.shape, dtype=np.float32)
+        with numba_threads(threads_for(x.size * 8)):       # ~8 flops an element, counted as multiply-adds
+            numba_decode.rms_norm_parallel(x, weight, np.float32(eps), out)
+        return out
+
     # ---- RoPE
     def apply_rope(self, x, cos, sin, convention="half"):
         interleaved = rope_is_interleaved(convention)

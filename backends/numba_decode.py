@@ -279,7 +279,7 @@ def _product_swiglu_overload(weight, scales, group, x, intermediate, hidden, act
         def tiled_or_dots(weight, scales, group, x, intermediate, hidden, act):
             if x.shape[0] >= TILED_FROM_ROWS:
                 project_tiled(weight, x, hidden)
-                swiglu_rows(hidden, intermediate, act)
+                swiglu_rows(hidden[:, :intermediate], hidden[:, intermediate:], act)
             else:
                 project_swiglu(weight, scales, group, x, intermediate, act)
         return tiled_or_dots
@@ -288,13 +288,13 @@ def _product_swiglu_overload(weight, scales, group, x, intermediate, hidden, act
 
 
 @njit(**_KERNEL)
-def swiglu_rows(hidden, intermediate, act):
-    """act (rows, I) = silu(gate) * up with hidden (rows, 2 I) = gate | up side by side."""
+def swiglu_rows(gate, up, act):
+    """act = silu(gate) * up = gate / (1 + exp(-gate)) * up, (rows, I) each, the rows in parallel."""
     one = np.float32(1.0)
-    for r in prange(hidden.shape[0]):
-        for j in range(intermediate):
-            gate = hidden[r, j]
-            act[r, j] = gate / (one + np.exp(-gate)) * hidden[r, intermediate + j]
+    for r in prange(gate.shape[0]):
+        for j in range(gate.shape[1]):
+            g = gate[r, j]
+            act[r, j] = g / (one + np.exp(-g)) * up[r, j]
 
 
 # --------------------------------------------------------------------------- one layer in two kernels
@@ -312,6 +312,13 @@ def rms_norm_rows(x, weight, eps, out):
         inv = np.float32(1.0) / np.sqrt(total * inv_d + eps)
         for i in range(d):
             out[r, i] = x[r, i] * inv * weight[i]
+
+
+@njit(**_KERNEL)
+def rms_norm_parallel(x, weight, eps, out):
+    """rms_norm_rows with the rows in parallel (a prefill chunk's hundreds of rows)."""
+    for r in prange(x.shape[0]):
+        rms_norm_rows(x[r:r + 1], weight, eps, out[r:r + 1])
 
 
 @njit(**_SERIAL)    # its parallel loops are those of project(), which is compiled parallel itself

@@ -258,6 +258,9 @@ class Backend:
 
     # y = x @ W (+ b): one BLAS matmul on the contiguous (in, out) weight (no wrapper call in between).
     linear = staticmethod(layers.linear)
+    # RMSNorm, the reference's own function (no wrapper call in between); a compiled backend runs it as
+    # one pass over each row instead of NumPy's five temporaries.
+    rms_norm = staticmethod(layers.rms_norm)
 
     def quantized_linear(self, x, weight, bias=None):
         """y = x @ dequantize(W)^T (+ b) for a ``quant.QuantizedWeight``: the reference (dequantize, then BLAS)."""

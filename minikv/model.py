@@ -388,7 +388,7 @@ class Transformer:
             return layers.layer_norm(x, weight, bias, self.config.norm_eps)
         if self.is_gemma3:
             return layers.rms_norm_one_plus(x, weight, self.config.norm_eps)
-        return layers.rms_norm(x, weight, self.config.norm_eps)
+        return self.backend.rms_norm(x, weight, self.config.norm_eps)
 
     def _mlp(self, h, layer: LayerWeights):
         hidden = self._linear(h, layer.mlp_in, layer.mlp_in_bias)

@@ -264,6 +264,27 @@ def test_numba_linear_equals_the_product_for_few_and_many_rows(rows, n_in, n_out
 
 
 @needs_numba
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 40), d=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_numba_rms_norm_equals_the_reference(rows, d, seed):
+    """NumbaBackend.rms_norm (compiled, rows in parallel) equals layers.rms_norm to float32 round-off; other
+    shapes and dtypes (a head-wise norm's 4-D view, float64) go to the reference itself."""
+    from minikv import layers
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, d)) * rng.uniform(0.01, 100)).astype(np.float32)
+    weight = rng.standard_normal(d).astype(np.float32)
+    backend = minikv.get_backend("numba")
+    got, expected = backend.rms_norm(x, weight, 1e-5), layers.rms_norm(x, weight, 1e-5)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6 * np.abs(weight).max())
+    assert not np.allclose(backend.rms_norm(x, weight, 1e-5), layers.rms_norm(x, weight * 1.01, 1e-5),
+                           rtol=2e-5, atol=1e-6 * np.abs(weight).max())  # the bound tells a 1% error
+    x64 = x[None, None].astype(np.float64)
+    np.testing.assert_array_equal(backend.rms_norm(x64, weight, 1e-5), layers.rms_norm(x64, weight, 1e-5))
+
+
+@needs_numba
 def test_tiled_product_broken_variant_is_caught():
     """The comparison above fails for a tiled product that forgets an odd last row or the outputs past
     the last full tile of 8 (both left as np.empty's garbage, here NaN-filled to be sure)."""

@@ -425,7 +425,8 @@ def test_serving_benchmark_quick_run(tmp_path):
                           cwd=repo, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "serving.json").read_text())
-    assert [len(t) for t in report["engine"]["4"]["tokens"]] == [len(t) for t in report["one_at_a_time"]["tokens"]]
+    for runs in report["backends"].values():            # numpy, and numba where installed
+        assert [len(t) for t in runs["engine"]["4"]["tokens"]] == [len(t) for t in runs["one_at_a_time"]["tokens"]]
     assert report["shared_prefix"]["with_cache"]["hit_rate"] > 0
     assert (tmp_path / "serving.md").read_text().startswith("## Serving")
 
