@@ -197,7 +197,9 @@ class Engine:
         tokens = [0] * len(pending)
         greedy = [k for k, (seq, _) in enumerate(pending) if seq.params.is_greedy]
         if greedy:
-            rows = logits[[pending[k][1] for k in greedy]]                        # (greedy, vocab)
+            rows = [pending[k][1] for k in greedy]
+            # (greedy, vocab); the common case, every row greedy and in order, without a copy
+            rows = logits if rows == list(range(len(logits))) else logits[rows]
             for k, token in zip(greedy, sample(rows, _GREEDY, None).tolist()):
                 tokens[k] = token
         for k, (seq, row) in enumerate(pending):
