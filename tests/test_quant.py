@@ -242,11 +242,11 @@ def test_numba_backend_keeps_float_weights_out_in_without_a_copy():
 
 @needs_numba
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 80), n_in=st.integers(1, 70), n_out=st.integers(1, 70), seed=st.integers(0, 2**16),
+@given(rows=st.integers(1, 140), n_in=st.integers(1, 70), n_out=st.integers(1, 70), seed=st.integers(0, 2**16),
        with_bias=st.booleans())
 @example(rows=5, n_in=17, n_out=13, seed=0, with_bias=False)     # tiles: an odd row and 13 % 8 outputs left
-@example(rows=64, n_in=33, n_out=64, seed=1, with_bias=True)     # the largest tiled product
-@example(rows=65, n_in=33, n_out=9, seed=2, with_bias=False)     # BLAS
+@example(rows=128, n_in=33, n_out=64, seed=1, with_bias=True)    # the largest tiled product
+@example(rows=129, n_in=33, n_out=9, seed=2, with_bias=False)    # BLAS
 def test_numba_linear_equals_the_product_for_few_and_many_rows(rows, n_in, n_out, seed, with_bias):
     """NumbaBackend.linear over an (out, in) weight seen as (in, out): one dot per output up to 3 rows,
     register tiles from TILED_FROM_ROWS to TILED_TO_ROWS, BLAS on the (out, in) array beyond; each

@@ -152,17 +152,19 @@ def _serve_recording_logits(model, prompts, max_tokens, max_num_tokens):
     return steps, tokens
 
 
-def test_compiled_step_serves_ragged_rows_like_the_generic_path():
+@pytest.mark.parametrize("lengths, budget", [((2, 9, 5, 13, 4, 7), 24), ((90, 3, 40, 6), 128)])
+def test_compiled_step_serves_ragged_rows_like_the_generic_path(lengths, budget):
     """float32 on numba: the compiled decode step takes serving steps of up to TILED_TO_ROWS rows (decode
     rows of many sequences, and prefill chunks, each row attending by its own length), with register-tiled
     products from TILED_FROM_ROWS rows on; every step's logits equal the numpy engine's (float32 round-off)
-    and it took the steps it should."""
+    and it took the steps it should (all: every step here has at most TILED_TO_ROWS rows)."""
     pytest.importorskip("numba")
     from minikv.backends import numba_decode
 
+    assert budget <= numba_decode.TILED_TO_ROWS
     reference, compiled = minikv.load(), minikv.load(backend="numba")
     rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, reference.config.vocab_size, size=n).tolist() for n in (2, 9, 5, 13, 4, 7)]
+    prompts = [rng.integers(0, reference.config.vocab_size, size=n).tolist() for n in lengths]
     rows_taken = []
     step = compiled._decode_step
 
@@ -172,14 +174,14 @@ def test_compiled_step_serves_ragged_rows_like_the_generic_path():
         return logits
 
     compiled._decode_step = counting
-    expected, expected_tokens = _serve_recording_logits(reference, prompts, 6, max_num_tokens=24)
-    got, tokens = _serve_recording_logits(compiled, prompts, 6, max_num_tokens=24)
+    expected, expected_tokens = _serve_recording_logits(reference, prompts, 6, max_num_tokens=budget)
+    got, tokens = _serve_recording_logits(compiled, prompts, 6, max_num_tokens=budget)
     assert tokens == expected_tokens
     assert len(got) == len(expected)
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
     assert max(rows_taken) >= numba_decode.TILED_FROM_ROWS                 # tiles ran
-    assert sum(1 for r in rows_taken if r > 0) == len(got)                # every step (all <= 24 rows)
+    assert sum(1 for r in rows_taken if r > 0) == len(got)                # every step
 
 
 def test_store_refuses_segments_that_are_not_runs_of_consecutive_positions():
