@@ -40,43 +40,15 @@ import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.core.errors import NumbaIRAssumptionWarning
-from llvmlite import ir
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from minikv import quant
 
 from .numba_cpu import numba_threads, threads_for
+from .numba_intrinsics import prefetch
 
 _KERNEL = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
 _SERIAL = dict(parallel=False, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
-
-# --------------------------------------------------------------------------- a prefetch hint
-
-
-@intrinsic
-def prefetch(typingctx, array, row, col):
-    """Ask the CPU to bring the cache line holding array[row, col] (a 2-D array) toward the core, into
-    the outer caches (LLVM's llvm.prefetch, read, locality 1: x86's prefetcht2). A hint only: it never
-    faults and changes no value. Numba has no prefetch of its own; ``project_tiled`` uses this one."""
-    if not isinstance(array, types.Array) or array.ndim != 2:
-        return None
-
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        view = context.make_array(array_type)(context, builder, args[0])
-        index = [context.cast(builder, value, kind, types.intp) for value, kind in zip(args[1:], signature.args[1:])]
-        address = builder.bitcast(cgutils.get_item_pointer(context, builder, array_type, view, index, wraparound=False),
-                                  ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        function = builder.module.declare_intrinsic(
-            "llvm.prefetch", [address.type], ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]))
-        # (address, 0 = read, locality 1 of 0..3, 1 = data cache)
-        builder.call(function, [address, ir.Constant(i32, 0), ir.Constant(i32, 1), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(array, row, col), codegen
-
 
 # --------------------------------------------------------------------------- matrix-vector products
 
