@@ -578,6 +578,9 @@ def threads_for(work: int) -> int:
 def numba_threads(threads: int):
     """Run the enclosed kernels on ``threads`` threads (numba.set_num_threads is per calling thread)."""
     previous = numba.get_num_threads()
+    if threads == previous:          # set_num_threads costs ~2 us; a serving step asks this per layer
+        yield
+        return
     numba.set_num_threads(threads)
     try:
         yield
@@ -642,10 +645,10 @@ class NumbaBackend(SplitKDecode, Backend):
         lens = host_lengths(lengths, batch, table.shape[1] * block_size)
         if k_pool.dtype != dtype:  # float16 caches: widen (see the module docstring)
             k_pool, v_pool = k_pool.astype(dtype), v_pool.astype(dtype)
+        longest = int(lens.max(initial=0))
         # multiply-adds: q.k and p v, head_dim each, per key and query head
-        threads = threads_for(SPLIT_K_WORK * batch * n_heads * int(lens.max(initial=0)) * head_dim)
-        n_splits = int(n_splits or self.n_splits or choose_splits(batch, n_kv, int(lens.max(initial=0)), threads,
-                                                                  DECODE_TILE))
+        threads = threads_for(SPLIT_K_WORK * batch * n_heads * longest * head_dim)
+        n_splits = int(n_splits or self.n_splits or choose_splits(batch, n_kv, longest, threads, DECODE_TILE))
         part_out = np.empty((batch, n_heads, n_splits, head_dim), dtype=dtype)
         part_lse = np.empty((batch, n_heads, n_splits), dtype=dtype)
         neg_inf = dtype.type(-np.inf)
