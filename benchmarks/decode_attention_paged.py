@@ -122,6 +122,15 @@ def run_tree(tree: Path, benchmarks_root: Path) -> dict:
     return result
 
 
+def describe(tree: Path) -> str:
+    """The tree's path and git commit (+ "with changes" when its work tree differs from the commit)."""
+    git = ["git", "-C", str(tree)]
+    commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True).stdout.strip()
+    return f"{tree} (commit {commit or 'unknown'}{', with changes' if dirty else ''})"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decode_attention_paged")
     parser.add_argument("--before", type=Path, required=True)
@@ -138,8 +147,9 @@ def main(argv=None) -> int:
         runs["after"].append(run_tree(after, root))
         print("round done", flush=True)
     lines = ["# Decode attention (numba), before vs after (same run, alternating rounds)", "",
-             f"machine: {machine_line(info)}; {blas_line()}; load average at end {os.getloadavg()}",
-             f"before: {before}", f"after: {after}", "",
+             f"machine: {machine_line(info)}; {blas_line()}; load average at end "
+             f"{[round(x, 2) for x in os.getloadavg()]}",
+             f"before: {describe(before)}", f"after: {describe(after)}", "",
              "median ms per call (per layer); threads: the backend's choice (\"policy\") or 1; a shared machine, "
              "so compare within a row.", "",
              "| case | threads | before ms | after ms | before / after (speed) | rounds |", "|---|---|---|---|---|---|"]
