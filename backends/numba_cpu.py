@@ -280,10 +280,11 @@ def split_k_decode_kernel(q, k_pool, v_pool, block_table, block_size, lengths, w
       anywhere in the pool, so the hardware prefetcher cannot guess them; and asking for a whole page
       (128 lines) at once stalls the core until the lines arrive (measured 5-25% slower than shares);
     * the softmax's bookkeeping (max, rescale, sum) runs once per tile of 64 keys, not per page.
-    Measured with benchmarks/decode_attention_paged.py against the kernel before (a shared 2-core AMD
-    EPYC; median ms per call, before -> after): serving 8 rows 0.264 -> 0.143, 17 rows 0.292 -> 0.168
-    (1 thread: 0.593 -> 0.288), 32 rows 0.489 -> 0.320; window 64 0.141 -> 0.080; float64 0.457 ->
-    0.314; batch 1 with 4096 keys, paged 0.249 -> 0.176, contiguous 0.251 -> 0.139. With the pages in
+    Measured with benchmarks/decode_attention_paged.py against the kernel before (results/
+    decode_attention_paged.md; a shared 2-core AMD EPYC; median ms per call, 5 alternating rounds, the
+    backend's threads): serving 8 rows 0.249 -> 0.150, 17 rows 0.311 -> 0.176 (1 thread 0.536 -> 0.304),
+    32 rows 0.537 -> 0.282; window 64 0.150 -> 0.091; float64 0.470 -> 0.304; batch 1 with 4096 keys,
+    paged 0.251 -> 0.162, contiguous 0.254 -> 0.133: 1.5-2.1x (another run: 1.6-2.3x). With the pages in
     L2 (1 thread, 17 rows of 136 keys): 57 -> 39 ns per key and KV head.
     """
     batch, n_heads, _, head_dim = q.shape
