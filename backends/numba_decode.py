@@ -1,14 +1,15 @@
-"""The numba backend's compiled decode step: a batch-1 (or small-batch) step as two kernels per layer.
+"""The numba backend's compiled decode step: one token per row (batch 1, a batch, or a serving step of up
+to TILED_TO_ROWS rows) as three kernels per layer.
 
 At batch 1 a decode step is a string of matrix-vector products: every weight is read once and used
 for one multiply-add, so the step runs at the speed memory delivers weights, and every Python call,
 temporary array and thread wake-up between two of them is time the memory bus sits idle. The
-generic path (model.py) makes ~30 NumPy calls per layer; this one makes three:
+generic path (model.py) makes ~30 NumPy calls per layer; this one makes four:
 
     decode_layer_in:   h = rms_norm(x); qkv = h W_qkv (+ b); RoPE on q and k        (kernel 1)
     cache.update:      write k, v; get every K/V held                              (the cache seam, Python)
-    decode_layer_out:  attention over the view; x += o W_o; h = rms_norm(x);       (kernel 2)
-                       x += (silu(h W_gate) * h W_up) W_down
+    attention:         the split-K decode kernel (numba_cpu; int8 caches: attend_rows)         (kernel 2)
+    decode_layer_out:  x += attn W_o; h = rms_norm(x); x += (silu(h W_gate) * h W_up) W_down  (kernel 3)
 
 and one more for the final norm and the lm_head. Each kernel opens one parallel region per
 matrix-vector product and one for attention (``prange``): 5 thread wake-ups per layer (SwiGLU runs
@@ -44,7 +45,7 @@ from numba.extending import overload
 
 from minikv import quant
 
-from .numba_cpu import numba_threads, threads_for
+from .numba_cpu import numba_threads, split_k_decode_kernel, threads_for
 from .numba_intrinsics import prefetch
 
 _KERNEL = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
@@ -320,11 +321,11 @@ def decode_layer_in(x, norm, eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin,
 
 
 @njit(**_KERNEL)
-def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_scales, v_scales, quantized_kv,
-                     block_table, block_size, lengths, window, w_o, s_o, g_o, mlp_norm, eps, w_in, s_in, g_in,
-                     w_down, s_down, g_down, intermediate, attn, h, hidden, act, y):
-    """Attention of each row's query heads (the first H heads of qkv) over the cache, then
-    x += attn W_o; x += (silu(gate) * up) W_down with gate | up = rms_norm(x) W_in.
+def attend_rows(qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_scales, v_scales, quantized_kv,
+                block_table, block_size, lengths, window, attn):
+    """Attention of each row's query heads (the first H heads of qkv) over the cache, into attn (rows, H hd):
+    the decode step's attention over an int8 cache (float caches go to the split-K decode kernel,
+    backends/numba_cpu.py, which reads floats only; this one reads either, and the tests compare the two).
 
     Rows are independent: a serving step's rows may be several tokens of one sequence (a prefill chunk,
     each row's lengths[r] its own position + 1, its keys written by cache.update before this kernel
@@ -336,7 +337,7 @@ def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_sc
     cache (rows, KV, width, hd) is one block per row: block_size = width, block_table[r] = [r].
     Row r's query sits at position lengths[r] - 1 and sees keys max(0, lengths[r] - window) ..
     lengths[r] - 1 (window 0: all)."""
-    rows = x.shape[0]
+    rows = qkv.shape[0]
     group = n_heads // n_kv_heads
     scale = np.float32(1.0) / np.sqrt(np.float32(head_dim))
     # One task per (row, KV head): the `group` query heads that share KV head kv (GQA) are served
@@ -389,6 +390,14 @@ def decode_layer_out(x, qkv, n_heads, n_kv_heads, head_dim, k_pool, v_pool, k_sc
                     p = scores[g, t - start] * value_scale
                     for d in range(head_dim):
                         out[g * head_dim + d] += p * np.float32(value[d])
+
+
+@njit(**_SERIAL)    # its parallel loops are those of the products, compiled parallel themselves
+def decode_layer_out(x, attn, w_o, s_o, g_o, mlp_norm, eps, w_in, s_in, g_in, w_down, s_down, g_down, intermediate,
+                     h, hidden, act, y):
+    """x += attn W_o; x += (silu(gate) * up) W_down with gate | up = rms_norm(x) W_in (attn: this layer's
+    attention, (rows, H hd))."""
+    rows = x.shape[0]
     product(w_o, s_o, g_o, attn, y)
     for r in range(rows):
         for i in range(x.shape[1]):
@@ -476,6 +485,8 @@ class DecodeStep:
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.intermediate = cfg.intermediate_size
         self.eps = np.float32(cfg.norm_eps)
+        self.scale, self.neg_inf = np.float32(1.0 / np.sqrt(cfg.head_dim)), np.float32(-np.inf)   # attention's
+        self.lse = np.empty((TILED_TO_ROWS, cfg.n_heads, 1), dtype=np.float32)   # split-K's lse, not used here
         self.interleaved = cfg.rope_convention == "interleaved"
         self.layers = []
         for layer in model.layers:
@@ -544,11 +555,18 @@ class DecodeStep:
                 table, block_size = self._contiguous_table(rows), view.k.shape[2]
             else:
                 table, block_size = np.ascontiguousarray(view.block_table), view.k.shape[2]   # (rows, blocks) int32
-            decode_layer_out(x, qkv, n_heads, n_kv, head_dim, view.k, view.v,
-                             view.k_scales if quantized_kv else NO_KV_SCALES,
-                             view.v_scales if quantized_kv else NO_KV_SCALES, quantized_kv, table, block_size,
-                             view.lengths, 0 if window is None else int(window), w_o, s_o, g_o, mlp_norm, self.eps,
-                             w_in, s_in, g_in, w_down, s_down, g_down, self.intermediate, attn, h, hidden, act, y)
+            window = 0 if window is None else int(window)
+            if quantized_kv:
+                attend_rows(qkv, n_heads, n_kv, head_dim, view.k, view.v, view.k_scales, view.v_scales, True, table,
+                            block_size, view.lengths, window, attn)
+            else:
+                # Float K/V: the backend's split-K decode kernel, one split (each row x KV head is a task), its
+                # output straight into attn: (rows, H, 1, hd) is attn's (rows, H hd) seen per head.
+                split_k_decode_kernel(heads[:, :n_heads], view.k, view.v, table, block_size, view.lengths, window,
+                                      self.scale, self.neg_inf, 1, attn.reshape(rows, n_heads, 1, head_dim),
+                                      self.lse[:rows])
+            decode_layer_out(x, attn, w_o, s_o, g_o, mlp_norm, self.eps, w_in, s_in, g_in, w_down, s_down, g_down,
+                             self.intermediate, h, hidden, act, y)
         if logit_rows is not None:
             # a serving step: only the rows that sample next (the last token of each chunk) need logits
             x, h = np.ascontiguousarray(x[logit_rows]), h[:len(logit_rows)]                # (rows', d)

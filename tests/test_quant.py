@@ -321,18 +321,18 @@ def test_compiled_decode_step_broken_variant_is_caught():
 
     reference = minikv.load()
     compiled = minikv.load(backend="numba")
-    original = numba_decode.decode_layer_out
+    original = numba_decode.split_k_decode_kernel
 
     def skip_newest_key(*args):
         args = list(args)
-        args[12] = args[12] - 1                              # lengths
+        args[5] = args[5] - 1                                # lengths
         return original(*args)
 
-    numba_decode.decode_layer_out = skip_newest_key
+    numba_decode.split_k_decode_kernel = skip_newest_key
     try:
         got = _decode_logits(compiled, [[10, 20, 30]], 2)
     finally:
-        numba_decode.decode_layer_out = original
+        numba_decode.split_k_decode_kernel = original
     expected = _decode_logits(reference, [[10, 20, 30]], 2)
     assert not np.allclose(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -403,8 +403,9 @@ def test_int8_kv_cache_equals_attention_over_the_same_rounding(backend, ids, pro
 @settings(max_examples=10, deadline=None)
 @given(width=st.integers(1, 20), seed=st.integers(0, 2**16))
 def test_compiled_attention_over_int8_equals_attention_over_its_dequantized_values(width, seed):
-    """decode_layer_out's attention with int8 K/V and per-row scales equals the same kernel over the
-    dequantized float32 K/V (strided views, as the static cache hands them over), to float32 round-off."""
+    """The compiled step's int8 attention (attend_rows) with int8 K/V and per-row scales equals the same
+    kernel over the dequantized float32 K/V (strided views, as the static cache hands them over), and the
+    split-K kernel the step uses for float caches, to float32 round-off."""
     from minikv.backends import numba_decode as nd
 
     rng = np.random.default_rng(seed)
@@ -420,21 +421,22 @@ def test_compiled_attention_over_int8_equals_attention_over_its_dequantized_valu
     (kq, ks), (vq, vs) = quant.quantize_rows(k), quant.quantize_rows(v)
     dense = (quant.dequantize_rows(kq, ks), quant.dequantize_rows(vq, vs), nd.NO_KV_SCALES, nd.NO_KV_SCALES, False)
     qkv = rng.standard_normal((1, (n_heads + 2 * n_kv) * head_dim)).astype(np.float32)
+    table, lengths = np.zeros((1, 1), np.int32), np.array([width])
     outputs = []
     for k_pool, v_pool, k_scales, v_scales, quantized in ((kq, vq, ks, vs, True), dense):
         attn = np.zeros((1, n_heads * head_dim), np.float32)
-        # W_o, W_gate|up, W_down in the numba backend's (out, in) layout
-        zeros = [np.zeros(shape, np.float32) for shape in ((d, n_heads * head_dim), (2 * inter, d), (d, inter))]
-        nd.decode_layer_out(np.zeros((1, d), np.float32), qkv, n_heads, n_kv, head_dim, strided(k_pool),
-                            strided(v_pool), strided(k_scales) if quantized else k_scales,
-                            strided(v_scales) if quantized else v_scales, quantized, np.zeros((1, 1), np.int32),
-                            width, np.array([width]), 0, zeros[0], nd.NO_SCALES, 0, np.ones(d, np.float32),
-                            np.float32(1e-5), zeros[1], nd.NO_SCALES, 0, zeros[2], nd.NO_SCALES, 0, inter, attn,
-                            np.empty((1, d), np.float32), np.empty((1, 2 * inter), np.float32),
-                            np.empty((1, inter), np.float32),
-                            np.empty((1, d), np.float32))
+        nd.attend_rows(qkv, n_heads, n_kv, head_dim, strided(k_pool), strided(v_pool),
+                       strided(k_scales) if quantized else k_scales, strided(v_scales) if quantized else v_scales,
+                       quantized, table, width, lengths, 0, attn)
         outputs.append(attn)
+    split_k = np.zeros((1, n_heads, 1, head_dim), np.float32)
+    heads = qkv.reshape(1, n_heads + 2 * n_kv, 1, head_dim)
+    nd.split_k_decode_kernel(heads[:, :n_heads], strided(dense[0]), strided(dense[1]), table, width, lengths, 0,
+                             np.float32(1 / np.sqrt(head_dim)), np.float32(-np.inf), 1, split_k,
+                             np.zeros((1, n_heads, 1), np.float32))
+    outputs.append(split_k.reshape(1, -1))
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outputs[2], outputs[1], rtol=1e-5, atol=1e-5)
 
 
 def test_int8_kv_cache_rounds_for_real():
