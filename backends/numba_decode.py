@@ -1,5 +1,5 @@
-"""The numba backend's compiled decode step: one token per row (batch 1, a batch, or a serving step of up
-to TILED_TO_ROWS rows) as three kernels per layer.
+"""The numba backend's compiled decode step: one token per row (batch 1, a batch, or a serving step's
+flattened rows) as three kernels per layer.
 
 At batch 1 a decode step is a string of matrix-vector products: every weight is read once and used
 for one multiply-add, so the step runs at the speed memory delivers weights, and every Python call,
@@ -34,6 +34,7 @@ the tests state the bound.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import fields
 
@@ -431,7 +432,8 @@ MAX_ROWS = 8
 # The rows a float product runs by register tiles (project_tiled) rather than one dot per output (below)
 # or BLAS (above), measured on `mid` (2 cores): see project_tiled.
 # BLAS catches up from ~96 rows (x @ W, `mid`'s layers: 96 rows 163 vs tiles 165, 128 rows 170 vs 165,
-# 512 rows 193 vs 167 GFLOP/s); up to 128 rows the compiled step's fusion outweighs the 3%.
+# 512 rows 193 vs 167 GFLOP/s): the generic path's products (few_rows_product) switch to BLAS above
+# TILED_TO_ROWS; the compiled step tiles at any size (see DecodeStep.max_rows).
 TILED_FROM_ROWS = 4
 TILED_TO_ROWS = 128
 NO_SCALES = np.zeros((1, 1), dtype=np.float32)        # the scales argument of a float weight (unused)
@@ -473,8 +475,8 @@ def _supported(model) -> bool:
 class DecodeStep:
     """A model's compiled decode step: ``step(ids, positions, n_new, cache, windows, last_only)`` returns
     the logits, or None where this step does not apply (then the model takes its generic path):
-    prefill, a sliding cache (its ring is not in position order), float16 caches, more rows than
-    ``max_rows`` (TILED_TO_ROWS for float weights, MAX_ROWS for quantized ones), padding rows. With
+    prefill, a sliding cache (its ring is not in position order), float16 caches, more than MAX_ROWS
+    rows with quantized weights (float weights: any number), padding rows. With
     ``logit_rows`` (a serving step), only those rows' logits."""
 
     CACHE_KINDS = ("static", "concat", "paged")
@@ -486,7 +488,6 @@ class DecodeStep:
         self.intermediate = cfg.intermediate_size
         self.eps = np.float32(cfg.norm_eps)
         self.scale, self.neg_inf = np.float32(1.0 / np.sqrt(cfg.head_dim)), np.float32(-np.inf)   # attention's
-        self.lse = np.empty((TILED_TO_ROWS, cfg.n_heads, 1), dtype=np.float32)   # split-K's lse, not used here
         self.interleaved = cfg.rope_convention == "interleaved"
         self.layers = []
         for layer in model.layers:
@@ -496,11 +497,15 @@ class DecodeStep:
                                 _weight_args(layer.o), layer.mlp_norm, _weight_args(layer.mlp_in),
                                 _weight_args(layer.mlp_down)))
         self.head = _weight_args(model.lm_head)
-        # The most rows a step takes: float weights through register tiles up to TILED_TO_ROWS (a serving
-        # step of many sequences); quantized ones, one dot per output and row, up to MAX_ROWS.
+        # The most rows a step takes. Float weights: any number (a serving step: decode rows and prompt chunks
+        # alike, one token per row), every product by register tiles. At 512 rows BLAS multiplies faster
+        # (193 vs 167 GFLOP/s alone), but the step's fused kernels and its attention (the split-K kernel,
+        # each prompt row attending causally by its own length) win the whole step: the serving engine on
+        # `mid` went 767 -> 813 tok/s (3 alternating rounds, 1.04-1.07x) against a limit of 128 rows.
+        # Quantized weights: one dot per output and row, up to MAX_ROWS.
         floats = all(values.dtype == np.float32 for layer in self.layers
                      for values, _, _ in (layer[1], layer[4], layer[6], layer[7])) and self.head[0].dtype == np.float32
-        self.max_rows = TILED_TO_ROWS if floats else MAX_ROWS
+        self.max_rows = math.inf if floats else MAX_ROWS
         # Multiply-adds of one layer's products: below numba_cpu.PARALLEL_MIN_WORK the kernels run on the
         # calling thread (waking the pool costs more than it saves; see threads_for).
         d = cfg.hidden_size
@@ -533,14 +538,15 @@ class DecodeStep:
         hidden = np.empty((rows, 2 * self.intermediate), dtype=np.float32)
         act = np.empty((rows, self.intermediate), dtype=np.float32)
         y = np.empty((rows, d), dtype=np.float32)
+        lse = np.empty((rows, n_heads, 1), dtype=np.float32)              # split-K's lse (not used here)
         # (rows, (H + 2 KV) hd) -> (rows, H + 2 KV, 1, hd): this step's heads, as cache.update takes them
         heads = qkv.reshape(rows, n_heads + 2 * n_kv, 1, head_dim)
         # At most the caller's numba.get_num_threads() (a benchmark or server may have lowered it).
         with numba_threads(min(threads_for(rows * self.layer_work), numba.get_num_threads())):
-            return self._layers(x, cos, sin, cache, windows, last_only, logit_rows, h, qkv, heads, attn, hidden,
+            return self._layers(x, cos, sin, cache, windows, last_only, logit_rows, h, qkv, heads, attn, lse, hidden,
                                 act, y)
 
-    def _layers(self, x, cos, sin, cache, windows, last_only, logit_rows, h, qkv, heads, attn, hidden, act, y):
+    def _layers(self, x, cos, sin, cache, windows, last_only, logit_rows, h, qkv, heads, attn, lse, hidden, act, y):
         model, n_heads, n_kv, head_dim = self.model, self.n_heads, self.n_kv, self.head_dim
         rows = x.shape[0]
         for index, (norm, (w_qkv, s_qkv, g_qkv), bias, has_bias, (w_o, s_o, g_o), mlp_norm,
@@ -564,7 +570,7 @@ class DecodeStep:
                 # output straight into attn: (rows, H, 1, hd) is attn's (rows, H hd) seen per head.
                 split_k_decode_kernel(heads[:, :n_heads], view.k, view.v, table, block_size, view.lengths, window,
                                       self.scale, self.neg_inf, 1, attn.reshape(rows, n_heads, 1, head_dim),
-                                      self.lse[:rows])
+                                      lse)
             decode_layer_out(x, attn, w_o, s_o, g_o, mlp_norm, self.eps, w_in, s_in, g_in, w_down, s_down, g_down,
                              self.intermediate, h, hidden, act, y)
         if logit_rows is not None:
