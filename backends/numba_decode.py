@@ -46,7 +46,7 @@ from numba.extending import overload
 
 from minikv import quant
 
-from .numba_cpu import numba_threads, split_k_decode_kernel, threads_for
+from .numba_cpu import exp_nonpositive, numba_threads, split_k_decode_kernel, threads_for
 from .numba_intrinsics import prefetch
 
 _KERNEL = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
@@ -213,12 +213,11 @@ def project_swiglu(weight, scales, group, x, intermediate, act):
     gate j and up j are computed by the same task, so SwiGLU runs inside the parallel product (a
     separate loop of I exponentials after it would run on one thread while the others wait)."""
     rows = x.shape[0]
-    one = np.float32(1.0)
     for j in prange(intermediate):
         for r in range(rows):
             gate = row_dot(weight, scales, group, j, x[r])
             up = row_dot(weight, scales, group, intermediate + j, x[r])
-            act[r, j] = gate / (one + np.exp(-gate)) * up
+            act[r, j] = silu(gate) * up
 
 
 def product(weight, scales, group, x, y):
@@ -253,7 +252,7 @@ def _product_swiglu_overload(weight, scales, group, x, intermediate, hidden, act
         def tiled_or_dots(weight, scales, group, x, intermediate, hidden, act):
             if x.shape[0] >= TILED_FROM_ROWS:
                 project_tiled(weight, x, hidden)
-                swiglu_rows(hidden[:, :intermediate], hidden[:, intermediate:], act)
+                swiglu_rows(hidden, intermediate, act)
             else:
                 project_swiglu(weight, scales, group, x, intermediate, act)
         return tiled_or_dots
@@ -261,14 +260,22 @@ def _product_swiglu_overload(weight, scales, group, x, intermediate, hidden, act
         weight, scales, group, x, intermediate, act)
 
 
+@njit(**_ROW)
+def silu(g):
+    """silu(g) = g / (1 + e^-g), through e = e^-|g| <= 1 (exp_nonpositive: vectorisable, where libm's exp
+    is a call per element): g / (1 + e) for g >= 0, and g e / (1 + e) = g / (1 + e^-g) for g < 0."""
+    e = exp_nonpositive(-abs(g))
+    return (g if g >= 0 else g * e) / (np.float32(1.0) + e)
+
+
 @njit(**_KERNEL)
-def swiglu_rows(gate, up, act):
-    """act = silu(gate) * up = gate / (1 + exp(-gate)) * up, (rows, I) each, the rows in parallel."""
-    one = np.float32(1.0)
-    for r in prange(gate.shape[0]):
-        for j in range(gate.shape[1]):
-            g = gate[r, j]
-            act[r, j] = g / (one + np.exp(-g)) * up[r, j]
+def swiglu_rows(hidden, intermediate, act):
+    """act (rows, I) = silu(gate) * up with hidden (rows, 2 I) = gate | up side by side, C-contiguous: Numba
+    vectorises the loop only where it knows the unit stride (512 x 1408: 0.13 ms; gate and up passed as
+    column views of hidden, 1.3 ms)."""
+    for r in prange(hidden.shape[0]):
+        for j in range(intermediate):
+            act[r, j] = silu(hidden[r, j]) * hidden[r, intermediate + j]
 
 
 # --------------------------------------------------------------------------- one layer in two kernels

@@ -285,6 +285,26 @@ def test_numba_rms_norm_equals_the_reference(rows, d, seed):
 
 
 @needs_numba
+def test_compiled_swiglu_equals_the_reference_over_the_whole_range():
+    """swiglu_rows (the compiled step's SwiGLU: silu through exp_nonpositive of -|g|, both signs of g)
+    against layers.swiglu in float64: within 1e-6 relative (float32 round-off) from g = -200 (where
+    e^-g overflows, the reference's limit -0) to +200, the absolute floor 1e-35 (exp_nonpositive returns 0
+    below e^-87.3, where silu(g) = g e^g is ~1e-36); a silu that used e^-|g| for both signs fails."""
+    from minikv import layers
+    from minikv.backends import numba_decode
+
+    gate = np.concatenate([np.linspace(-200, 200, 4001), [0.0, -0.0, -88.0, -87.0, 1e-30, -1e-30]]).astype(np.float32)
+    up = np.random.default_rng(0).uniform(0.5, 2.0, gate.size).astype(np.float32)
+    hidden = np.ascontiguousarray(np.concatenate([gate, up])[None])            # (1, 2 I): gate | up
+    act = np.empty((1, gate.size), np.float32)
+    numba_decode.swiglu_rows(hidden, gate.size, act)
+    expected = layers.swiglu(gate.astype(np.float64), up.astype(np.float64))
+    assert np.all(np.abs(act[0] - expected) <= 1e-6 * np.abs(expected) + 1e-35)
+    wrong = gate / (1 + np.exp(-np.abs(gate).astype(np.float64))) * up             # e^-|g| for g < 0 too
+    assert not np.all(np.abs(wrong - expected) <= 1e-6 * np.abs(expected) + 1e-35)
+
+
+@needs_numba
 def test_tiled_product_broken_variant_is_caught():
     """The comparison above fails for a tiled product that forgets an odd last row or the outputs past
     the last full tile of 8 (both left as np.empty's garbage, here NaN-filled to be sure)."""
