@@ -247,6 +247,15 @@ def _exp_nonpositive_overload(x):
     return None
 
 
+@njit(cache=True, inline='always')
+def page_run(j, j0, j1, block_size):
+    """The run of keys of tile j0 .. j1 - 1 that starts at key j and lies in one page: (the page's index in
+    the sequence's block table, its first row, its end row, where it starts in the tile)."""
+    blk = j // block_size
+    r0 = j - blk * block_size
+    return blk, r0, min(block_size, r0 + j1 - j), j - j0
+
+
 @njit(**_REASSOC_JIT)
 def split_k_decode_kernel(q, k_pool, v_pool, block_table, block_size, lengths, window, scale, neg_inf,
                           n_splits, part_out, part_lse):
@@ -323,10 +332,7 @@ def split_k_decode_kernel(q, k_pool, v_pool, block_table, block_size, lengths, w
             # p[g, j - j0] = scale q_g . k_j, a page at a time (rows r0 .. r1 - 1 of page blk)
             j = j0
             while j < j1:
-                blk = j // block_size
-                r0 = j - blk * block_size
-                r1 = min(block_size, r0 + j1 - j)
-                at = j - j0
+                blk, r0, r1, at = page_run(j, j0, j1, block_size)
                 j += r1 - r0
                 page = k_pool[block_table[b, blk], kv]        # (block_size, d)
                 for g in range(0, group - 1, 2):
@@ -358,10 +364,7 @@ def split_k_decode_kernel(q, k_pool, v_pool, block_table, block_size, lengths, w
             # acc_g += sum_j p[g, j - j0] v_j, a page at a time
             j = j0
             while j < j1:
-                blk = j // block_size
-                r0 = j - blk * block_size
-                r1 = min(block_size, r0 + j1 - j)
-                at = j - j0
+                blk, r0, r1, at = page_run(j, j0, j1, block_size)
                 j += r1 - r0
                 page = v_pool[block_table[b, blk], kv]
                 for g in range(0, group - 1, 2):

@@ -11,7 +11,6 @@ tree and their ratio. Writes benchmarks/results/ab_decode.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -19,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common import RESULTS_DIR, machine_info, machine_line
+from .common import ab_arguments, machine_info, machine_line, write_ab_table
 
 CHILD = r"""
 import json, sys, tempfile, time
@@ -57,13 +56,8 @@ def run_tree(tree: Path, name: str, benchmarks_root: Path) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ab_decode")
-    parser.add_argument("--before", type=Path, required=True)
-    parser.add_argument("--after", type=Path, default=Path("."))
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    before, after = args.before.resolve(), args.after.resolve()
+    args = ab_arguments("python -m benchmarks.ab_decode", 5, argv)
+    before, after = args.before, args.after
     root = Path(__file__).resolve().parent.parent
     lines = ["# Decode step, before vs after (same run, alternating rounds)", "",
              f"machine: {machine_line(machine_info())}", f"before: {before}", f"after: {after}", "",
@@ -76,9 +70,7 @@ def main(argv=None) -> int:
         mb, ma = statistics.median(b), statistics.median(a)
         lines.append(f"| {name} | {mb:.3f} | {ma:.3f} | {mb / ma:.2f}x | {args.rounds} |")
         print(lines[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ab_decode.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / 'ab_decode.md'}")
+    write_ab_table(args.out, "ab_decode", lines)
     return 0
 
 

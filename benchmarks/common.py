@@ -120,6 +120,28 @@ def prompt_ids(config: ModelConfig, length: int, seed: int = 1) -> list[int]:
 # ------------------------------------------------------------------ timing
 
 
+def ab_arguments(prog: str, rounds: int, argv=None):
+    """The command line of a two-tree A/B benchmark (ab_decode, decode_attention_paged): --before TREE,
+    --after TREE (default: this one), --rounds, --out; the trees resolved to absolute paths."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--before", type=Path, required=True)
+    parser.add_argument("--after", type=Path, default=Path("."))
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    args.before, args.after = args.before.resolve(), args.after.resolve()
+    return args
+
+
+def write_ab_table(out: Path, name: str, lines: list[str]) -> None:
+    """An A/B benchmark's table: results/NAME.md (and where it went, on stdout)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / (name + '.md')}")
+
+
 def median(values):
     return float(statistics.median(values))
 

@@ -25,7 +25,6 @@ ratio (before / after: > 1 is faster). Writes benchmarks/results/decode_attentio
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -33,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common import RESULTS_DIR, blas_line, machine_info, machine_line
+from .common import ab_arguments, blas_line, machine_info, machine_line, write_ab_table
 
 CHILD = r"""
 import json, sys, time
@@ -132,13 +131,8 @@ def describe(tree: Path) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.decode_attention_paged")
-    parser.add_argument("--before", type=Path, required=True)
-    parser.add_argument("--after", type=Path, default=Path("."))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    before, after = args.before.resolve(), args.after.resolve()
+    args = ab_arguments("python -m benchmarks.decode_attention_paged", 3, argv)
+    before, after = args.before, args.after
     root = Path(__file__).resolve().parent.parent
     info = machine_info()
     runs = {"before": [], "after": []}
@@ -159,9 +153,7 @@ def main(argv=None) -> int:
         a = statistics.median(run[key] for run in runs["after"])
         lines.append(f"| {case} | {threads} | {b:.3f} | {a:.3f} | {b / a:.2f}x | {args.rounds} |")
     print("\n".join(lines))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode_attention_paged.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / 'decode_attention_paged.md'}")
+    write_ab_table(args.out, "decode_attention_paged", lines)
     return 0
 
 
