@@ -183,6 +183,26 @@ def test_compiled_step_serves_ragged_rows_like_the_generic_path(lengths, budget)
     assert sum(1 for r in rows_taken if r > 0) == len(got)                # every step
 
 
+@pytest.mark.parametrize("name", ["mistral_window", "llama_gqa"])
+def test_compiled_step_serves_fixture_models_like_the_generic_path(name):
+    """The same on the transformers fixtures in float32: a sliding window narrower than the prompts (each
+    prompt row attends only within its window) and GQA; every step by the compiled step."""
+    pytest.importorskip("numba")
+    reference = minikv.load(FIXTURE_ROOT / name, dtype="float32")
+    compiled = minikv.load(FIXTURE_ROOT / name, dtype="float32", backend="numba")
+    assert compiled._decode_step is not None
+    taken = []
+    step = compiled._decode_step
+    compiled._decode_step = lambda ids, *args: (lambda out: taken.append(out is not None) or out)(step(ids, *args))
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, reference.config.vocab_size, size=n).tolist() for n in (3, 11, 17, 6)]
+    expected, expected_tokens = _serve_recording_logits(reference, prompts, 5, max_num_tokens=20)
+    got, tokens = _serve_recording_logits(compiled, prompts, 5, max_num_tokens=20)
+    assert tokens == expected_tokens and len(got) == len(expected) and all(taken)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
 def test_store_refuses_segments_that_are_not_runs_of_consecutive_positions():
     # The ragged attention trusts the segments: a chunk's rows must be positions p, p+1, ... of one sequence.
     store = Engine(model_for("llama_gqa"), num_blocks=8, block_size=4).store
