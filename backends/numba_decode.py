@@ -11,9 +11,10 @@ generic path (model.py) makes ~30 NumPy calls per layer; this one makes four:
     attention:         the split-K decode kernel (numba_cpu; int8 caches: attend_rows)         (kernel 2)
     decode_layer_out:  x += attn W_o; h = rms_norm(x); x += (silu(h W_gate) * h W_up) W_down  (kernel 3)
 
-and one more for the final norm and the lm_head. Each kernel opens one parallel region per
-matrix-vector product and one for attention (``prange``): 5 thread wake-ups per layer (SwiGLU runs
-inside the gate/up product, ``project_swiglu``).
+and one more for the final norm and the lm_head. Each kernel opens one parallel region per product
+and one for attention (``prange``): 5 thread wake-ups per layer below TILED_FROM_ROWS rows (SwiGLU runs
+inside the gate/up product, ``project_swiglu``), 6 from there on (the tiles' SwiGLU is a pass of its own,
+``swiglu_rows``).
 
 One loop shape for every product (``project``: each thread owns a range of outputs j), and one dot
 product per weight format (``row_dot``), chosen when a kernel is compiled (``overload`` on the
@@ -239,6 +240,12 @@ def _product_overload(weight, scales, group, x, y):
     return lambda weight, scales, group, x, y: project(weight, scales, group, x, y)
 
 
+@njit(**_SERIAL)    # its parallel loops are those of the product it runs
+def product_from_python(weight, scales, group, x, y):
+    """``product`` called from Python (few_rows_product): the same choice of kernel as the decode step's."""
+    product(weight, scales, group, x, y)
+
+
 def product_swiglu(weight, scales, group, x, intermediate, hidden, act):
     """act (rows, I) = silu(x W_gate^T) * (x W_up^T), W = [W_gate; W_up], as ``product`` chooses: for tiles
     (float, TILED_FROM_ROWS rows on) gate | up into ``hidden`` (rows, 2 I) first, then ``swiglu_rows``
@@ -278,7 +285,7 @@ def swiglu_rows(hidden, intermediate, act):
             act[r, j] = silu(hidden[r, j]) * hidden[r, intermediate + j]
 
 
-# --------------------------------------------------------------------------- one layer in two kernels
+# --------------------------------------------------------------------------- one layer in three kernels
 
 
 @njit(**_SERIAL)
@@ -302,7 +309,7 @@ def rms_norm_parallel(x, weight, eps, out):
         rms_norm_rows(x[r:r + 1], weight, eps, out[r:r + 1])
 
 
-@njit(**_SERIAL)    # its parallel loops are those of project(), which is compiled parallel itself
+@njit(**_SERIAL)    # its parallel loops are those of the product, compiled parallel itself
 def decode_layer_in(x, norm, eps, w_qkv, s_qkv, g_qkv, bias, has_bias, cos, sin, interleaved,
                     n_rope_heads, head_dim, h, qkv):
     """h = rms_norm(x); qkv (rows, (H + 2 KV) hd) = h W_qkv (+ b); RoPE on the first n_rope_heads heads
@@ -601,17 +608,14 @@ def few_rows_product(x, values, scales, group, bias=None):
     none serves: more rows (there BLAS's blocked matmul wins, after dequantizing for a quantized W) or
     float64 (the kernels accumulate in float32)."""
     rows = x.shape[0] if x.ndim == 2 else 0
-    tiled = values.dtype == np.float32 and TILED_FROM_ROWS <= rows <= TILED_TO_ROWS
-    if not (tiled or 0 < rows <= MAX_ROWS) or x.dtype != np.float32 or values.dtype == np.float64:
+    most = TILED_TO_ROWS if values.dtype == np.float32 else MAX_ROWS
+    if not 0 < rows <= most or x.dtype != np.float32 or values.dtype == np.float64:
         return None
     x = np.ascontiguousarray(x)
     y = np.empty((rows, values.shape[0]), dtype=np.float32)
     # At most the caller's numba.get_num_threads(), as in DecodeStep.
     with numba_threads(min(threads_for(rows * values.size), numba.get_num_threads())):
-        if tiled:
-            project_tiled(values, x, y)
-        else:
-            project(values, scales, group, x, y)
+        product_from_python(values, scales, group, x, y)
     if bias is not None:
         y += bias
     return y

@@ -315,23 +315,24 @@ def test_tiled_product_broken_variant_is_caught():
     x = rng.standard_normal((7, 24)).astype(np.float32)
     backend = minikv.get_backend("numba")
     assert _close_to_product(backend.linear(x, w_out_in.T), x, w_out_in).all()
-    original = numba_decode.project_tiled
+    original = numba_decode.product_from_python        # the compiled product the backend's linear calls
+    tiles = numba_decode.project_tiled
 
     def broken(kind):
-        def product(w, x, y):
+        def product(w, scales, group, x, y):
             y[:] = np.nan
             if kind == "odd row":
-                original(w, x[:-1], y[:-1])
+                tiles(w, x[:-1], y[:-1])
             else:
-                original(w[:8], x, y[:, :8])
+                tiles(w[:8], x, y[:, :8])
         return product
 
     for kind in ("odd row", "tail outputs"):
-        numba_decode.project_tiled = broken(kind)
+        numba_decode.product_from_python = broken(kind)
         try:
             assert not _close_to_product(backend.linear(x, w_out_in.T), x, w_out_in).all(), kind
         finally:
-            numba_decode.project_tiled = original
+            numba_decode.product_from_python = original
 
 
 @needs_numba
