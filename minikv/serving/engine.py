@@ -199,8 +199,8 @@ class Engine:
         if greedy:
             rows = [pending[k][1] for k in greedy]
             # (greedy, vocab); the common case, every row greedy and in order, without a copy
-            rows = logits if rows == list(range(len(logits))) else logits[rows]
-            for k, token in zip(greedy, sample(rows, _GREEDY, None).tolist()):
+            greedy_logits = logits if rows == list(range(len(logits))) else logits[rows]
+            for k, token in zip(greedy, sample(greedy_logits, _GREEDY, None).tolist()):
                 tokens[k] = token
         for k, (seq, row) in enumerate(pending):
             if not seq.params.is_greedy:
